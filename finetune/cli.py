@@ -1,0 +1,101 @@
+"""`finetune run | validate RECIPE [key=value ...]`, `finetune --version`.
+
+A user mistake prints one line and exits with 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import finetune
+from finetune.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="LoRA / QLoRA fine-tuning of DeepSeek-V2-family MoE models from YAML recipes.",
+    )
+    parser.add_argument("--version", action="version", version=f"finetune {finetune.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, text in (
+        ("run", "validate the recipe, then train its stages in order"),
+        ("validate", "check schema, files, data columns and model source; train nothing"),
+    ):
+        sub = verbs.add_parser(verb, help=text, description=text)
+        sub.add_argument("recipe", help="recipe YAML file")
+        sub.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="e.g. stages.sft.train.learning_rate=1e-4"
+        )
+        sub.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
+        )
+    return parser
+
+
+def _print_table(summaries: dict[str, dict]) -> None:
+    rows = [
+        (
+            name,
+            s["heldout"]["metric"],
+            s["heldout"]["before"]["exact_match"],
+            s["heldout"]["after"]["exact_match"],
+        )
+        for name, s in summaries.items()
+        if "heldout" in s
+    ]
+    if not rows:
+        return
+    print(f"\n{'stage':<12}{'held-out metric':<18}{'before':>8}{'after':>8}")
+    for name, metric, before, after in rows:
+        print(f"{name:<12}{metric:<18}{before:>8.1%}{after:>8.1%}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from finetune import pipeline, recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    checked = pipeline.plan(r)
+    where = {
+        "preset": "embedded preset",
+        "local": "local checkpoint",
+        "hub": "Hub id (checked when a run loads it)",
+    }
+    print(f"{args.recipe}: ok — model: {where[checked.context.source.kind]} {checked.context.source.ref}")
+    for name, stage in r.stages.items():
+        inputs = checked.inputs[name]
+        print(f"  stage {name} ({stage.type}): {len(inputs.train)} training rows")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from finetune import pipeline, recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    summaries = pipeline.run(r)
+    _print_table(summaries)
+    print(f"\nrun directory: {r.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb is None:
+        _parser().print_help()
+        return EXIT_USER_ERROR
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"run": _run, "validate": _validate}[args.verb](args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,54 @@
+"""Exact-match check by greedy generation: the quick before/after signal until the eval harness lands."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list,
+    targets: list[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    desc: str = "held-out check",
+) -> dict:
+    """Fraction of prompts whose greedy completion equals the target (whitespace-stripped)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+            chunk = prompts[start : start + batch_size]
+            texts = [_prompt_text(tokenizer, p) for p in chunk]
+            # Chat templates already carry their special tokens; raw text prompts get BOS as in training.
+            plain = all(isinstance(p, str) for p in chunk)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = generated[:, batch["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    hits = [out.strip() == ref.strip() for out, ref in zip(outputs, targets, strict=True)]
+    examples = [{"target": ref, "output": out} for out, ref in list(zip(outputs, targets, strict=True))[:5]]
+    return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "examples": examples}

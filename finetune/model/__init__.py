@@ -1,0 +1,1 @@
+"""Everything that knows DeepSeek-V2 lives in this package."""

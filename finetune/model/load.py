@@ -1,0 +1,154 @@
+"""Load a DeepSeek-V2 model and tokenizer from an embedded preset, a local folder or a Hub id.
+
+Every source goes through `from_pretrained` of a folder (the embedded presets are written to a cache
+folder first), so 4-bit quantization happens in exactly one place for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from finetune.errors import UserError
+from finetune.model.presets import EMBEDDED, preset_config
+from finetune.model.tokenizer import build_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEEPSEEK_V2_TYPES = ("deepseek_v2",)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights come from: `kind` is "preset", "local" or "hub"; `ref` the name, folder or id."""
+
+    kind: str
+    ref: str
+
+
+def resolve_source(preset: str | None, path: str | None, key: str = "model") -> Source:
+    """Decide what `model.preset` / `model.path` point at, without touching the network."""
+    if preset is not None:
+        return Source("preset", preset)
+    assert path is not None
+    local = Path(path).expanduser()
+    if local.exists():
+        check_checkpoint(local, key=f"{key}.path")
+        return Source("local", str(local.resolve()))
+    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
+        raise UserError(f"{key}.path: folder not found: {path} (give a local checkpoint folder or a Hub id)")
+    return Source("hub", path)
+
+
+def check_checkpoint(folder: Path, key: str = "model.path") -> None:
+    """Fail with what was found unless `folder` holds a DeepSeek-V2 config.json."""
+    if not folder.is_dir():
+        raise UserError(f"{key}: {folder} is a file, not a checkpoint folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise UserError(
+            f"{key}: {folder} is not a DeepSeek-V2 checkpoint: no config.json (found: {', '.join(found) or 'nothing'})"
+        )
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{key}: {config} is not valid JSON ({err})") from None
+    model_type = data.get("model_type")
+    if model_type not in DEEPSEEK_V2_TYPES:
+        arch = ", ".join(data.get("architectures") or []) or "no architectures"
+        raise UserError(
+            f"{key}: {folder} is not a DeepSeek-V2 checkpoint: config.json has model_type "
+            f"{model_type!r} ({arch}); expected 'deepseek_v2'"
+        )
+
+
+def embedded_checkpoint(preset: str, seed: int) -> Path:
+    """Write (once) the seeded random weights and tokenizer of an embedded preset to a cache folder."""
+    if preset not in EMBEDDED:
+        raise UserError(f"model.preset: {preset!r} is a shape for benchmarks; embedded presets: {EMBEDDED}")
+    from transformers import DeepseekV2ForCausalLM
+
+    import finetune
+
+    root = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+    folder = root / "embedded" / f"{preset}-seed{seed}-v{finetune.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    root.joinpath("embedded").mkdir(parents=True, exist_ok=True)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = DeepseekV2ForCausalLM(preset_config(preset))
+    torch.random.set_rng_state(generator_state)
+    # Write beside the target and rename, so a concurrent or interrupted run never sees half a folder.
+    tmp = Path(tempfile.mkdtemp(dir=root / "embedded", prefix=f".{preset}-"))
+    model.save_pretrained(tmp)
+    build_tokenizer().save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; its folder is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _location(source: Source, seed: int) -> str:
+    return str(embedded_checkpoint(source.ref, seed)) if source.kind == "preset" else source.ref
+
+
+def load_tokenizer(source: Source, seed: int = 0) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(_location(source, seed))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: Source,
+    *,
+    quantization: str = "nf4",
+    dtype: str = "bfloat16",
+    double_quant: bool = True,
+    attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The native `DeepseekV2ForCausalLM`, its linear layers in NF4 when `quantization == "nf4"`."""
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict = {"dtype": torch_dtype}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if torch.cuda.is_available():
+        # One full replica per process: data parallelism through accelerate, not a split model.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(_location(source, seed), **kwargs)
+    if model.config.model_type not in DEEPSEEK_V2_TYPES:
+        raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
+    if experts_implementation:
+        model.set_experts_implementation(experts_implementation)
+    return model
+
+
+def model_skeleton(source: Source, seed: int = 0) -> torch.nn.Module | None:
+    """The model's module tree on the meta device (no weights), to check targets; None for a Hub id."""
+    if source.kind == "hub":
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(_location(source, seed))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,72 @@
+"""Check every stage's inputs, then run the stages in order and write the run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import rundir
+from finetune.model import adapters
+from finetune.model.load import Source, model_skeleton, resolve_source
+from finetune.recipe import Recipe
+from finetune.stages import sft
+from finetune.stages.context import StageContext
+
+STAGES = {"sft": sft}
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    context: StageContext
+    inputs: dict[str, Any]  # stage name → the stage module's checked inputs
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Everything `validate` checks: model source, adapter targets, trainer arguments, each stage's data.
+
+    Writes nothing into the run directory.
+    """
+    m = recipe.model
+    source = resolve_source(m.preset, m.path)
+    skeleton = model_skeleton(source, seed=m.seed)
+    if skeleton is not None:  # a Hub id is only checked when a run downloads it
+        adapters.resolve_targets(skeleton, recipe.adapter.targets)
+    ctx = context(recipe, source)
+    inputs = {name: STAGES[stage.type].check(name, stage, ctx) for name, stage in recipe.stages.items()}
+    return Plan(recipe, ctx, inputs)
+
+
+def context(recipe: Recipe, source: Source) -> StageContext:
+    m, a = recipe.model, recipe.adapter
+    return StageContext(
+        name=recipe.name,
+        seed=recipe.seed,
+        output_dir=Path(recipe.output_dir),
+        source=source,
+        model_kwargs=dict(
+            quantization=m.quantization,
+            dtype=m.dtype,
+            double_quant=m.double_quant,
+            attn_implementation=m.attn_implementation,
+            experts_implementation=m.experts_implementation,
+            seed=m.seed,
+        ),
+        adapter_kwargs=dict(r=a.r, alpha=a.alpha, dropout=a.dropout, targets=a.targets),
+    )
+
+
+def run(recipe: Recipe) -> dict[str, dict]:
+    """Check all inputs first (so bad input writes nothing), then train stage by stage."""
+    checked = plan(recipe)
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_recipe(recipe, out)
+    summaries = {}
+    for name, stage in recipe.stages.items():
+        torch.manual_seed(recipe.seed)
+        summaries[name] = STAGES[stage.type].run(name, stage, checked.inputs[name], checked.context)
+    return summaries

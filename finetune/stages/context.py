@@ -1,0 +1,58 @@
+"""What a stage gets from the pipeline: where to write, and how to build the tokenizer and adapted model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from finetune.errors import UserError
+from finetune.model import adapters
+from finetune.model.load import Source, load_model, load_tokenizer
+
+
+@dataclass
+class StageContext:
+    name: str
+    seed: int
+    output_dir: Path
+    source: Source
+    model_kwargs: dict[str, Any]  # plain arguments of finetune.model.load.load_model
+    adapter_kwargs: dict[str, Any]  # plain arguments of finetune.model.adapters.attach
+    _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+
+    @property
+    def dtype(self) -> str:
+        return self.model_kwargs.get("dtype", "bfloat16")
+
+    @property
+    def cuda(self) -> bool:
+        return torch.cuda.is_available()
+
+    def trainer_config(self, cls: type, stage: str, arguments: dict[str, Any]) -> Any:
+        """The TRL config of a stage; its own consistency checks become user errors naming the stage."""
+        try:
+            return cls(output_dir=str(self.output_dir / stage / "checkpoints"), seed=self.seed, **arguments)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"stages.{stage}.train: {str(err).splitlines()[0]}") from None
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.output_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source, seed=self.model_kwargs.get("seed", 0))
+        return self._tokenizer
+
+    def base_model(self) -> torch.nn.Module:
+        return load_model(self.source, **self.model_kwargs)
+
+    def adapted_model(self) -> torch.nn.Module:
+        # Seed before LoRA init so the same recipe gives the same starting adapter.
+        torch.manual_seed(self.seed)
+        return adapters.attach(self.base_model(), **self.adapter_kwargs)

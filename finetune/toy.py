@@ -1,0 +1,55 @@
+"""The bundled toy task: reverse a four-letter lowercase word. Random models fail it; a few hundred LoRA steps fix it.
+
+The files under recipes/data/reverse/ are this module's output:  python -m finetune.toy recipes/data/reverse
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(4))
+
+
+def example(word: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": f"reverse: {word}"},
+            {"role": "assistant", "content": word[::-1]},
+        ]
+    }
+
+
+def splits(n_train: int = 8000, n_test: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    """Disjoint train and test words, deterministic in `seed`."""
+    rng = random.Random(seed)
+    test: list[str] = []
+    seen: set[str] = set()
+    while len(test) < n_test:
+        word = _word(rng)
+        if word not in seen:
+            seen.add(word)
+            test.append(word)
+    train = []
+    while len(train) < n_train:
+        word = _word(rng)
+        if word not in seen:
+            train.append(word)
+    return {"train": [example(w) for w in train], "test": [example(w) for w in test]}
+
+
+def write(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits().items():
+        with open(folder / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1] if len(sys.argv) > 1 else "recipes/data/reverse"))

@@ -1,0 +1,69 @@
+"""Shared fixtures: an isolated cache for the embedded model, small data files, recipe writing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # The embedded model is written once per test session, never into the user's cache.
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_rows(n: int) -> list[dict]:
+    words = ["abcd", "wxyz", "hijk", "mnop", "qrst", "efgh", "uvwx", "ijkl"]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"reverse: {words[i % len(words)]}"},
+                {"role": "assistant", "content": words[i % len(words)][::-1]},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def base_recipe(tmp_path: Path, **stage_train) -> dict:
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(16))
+    return {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 1,
+        "model": {"preset": "tiny", "quantization": "nf4", "dtype": "float32"},
+        "adapter": {"r": 4, "alpha": 8, "targets": ["mla"]},
+        "stages": {
+            "sft": {
+                "type": "sft",
+                "data": {"train": str(data)},
+                "train": {
+                    "max_steps": 2,
+                    "per_device_train_batch_size": 4,
+                    "logging_steps": 1,
+                    **stage_train,
+                },
+            }
+        },
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
