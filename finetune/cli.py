@@ -68,8 +68,11 @@ def _validate(args: argparse.Namespace) -> int:
     }
     print(f"{args.recipe}: ok — model: {where[checked.context.source.kind]} {checked.context.source.ref}")
     for name, stage in r.stages.items():
-        inputs = checked.inputs[name]
-        print(f"  stage {name} ({stage.type}): {len(inputs.train)} training rows")
+        train = checked.inputs[name].train
+        rows = (
+            f"{len(train)} training rows" if train is not None else "Hub dataset (loaded when a run starts)"
+        )
+        print(f"  stage {name} ({stage.type}): {rows}")
     return 0
 
 

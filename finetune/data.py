@@ -39,11 +39,13 @@ def load_rows(spec: str, *, key: str, split: str = "train", max_samples: int | N
         builder = _BUILDERS.get(path.suffix)
         if builder is None:
             raise UserError(f"{key}: {path}: unsupported file type (use {', '.join(_BUILDERS)})")
+        if path.stat().st_size == 0:
+            raise UserError(f"{key}: dataset is empty: {path}")
         try:
             with _quiet(path.stat().st_size < 50_000_000):
                 rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # the datasets library raises many types for malformed files
-            raise UserError(f"{key}: cannot read {path}: {str(err).splitlines()[0]}") from None
+            raise UserError(f"{key}: cannot read {path}: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
     else:
         try:
             rows = datasets.load_dataset(spec, split=split)

@@ -25,18 +25,20 @@ class Plan:
     inputs: dict[str, Any]  # stage name → the stage module's checked inputs
 
 
-def plan(recipe: Recipe) -> Plan:
+def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     """Everything `validate` checks: model source, adapter targets, trainer arguments, each stage's data.
 
-    Writes nothing into the run directory.
+    Writes nothing into the run directory. Hub datasets are only loaded with `fetch=True` (a run).
     """
     m = recipe.model
     source = resolve_source(m.preset, m.path)
+    ctx = context(recipe, source)
+    inputs = {
+        name: STAGES[stage.type].check(name, stage, ctx, fetch=fetch) for name, stage in recipe.stages.items()
+    }
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
         adapters.resolve_targets(skeleton, recipe.adapter.targets)
-    ctx = context(recipe, source)
-    inputs = {name: STAGES[stage.type].check(name, stage, ctx) for name, stage in recipe.stages.items()}
     return Plan(recipe, ctx, inputs)
 
 
@@ -61,7 +63,7 @@ def context(recipe: Recipe, source: Source) -> StageContext:
 
 def run(recipe: Recipe) -> dict[str, dict]:
     """Check all inputs first (so bad input writes nothing), then train stage by stage."""
-    checked = plan(recipe)
+    checked = plan(recipe, fetch=True)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_recipe(recipe, out)

@@ -85,7 +85,7 @@ def test_not_a_deepseek_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     )
-    with pytest.raises(UserError, match="not a DeepSeek-V2 checkpoint: config.json has model_type 'llama'"):
+    with pytest.raises(UserError, match=r"not a DeepSeek-V2 checkpoint: config\.json has model_type 'llama'"):
         resolve_source(None, str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()

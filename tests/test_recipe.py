@@ -73,7 +73,7 @@ def test_owned_trainer_key_is_refused(tmp_path):
 
 
 def test_missing_recipe_file(tmp_path):
-    with pytest.raises(UserError, match="recipe not found: .*nope.yaml"):
+    with pytest.raises(UserError, match=r"recipe not found: .*nope\.yaml"):
         recipe.load(tmp_path / "nope.yaml")
 
 
@@ -107,7 +107,7 @@ def test_extends_model_path_replaces_preset(tmp_path):
 def test_extends_cycle(tmp_path):
     write_recipe(tmp_path / "a.yaml", {"extends": "b.yaml"})
     write_recipe(tmp_path / "b.yaml", {"extends": "a.yaml"})
-    with pytest.raises(UserError, match="`extends` cycle: a.yaml → b.yaml → a.yaml"):
+    with pytest.raises(UserError, match=r"`extends` cycle: a\.yaml → b\.yaml → a\.yaml"):
         recipe.load(tmp_path / "a.yaml")
 
 

@@ -42,7 +42,7 @@ def test_base_weights_bit_identical_and_lora_changed(trained):
 
 
 def test_saved_adapter_reloads_with_same_logits(trained):
-    r, plan, model, *_ = trained
+    _, plan, model, *_ = trained
     folder = plan.context.output_dir / "sft" / "adapter"
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError
 from finetune.model.presets import EMBEDDED, preset_config
@@ -90,7 +91,11 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
     torch.random.set_rng_state(generator_state)
     # Write beside the target and rename, so a concurrent or interrupted run never sees half a folder.
     tmp = Path(tempfile.mkdtemp(dir=root / "embedded", prefix=f".{preset}-"))
-    model.save_pretrained(tmp)
+    hf_logging.disable_progress_bar()  # a few-MB write needs no bar
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        hf_logging.enable_progress_bar()
     build_tokenizer().save_pretrained(tmp)
     try:
         tmp.rename(folder)

@@ -17,26 +17,31 @@ from finetune.stages.context import StageContext
 @dataclass
 class SFTInputs:
     args: SFTConfig
-    train: Dataset
+    train: Dataset | None  # None: a Hub dataset not fetched (validate stays offline)
     eval: Dataset | None
     heldout: tuple[list, list[str]] | None
 
 
-def check(name: str, stage: SFTStage, ctx: StageContext) -> SFTInputs:
-    """Build the trainer config and load the data (files exist, columns fit, not empty). Writes nothing."""
+def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) -> SFTInputs:
+    """Build the trainer config and load the data (files exist, columns fit, not empty). Writes nothing.
+
+    With `fetch=False`, Hub datasets are accepted by name and only loaded by a run.
+    """
     args = ctx.trainer_config(SFTConfig, name, train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda))
     d = stage.data
     key = f"stages.{name}.data"
-    train = data.sft_format(
-        data.load_rows(d.train, key=f"{key}.train", split=d.train_split, max_samples=d.max_samples),
-        key=f"{key}.train",
-    )
-    evaluation = None
-    if d.eval is not None:
-        rows = data.load_rows(d.eval, key=f"{key}.eval", split=d.eval_split)
-        evaluation = data.sft_format(rows, key=f"{key}.eval")
+
+    def rows(spec: str, key: str, split: str, max_samples: int | None) -> Dataset | None:
+        if not fetch and not data.is_local(spec):
+            return None
+        return data.load_rows(spec, key=key, split=split, max_samples=max_samples)
+
+    train = rows(d.train, f"{key}.train", d.train_split, d.max_samples)
+    train = data.sft_format(train, key=f"{key}.train") if train is not None else None
+    evaluation = rows(d.eval, f"{key}.eval", d.eval_split, None) if d.eval else None
+    evaluation = data.sft_format(evaluation, key=f"{key}.eval") if evaluation is not None else None
     pairs = None
-    if stage.heldout is not None:
+    if stage.heldout is not None and (fetch or data.is_local(stage.heldout.data)):
         hkey = f"stages.{name}.heldout.data"
         rows = data.load_rows(
             stage.heldout.data, key=hkey, split=d.eval_split, max_samples=stage.heldout.max_samples

@@ -1,0 +1,34 @@
+"""Every shipped recipe validates offline, and the bundled toy data is the generator's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from finetune import pipeline, recipe, toy
+
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_there_are_recipes():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {"quickstart.yaml", "tiny/sft.yaml", "deepseek-v2-lite/sft.yaml", "deepseek-v2/sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_recipe_validates(path: Path):
+    plan = pipeline.plan(recipe.load(path))
+    for inputs in plan.inputs.values():
+        assert inputs.train is None or len(inputs.train) > 0  # None: a Hub dataset, offline here
+
+
+def test_bundled_toy_data_matches_generator():
+    expected = toy.splits()
+    for split, rows in expected.items():
+        lines = (REPO / "recipes" / "data" / "reverse" / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
+    train_words = {r["messages"][0]["content"] for r in expected["train"]}
+    assert not train_words & {r["messages"][0]["content"] for r in expected["test"]}
