@@ -45,7 +45,9 @@ def load_rows(spec: str, *, key: str, split: str = "train", max_samples: int | N
             with _quiet(path.stat().st_size < 50_000_000):
                 rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # the datasets library raises many types for malformed files
-            raise UserError(f"{key}: cannot read {path}: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
+            raise UserError(
+                f"{key}: cannot read {path}: {(str(err).splitlines() or [type(err).__name__])[0]}"
+            ) from None
     else:
         try:
             rows = datasets.load_dataset(spec, split=split)

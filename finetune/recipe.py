@@ -364,7 +364,11 @@ def train_arguments(stage: Stage, *, dtype: str, cuda: bool) -> dict[str, Any]:
 
     Mixed precision follows `model.dtype` (TRL defaults to bf16, which the trainer refuses on CPU).
     """
-    precision = {"bf16": dtype == "bfloat16" and cuda, "fp16": dtype == "float16" and cuda}
+    precision = {
+        "bf16": dtype == "bfloat16" and cuda,
+        "fp16": dtype == "float16" and cuda,
+        "dataloader_pin_memory": cuda,
+    }
     return {**TRAIN_DEFAULTS, **precision, **stage.train}
 
 

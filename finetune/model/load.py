@@ -6,6 +6,7 @@ folder first), so 4-bit quantization happens in exactly one place for all of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError
 from finetune.model.presets import EMBEDDED, preset_config
-from finetune.model.tokenizer import build_tokenizer
+from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -78,16 +79,19 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
         raise UserError(f"model.preset: {preset!r} is a shape for benchmarks; embedded presets: {EMBEDDED}")
     from transformers import DeepseekV2ForCausalLM
 
-    import finetune
-
     root = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
-    folder = root / "embedded" / f"{preset}-seed{seed}-v{finetune.__version__}"
+    config = preset_config(preset)
+    # The folder name carries a digest of the shape and tokenizer, so editing a preset never reuses stale weights.
+    digest = hashlib.sha256(
+        (config.to_json_string() + CHAT_TEMPLATE + "".join(CHARACTERS)).encode()
+    ).hexdigest()[:10]
+    folder = root / "embedded" / f"{preset}-seed{seed}-{digest}"
     if (folder / "config.json").is_file():
         return folder
     root.joinpath("embedded").mkdir(parents=True, exist_ok=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(preset_config(preset))
+    model = DeepseekV2ForCausalLM(config)
     torch.random.set_rng_state(generator_state)
     # Write beside the target and rename, so a concurrent or interrupted run never sees half a folder.
     tmp = Path(tempfile.mkdtemp(dir=root / "embedded", prefix=f".{preset}-"))

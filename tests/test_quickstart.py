@@ -1,0 +1,34 @@
+"""The CI recipe end to end through the console script: it learns, and its run directory is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_tiny_sft_recipe_runs_and_learns(tmp_path):
+    script = Path(sys.executable).parent / "finetune"
+    command = [str(script)] if script.exists() else [shutil.which("finetune") or "finetune"]
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [*command, "run", str(REPO / "recipes" / "tiny" / "sft.yaml"), f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exact_match" in result.stdout and "before" in result.stdout
+    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) >= 5
+    assert losses[-1] < 0.6 * losses[0], losses  # a learning signal, not just a finished run
+    summary = json.loads((out / "sft" / "summary.json").read_text())
+    assert summary["heldout"]["before"]["exact_match"] == 0.0
+    assert (out / "recipe.yaml").is_file() and (out / "sft" / "adapter" / "adapter_config.json").is_file()
