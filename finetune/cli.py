@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     for verb, text in (
         ("run", "validate the recipe, then train its stages in order"),
         ("validate", "check schema, files, data columns and model source; train nothing"),
+        ("inspect", "load the model as the recipe would and report params/bytes/dtypes per module kind"),
     ):
         sub = verbs.add_parser(verb, help=text, description=text)
+        if verb == "inspect":
+            sub.add_argument("--json", action="store_true", help="print one JSON object keyed by module kind")
         sub.add_argument("recipe", help="recipe YAML file")
         sub.add_argument(
             "overrides", nargs="*", metavar="key=value", help="e.g. stages.sft.train.learning_rate=1e-4"
@@ -76,6 +79,19 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from finetune import pipeline, recipe
+    from finetune.model.inspect import format_table, report
+
+    r = recipe.load(args.recipe, args.overrides)
+    ctx = pipeline.plan(r).context
+    rows = report(ctx.adapted_model())
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
 
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"run": _run, "validate": _validate}[args.verb](args)
+        return {"run": _run, "validate": _validate, "inspect": _inspect}[args.verb](args)
     except UserError as err:
         if args.debug:
             raise

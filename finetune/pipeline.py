@@ -53,11 +53,20 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             quantization=m.quantization,
             dtype=m.dtype,
             double_quant=m.double_quant,
+            blocksize=m.blocksize,
             attn_implementation=m.attn_implementation,
             experts_implementation=m.experts_implementation,
             seed=m.seed,
         ),
-        adapter_kwargs=dict(r=a.r, alpha=a.alpha, dropout=a.dropout, targets=a.targets),
+        adapter_kwargs=dict(
+            r=a.r,
+            alpha=a.alpha,
+            dropout=a.dropout,
+            targets=a.targets,
+            expert_r=a.expert_r,
+            expert_alpha=a.expert_alpha,
+            experts=None if a.experts == "all" else a.experts,
+        ),
     )
 
 

@@ -39,6 +39,7 @@ class ModelConfig(Strict):
     seed: int = 0  # seeds the embedded presets' random weights, independent of the training seed
     quantization: Literal["nf4", "none"] = "nf4"
     double_quant: bool = True
+    blocksize: Literal[32, 64, 128, 256] = 64  # NF4 block size of the routed experts
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str | None = None
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
@@ -55,6 +56,10 @@ class AdapterConfig(Strict):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["mla"], min_length=1)
+    # Routed-expert LoRA (target `routed_experts`): its own rank/alpha, on all experts or {layer: [ids]}.
+    expert_r: int | None = Field(None, gt=0)
+    expert_alpha: float | None = Field(None, gt=0)
+    experts: Literal["all"] | dict[int, list[int]] = "all"
 
 
 class DataConfig(Strict):

@@ -6,10 +6,17 @@ Targets resolve to full module names, so PEFT wraps exactly those and nothing el
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
 from finetune.errors import UserError
+from finetune.model.experts import NF4Experts
+
+EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
 
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -39,12 +46,18 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
     linears = _linear_names(model)
     available = [p for p in PRESETS if _preset_modules(p, linears)]
     chosen: list[str] = []
+    if any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules()):
+        available.append("routed_experts")
     for target in targets:
+        if target == "routed_experts":
+            if not any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules()):
+                raise UserError(
+                    f"{key}: preset `routed_experts` matches nothing in this model (it has: {', '.join(available)})"
+                )
+            continue
         if target in PRESETS:
             found = _preset_modules(target, linears)
             if not found:
-                if target == "routed_experts":
-                    raise UserError(f"{key}: `routed_experts` LoRA needs the NF4 expert layer, not built yet")
                 raise UserError(
                     f"{key}: preset `{target}` matches nothing in this model (it has: {', '.join(available)})"
                 )
@@ -61,20 +74,89 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
     return chosen
 
 
-def attach(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str]) -> PeftModel:
-    """Freeze the base model and add LoRA on the resolved targets."""
+def expert_layers(model: torch.nn.Module) -> dict[int, NF4Experts]:
+    """Decoder layer index → its NF4 routed experts."""
+    return {
+        int(name.split(".layers.")[1].split(".")[0]): m
+        for name, m in model.named_modules()
+        if isinstance(m, NF4Experts) and ".layers." in name
+    }
+
+
+def attach(
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    expert_r: int | None = None,
+    expert_alpha: float | None = None,
+    experts: dict[int, list[int]] | None = None,
+) -> PeftModel:
+    """Freeze the base model and add LoRA on the resolved targets.
+
+    `routed_experts` puts per-expert LoRA inside the NF4 expert layers (rank `expert_r`, default `r`),
+    on every expert or, with `experts`, on the listed expert ids of the listed layers only.
+    """
     modules = resolve_targets(model, targets)
+    if not modules:
+        raise UserError(
+            "adapter.targets: name at least one linear target (e.g. `mla`) beside `routed_experts`"
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM"
     )
     peft_model = get_peft_model(model, config)
+    if "routed_experts" in targets:
+        # After get_peft_model: PEFT freezes every parameter that is not its own when it wraps.
+        layers = expert_layers(peft_model)
+        if not layers:
+            raise UserError("adapter.targets: `routed_experts` LoRA needs model.quantization: nf4")
+        chosen = experts if experts is not None else {i: None for i in layers}
+        for index, ids in chosen.items():
+            if index not in layers:
+                raise UserError(
+                    f"adapter.experts: layer {index} has no routed experts (MoE layers: {sorted(layers)})"
+                )
+            bad = [e for e in ids or [] if not 0 <= e < layers[index].num_experts]
+            if bad:
+                raise UserError(
+                    f"adapter.experts: layer {index}: no expert {bad[0]} (0..{layers[index].num_experts - 1})"
+                )
+            layers[index].add_lora(r=expert_r or r, alpha=expert_alpha or alpha, experts=ids, dropout=dropout)
     # With gradient checkpointing and frozen embeddings, inputs must require grad for LoRA grads to flow.
     peft_model.enable_input_require_grads()
     return peft_model
 
 
-def load_adapter(model: torch.nn.Module, folder: str, *, trainable: bool = False) -> PeftModel:
-    """Put a saved adapter (a PEFT folder) on a freshly loaded base model."""
-    return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+def save_adapter(model: PeftModel, folder: str | Path) -> None:
+    """The PEFT folder, plus `routed_experts.safetensors` when the experts carry LoRA."""
+    model.save_pretrained(str(folder))
+    tensors = {
+        f"layers.{index}.{key}": value.detach().contiguous().cpu()
+        for index, layer in expert_layers(model).items()
+        if layer.has_lora
+        for key, value in layer.lora_state_dict().items()
+    }
+    if tensors:
+        save_file(tensors, str(Path(folder) / EXPERTS_FILE))
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
+    """Put a saved adapter on a freshly loaded base model, routed-expert LoRA included."""
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    path = Path(folder) / EXPERTS_FILE
+    if path.is_file():
+        layers = expert_layers(peft_model)
+        tensors = load_file(str(path))
+        for index, layer in layers.items():
+            prefix = f"layers.{index}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if own:
+                layer.load_lora_state_dict(own)
+                for p in layer.parameters():
+                    p.requires_grad_(trainable)
+    return peft_model

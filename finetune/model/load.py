@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError
+from finetune.model.experts import quantize_experts
 from finetune.model.presets import EMBEDDED, preset_config
 from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
 
@@ -125,11 +126,13 @@ def load_model(
     quantization: str = "nf4",
     dtype: str = "bfloat16",
     double_quant: bool = True,
+    blocksize: int = 64,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
     seed: int = 0,
 ) -> torch.nn.Module:
-    """The native `DeepseekV2ForCausalLM`, its linear layers in NF4 when `quantization == "nf4"`."""
+    """The native `DeepseekV2ForCausalLM`; with `quantization == "nf4"` its linear layers (bitsandbytes)
+    and its routed experts (`NF4Experts`) are 4-bit. The router and the norms keep their dtype."""
     torch_dtype = DTYPES[dtype]
     kwargs: dict = {"dtype": torch_dtype}
     if quantization == "nf4":
@@ -147,6 +150,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(_location(source, seed), **kwargs)
     if model.config.model_type not in DEEPSEEK_V2_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
+    if quantization == "nf4":
+        quantize_experts(model, blocksize=blocksize, double_quant=double_quant, compute_dtype=torch_dtype)
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
     return model

@@ -10,6 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout, rundir
+from finetune.model import adapters
 from finetune.recipe import SFTStage, train_arguments
 from finetune.stages.context import StageContext
 
@@ -80,7 +81,8 @@ def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dic
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    trainer.save_model(str(out / "adapter"))
+    if trainer.is_world_process_zero():
+        adapters.save_adapter(trainer.model, out / "adapter")
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     after = check_heldout("after")
 

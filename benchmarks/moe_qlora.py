@@ -1,0 +1,138 @@
+"""QLoRA step on DeepSeek-V2-Lite shapes (random weights built on the GPU): stock stack vs NF4 experts.
+
+Variants, measured in one process, one after the other:
+  stock          every nn.Linear but lm_head in bnb Linear4bit (what BitsAndBytesConfig(load_in_4bit) does),
+                 routed experts bf16 through transformers' grouped_mm; LoRA r=16 on MLA
+  nf4-experts    the same, plus the routed experts in NF4 (finetune.model.experts)
+  nf4-experts+lora   the same, plus LoRA r=16 on every routed expert
+
+    PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DeepseekV2ForCausalLM
+
+from finetune.model import adapters
+from finetune.model.experts import NF4Experts, quantize_experts
+from finetune.model.inspect import report
+from finetune.model.presets import preset_config
+
+
+def quantize_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Swap every nn.Linear except lm_head for an NF4 bnb Linear4bit, in place, one at a time."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child_name == "lm_head":
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=False,
+                compute_dtype=dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+            )
+            q.weight = q.weight.cuda()  # Params4bit quantizes when moved to the GPU
+            setattr(module, child_name, q)
+            del child
+    torch.cuda.empty_cache()
+
+
+def build(variant: str, layers: int, dtype: torch.dtype) -> torch.nn.Module:
+    cfg = preset_config("v2-lite")
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DeepseekV2ForCausalLM._from_config(cfg, dtype=dtype)
+    model.set_experts_implementation("grouped_mm")
+    quantize_linears(model, dtype)
+    if variant != "stock":
+        quantize_experts(model, compute_dtype=dtype)
+    targets = adapters.resolve_targets(model, ["mla"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    if variant.endswith("+lora"):
+        for module in model.modules():
+            if isinstance(module, NF4Experts):
+                module.add_lora(r=16, alpha=32)
+        model.cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
+
+
+def measure(variant: str, layers: int, steps: int, batch: int, seq: int) -> dict:
+    dtype = torch.bfloat16
+    torch.cuda.reset_peak_memory_stats()
+    model = build(variant, layers, dtype)
+    weights = report(model)
+    weight_bytes = torch.cuda.memory_allocated()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 100_000, (batch, seq), device="cuda")
+    model.train()
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step:  # the first step warms up kernels and the allocator
+            times.append(time.perf_counter() - start)
+    step_s = sum(times) / len(times)
+    result = {
+        "variant": variant,
+        "layers": layers,
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(batch * seq / step_s),
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "allocated_after_build_gb": round(weight_bytes / 1e9, 2),
+        "weights_gb": round(weights["total"]["bytes"] / 1e9, 2),
+        "by_kind_gb": {k: round(v["bytes"] / 1e9, 3) for k, v in weights.items()},
+        "trainable_params": weights["total"]["trainable_params"],
+        "loss": round(loss.item(), 4),
+    }
+    del model, opt, params, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="moe_qlora.json")
+    parser.add_argument("--layers", type=int, default=27)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--variants", default="stock,nf4-experts,nf4-experts+lora")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for variant in args.variants.split(","):
+        row = measure(variant, args.layers, args.steps, args.batch, args.seq)
+        print(json.dumps(row))
+        results["runs"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

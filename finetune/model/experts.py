@@ -1,0 +1,413 @@
+"""Routed experts of DeepSeek-V2 MoE layers stored in 4-bit NF4, with optional per-expert LoRA.
+
+transformers 5 keeps a layer's routed experts in two fused 3D parameters (`DeepseekV2Experts`), and
+bitsandbytes' `Linear4bit` only replaces `nn.Linear`, so `load_in_4bit` leaves ~92 % of DeepSeek-V2-Lite
+in 16 bits. `NF4Experts` is a drop-in replacement that keeps both fused tensors NF4-packed, dequantizes
+the whole layer per call and runs the experts as grouped matmuls over tokens sorted by expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+_WEIGHTS = ("gate_up", "down")
+# QuantState tensors kept as buffers, per weight; the nested ones exist only with double quantization.
+_QUANT_PARTS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
+_LORA_PARTS = ("A", "B")
+
+
+def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        return torch.nn.functional.grouped_mm
+    return getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """Whether the fused CUDA kernel can run grouped products of `dtype` on `device` over `dims`."""
+    if _grouped_mm_op() is None or device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    # The kernel wants 16-byte aligned row strides: every bf16 inner and outer dim divisible by 8.
+    if any(d % 8 for d in dims):
+        return False
+    major_minor = torch.cuda.get_device_capability(device)
+    # Before torch.nn.functional.grouped_mm existed, torch._grouped_mm only had a Hopper kernel.
+    return major_minor >= (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else major_minor[0] == 9
+
+
+def _grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
+    """Rows of `x` sorted into groups; returns `x_g @ w[g].T` for each group g.
+
+    `counts` (rows per group, on the host) selects the per-group loop; None selects the grouped kernel,
+    which reads the group ends from `offsets` (int32, cumulative) on the device and never syncs.
+    """
+    if counts is None:
+        op = _grouped_mm_op()
+        assert op is not None
+        return op(x, w.transpose(-2, -1), offs=offsets)
+    outs, start = [], 0
+    for g, n in enumerate(counts):
+        if n:
+            outs.append(x[start : start + n] @ w[g].transpose(0, 1))
+            start += n
+    if not outs:
+        return x.new_zeros(x.shape[0], w.shape[-2])
+    return torch.cat(outs)
+
+
+class _NF4GroupedLinear(torch.autograd.Function):
+    """Grouped `x_g @ W_g.T` with W dequantized from NF4 inside forward and again inside backward.
+
+    Autograd would otherwise keep the dequantized [E, N, K] weight alive from forward to backward:
+    a 16-bit copy of every MoE layer at once, which is what quantizing was meant to avoid.
+    The base weight is frozen, so only the input gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, owner, name, offsets, counts):  # type: ignore[override]
+        ctx.owner, ctx.name, ctx.counts = owner, name, counts
+        ctx.save_for_backward(offsets)
+        return _grouped_linear(x, owner.dequantize(name), offsets, counts)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        w = ctx.owner.dequantize(ctx.name)
+        # dL/dx_g = dL/dy_g @ W_g, i.e. the same grouped product with W transposed.
+        grad_x = _grouped_linear(grad_out.contiguous(), w.transpose(1, 2), offsets, ctx.counts)
+        return grad_x, None, None, None, None
+
+
+class NF4Experts(nn.Module):
+    """Drop-in for `DeepseekV2Experts` holding `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] in NF4.
+
+    The packed data and all QuantState tensors are buffers (moved by `.to(device)`, never cast by
+    `.to(dtype)`); the base weights are frozen, LoRA factors added by `add_lora` are the only parameters.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: nn.Module,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.act_fn = act_fn
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        # None: grouped kernel on CUDA/bf16 where supported, else the loop; True/False force it (tests).
+        self.use_grouped_mm: bool | None = None
+        self._shapes = {
+            "gate_up": (num_experts, 2 * intermediate_dim, hidden_dim),
+            "down": (num_experts, hidden_dim, intermediate_dim),
+        }
+        self._nested_blocksize: dict[str, int] = {}
+        self.lora_r = 0
+        self.lora_alpha = 0.0
+        self.lora_scale = 0.0
+        self.lora_dropout: nn.Module = nn.Identity()
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: DeepseekV2Experts,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> NF4Experts:
+        """Quantize one experts module on the device its weights are on; it is left for the caller to free."""
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if gate_up.is_meta or down.is_meta:
+            raise ValueError("cannot quantize experts whose weights are on the meta device; load them first")
+        num_experts, two_i, hidden = gate_up.shape
+        if (
+            getattr(experts, "is_transposed", False)
+            or two_i % 2
+            or down.shape != (num_experts, hidden, two_i // 2)
+        ):
+            raise ValueError(
+                f"unexpected expert layout: gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}"
+            )
+        module = cls(
+            num_experts,
+            hidden,
+            two_i // 2,
+            experts.act_fn,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
+        for name, weight in (("gate_up", gate_up), ("down", down)):
+            module._store(name, weight.detach())
+        return module
+
+    def _store(self, name: str, weight: torch.Tensor) -> None:
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            weight = weight.float()
+        # One call for the whole 3D tensor: blocks run over the flattened weight, as in Linear4bit.
+        packed, state = bnbf.quantize_4bit(
+            weight.contiguous(),
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type="nf4",
+        )
+        self.register_buffer(f"{name}_packed", packed)
+        self.register_buffer(f"{name}_absmax", state.absmax)
+        self.register_buffer(f"{name}_code", state.code)  # the 16 NF4 levels, for a complete QuantState
+        if state.nested:
+            self.register_buffer(f"{name}_absmax2", state.state2.absmax)
+            self.register_buffer(f"{name}_code2", state.state2.code)
+            self.register_buffer(f"{name}_offset", state.offset)
+            self._nested_blocksize[name] = state.state2.blocksize
+
+    def quant_state(self, name: str, dtype: torch.dtype | None = None) -> bnbf.QuantState:
+        """The bitsandbytes QuantState of `gate_up` or `down`, rebuilt from the buffers (so on their device)."""
+        nested = None
+        if name in self._nested_blocksize:
+            nested = bnbf.QuantState(
+                absmax=getattr(self, f"{name}_absmax2"),
+                code=getattr(self, f"{name}_code2"),
+                blocksize=self._nested_blocksize[name],
+                dtype=torch.float32,
+            )
+        return bnbf.QuantState(
+            absmax=getattr(self, f"{name}_absmax"),
+            shape=torch.Size(self._shapes[name]),
+            code=getattr(self, f"{name}_code"),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=dtype or self.compute_dtype,
+            offset=getattr(self, f"{name}_offset") if nested is not None else None,
+            state2=nested,
+        )
+
+    def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole [E, N, K] weight `gate_up` or `down` in `dtype` (default: compute_dtype)."""
+        return bnbf.dequantize_4bit(getattr(self, f"{name}_packed"), self.quant_state(name, dtype))
+
+    def _quant_buffer_names(self) -> list[str]:
+        return [f"{w}_{p}" for w in _WEIGHTS for p in _QUANT_PARTS if f"{w}_{p}" in self._buffers]
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # The quantization tensors follow device moves but never dtype casts: model.to(torch.bfloat16)
+        # would round the fp32 absmax/code tables and corrupt every weight. A uint8 probe reveals the
+        # target device without triggering a cast.
+        held = {n: self._buffers[n] for n in self._quant_buffer_names()}
+        for n in held:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in held.items():
+                device = fn(torch.empty(0, dtype=torch.uint8, device=t.device)).device
+                self._buffers[n] = t.to(device)
+        return self
+
+    def storage(self) -> list[tuple[str, int, int, str]]:
+        """(weight, logical parameters, stored bytes, format) of the base weights, for inspect reports."""
+        rows = []
+        for w in _WEIGHTS:
+            nbytes = sum(
+                self._buffers[n].numel() * self._buffers[n].element_size()
+                for n in self._quant_buffer_names()
+                if n.startswith(f"{w}_")
+            )
+            rows.append((f"{w}_proj", math.prod(self._shapes[w]), nbytes, "nf4"))
+        return rows
+
+    # ----------------------------------------------------------------------------------- LoRA
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_r > 0
+
+    def add_lora(self, r: int, alpha: float, experts: list[int] | None = None, dropout: float = 0.0) -> None:
+        """Per-expert LoRA on gate_up and down for `experts` (all when None); B starts at zero."""
+        if self.has_lora:
+            raise ValueError("LoRA already added to this experts module")
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        ids = sorted(set(range(self.num_experts) if experts is None else experts))
+        if not ids or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(
+                f"LoRA experts must be a non-empty subset of 0..{self.num_experts - 1}, got {experts}"
+            )
+        device = self.gate_up_packed.device
+        # Sorted ids keep slot order equal to expert order, so the expert-sorted rows of LoRA experts
+        # are already grouped by slot.
+        slot = torch.full((self.num_experts,), -1, dtype=torch.long)
+        slot[ids] = torch.arange(len(ids))
+        self.register_buffer("lora_slot", slot.to(device), persistent=False)
+        self.register_buffer(
+            "lora_experts", torch.tensor(ids, dtype=torch.long, device=device), persistent=False
+        )
+        h, i, n = self.hidden_dim, self.intermediate_dim, len(ids)
+        shapes = {"gate_up": ((n, r, h), (n, 2 * i, r)), "down": ((n, r, i), (n, h, r))}
+        for name, (a_shape, b_shape) in shapes.items():
+            a = torch.empty(a_shape, dtype=torch.float32, device=device)
+            for s in range(n):  # per slot, so fan_in is the input width as in PEFT's nn.Linear init
+                nn.init.kaiming_uniform_(a[s], a=math.sqrt(5))
+            setattr(self, f"lora_{name}_A", nn.Parameter(a))
+            setattr(
+                self, f"lora_{name}_B", nn.Parameter(torch.zeros(b_shape, dtype=torch.float32, device=device))
+            )
+        self.lora_r, self.lora_alpha, self.lora_scale = r, float(alpha), float(alpha) / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors plus `lora_experts` and `lora_alpha`, detached copies."""
+        if not self.has_lora:
+            return {}
+        sd = {
+            f"lora_{w}_{p}": getattr(self, f"lora_{w}_{p}").detach().clone()
+            for w in _WEIGHTS
+            for p in _LORA_PARTS
+        }
+        sd["lora_experts"] = self.lora_experts.detach().cpu().clone()
+        sd["lora_alpha"] = torch.tensor(self.lora_alpha)
+        return sd
+
+    def load_lora_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Restore `lora_state_dict()` output, creating the LoRA first if this module has none (dropout 0)."""
+        experts = [int(e) for e in sd["lora_experts"].tolist()]
+        if not self.has_lora:
+            self.add_lora(sd["lora_gate_up_A"].shape[1], float(sd["lora_alpha"]), experts)
+        elif experts != self.lora_experts.tolist():
+            raise ValueError(f"LoRA experts differ: saved {experts}, module {self.lora_experts.tolist()}")
+        with torch.no_grad():
+            for w in _WEIGHTS:
+                for p in _LORA_PARTS:
+                    param = getattr(self, f"lora_{w}_{p}")
+                    if sd[f"lora_{w}_{p}"].shape != param.shape:
+                        raise ValueError(
+                            f"lora_{w}_{p}: saved {tuple(sd[f'lora_{w}_{p}'].shape)}, module {tuple(param.shape)}"
+                        )
+                    param.copy_(sd[f"lora_{w}_{p}"])
+        self.lora_alpha = float(sd["lora_alpha"])
+        self.lora_scale = self.lora_alpha / self.lora_r
+
+    def _lora_delta(
+        self, name: str, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor:
+        """`base` plus `(x_e @ A_e.T) @ B_e.T * scale` on the rows of experts that have LoRA."""
+        a = getattr(self, f"lora_{name}_A").to(x.dtype)
+        b = getattr(self, f"lora_{name}_B").to(x.dtype)
+        rows = None
+        if self.lora_experts.numel() < self.num_experts:
+            rows = (self.lora_slot[sorted_ids] >= 0).nonzero().squeeze(1)
+            x, counts = x[rows], counts[self.lora_experts]
+        offsets = counts.cumsum(0).to(torch.int32)
+        grouped = self._grouped(x, (x.shape[-1], self.lora_r, b.shape[1]))
+        host = None if grouped else counts.tolist()
+        delta = _grouped_linear(_grouped_linear(self.lora_dropout(x), a, offsets, host), b, offsets, host)
+        delta = delta * self.lora_scale
+        return base + delta if rows is None else base.index_add(0, rows, delta)
+
+    def _grouped(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
+        """Grouped kernel for products of `x`'s dtype/device over `dims`, or the per-expert loop."""
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm and _grouped_mm_op() is not None
+        return _grouped_mm_ok(x.device, x.dtype, dims)
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index [T, K] in [0, E), top_k_weights [T, K] -> [T, H]."""
+        num_tokens, top_k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        # Stable sort: rows of one expert stay in token order, so results are deterministic.
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        x = hidden_states.to(self.compute_dtype)[perm // top_k]
+
+        grouped = self._grouped(x, (self.hidden_dim, self.intermediate_dim))
+        host = None if grouped else counts.tolist()
+
+        gate_up = _NF4GroupedLinear.apply(x, self, "gate_up", offsets, host)
+        if self.has_lora:
+            gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        y = _NF4GroupedLinear.apply(h, self, "down", offsets, host)
+        if self.has_lora:
+            y = self._lora_delta("down", h, sorted_ids, counts, y)
+
+        # Weight and sum in fp32; gathering back through the inverse permutation and summing over K
+        # is deterministic on CUDA, unlike index_add_ with repeated token indices.
+        y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out = y[inverse].view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        lora = f", lora_r={self.lora_r}, lora_experts={self.lora_experts.numel()}" if self.has_lora else ""
+        return (
+            f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
+            f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}{lora}"
+        )
+
+
+def expert_bytes(module: nn.Module) -> int:
+    """Bytes held by the routed experts in `module`: NF4 buffers, or the 16-bit fused parameters."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, NF4Experts):
+            total += sum(
+                m._buffers[n].numel() * m._buffers[n].element_size() for n in m._quant_buffer_names()
+            )
+        elif isinstance(m, DeepseekV2Experts):
+            total += sum(p.numel() * p.element_size() for p in (m.gate_up_proj, m.down_proj))
+    return total
+
+
+def quantize_experts(
+    model: nn.Module,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """Replace every `DeepseekV2Experts` in `model` by `NF4Experts`; returns how many were replaced.
+
+    One layer at a time, each original's 16-bit storage freed before the next, so the peak is the
+    final size plus one layer in 16 bits. Routers (`mlp.gate`) and `mlp.shared_experts` are not touched.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, DeepseekV2Experts)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(
+            parent,
+            child,
+            NF4Experts.from_experts(
+                old, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
+            ),
+        )
+        # Emptying .data frees the storage even if something else (an optimizer, a caller's list)
+        # still holds the Parameter objects.
+        for p in (old.gate_up_proj, old.down_proj):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        del old
+    return len(names)
