@@ -65,7 +65,9 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             targets=a.targets,
             expert_r=a.expert_r,
             expert_alpha=a.expert_alpha,
-            experts=None if a.experts == "all" else a.experts,
+            experts=None
+            if a.experts == "all"
+            else {k: None if v == "all" else v for k, v in a.experts.items()},
         ),
     )
 

@@ -59,7 +59,7 @@ class AdapterConfig(Strict):
     # Routed-expert LoRA (target `routed_experts`): its own rank/alpha, on all experts or {layer: [ids]}.
     expert_r: int | None = Field(None, gt=0)
     expert_alpha: float | None = Field(None, gt=0)
-    experts: Literal["all"] | dict[int, list[int]] = "all"
+    experts: Literal["all"] | dict[int, list[int] | Literal["all"]] = "all"
 
 
 class DataConfig(Strict):
@@ -168,7 +168,10 @@ def _dotted(loc: tuple) -> str:
 
 def _explain(err: ValidationError, source: str) -> UserError:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Drop pydantic's union-member tags (`literal['all']`, `dict[int,...]`) from the key path.
+    loc = tuple(
+        p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
+    )
     path = _dotted(loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
