@@ -58,6 +58,7 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             experts_implementation=m.experts_implementation,
             seed=m.seed,
         ),
+        aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
         adapter_kwargs=dict(
             r=a.r,
             alpha=a.alpha,
@@ -65,6 +66,7 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             targets=a.targets,
             expert_r=a.expert_r,
             expert_alpha=a.expert_alpha,
+            router=a.router,
             experts=None
             if a.experts == "all"
             else {k: None if v == "all" else v for k, v in a.experts.items()},

@@ -60,6 +60,9 @@ class AdapterConfig(Strict):
     expert_r: int | None = Field(None, gt=0)
     expert_alpha: float | None = Field(None, gt=0)
     experts: Literal["all"] | dict[int, list[int] | Literal["all"]] = "all"
+    # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
+    router: Literal["frozen", "trainable"] = "frozen"
+    router_aux_loss_coef: float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
 
 
 class DataConfig(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,14 @@ def write_recipe(recipe: recipe_mod.Recipe, output_dir: Path) -> None:
 class MetricsLogger(TrainerCallback):
     """Appends every trainer log (one JSON object per logging step) to metrics.jsonl."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra: Callable[[], dict[str, Any]] | None = None):
         self.path = path
+        self.extra = extra  # more fields per row (expert load), kept out of the console log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            more = self.extra() if self.extra else {}
+            row = {"step": state.global_step, "epoch": state.epoch, **logs, **more}
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 

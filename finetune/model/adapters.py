@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
 from finetune.errors import UserError
+from finetune.model import routing
 from finetune.model.experts import NF4Experts
 
 EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
+ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
 
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -93,6 +95,7 @@ def attach(
     expert_r: int | None = None,
     expert_alpha: float | None = None,
     experts: dict[int, list[int]] | None = None,
+    router: str = "frozen",
 ) -> PeftModel:
     """Freeze the base model and add LoRA on the resolved targets.
 
@@ -127,6 +130,10 @@ def attach(
                     f"adapter.experts: layer {index}: no expert {bad[0]} (0..{layers[index].num_experts - 1})"
                 )
             layers[index].add_lora(r=expert_r or r, alpha=expert_alpha or alpha, experts=ids, dropout=dropout)
+    if router == "trainable":
+        # The router weight itself (fp32, never wrapped or quantized) is trained, not a LoRA on it.
+        for gate in routing.routers(peft_model).values():
+            gate.weight.requires_grad_(True)
     # With gradient checkpointing and frozen embeddings, inputs must require grad for LoRA grads to flow.
     peft_model.enable_input_require_grads()
     return peft_model
@@ -143,6 +150,13 @@ def save_adapter(model: PeftModel, folder: str | Path) -> None:
     }
     if tensors:
         save_file(tensors, str(Path(folder) / EXPERTS_FILE))
+    gates = {
+        f"layers.{index}.weight": gate.weight.detach().contiguous().cpu()
+        for index, gate in routing.routers(model).items()
+        if gate.weight.requires_grad
+    }
+    if gates:
+        save_file(gates, str(Path(folder) / ROUTER_FILE))
 
 
 def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
@@ -159,4 +173,12 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool 
                 layer.load_lora_state_dict(own)
                 for p in layer.parameters():
                     p.requires_grad_(trainable)
+    path = Path(folder) / ROUTER_FILE
+    if path.is_file():
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for index, gate in routing.routers(peft_model).items():
+                if f"layers.{index}.weight" in tensors:
+                    gate.weight.copy_(tensors[f"layers.{index}.weight"])
+                    gate.weight.requires_grad_(trainable)
     return peft_model

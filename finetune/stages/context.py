@@ -22,6 +22,7 @@ class StageContext:
     source: Source
     model_kwargs: dict[str, Any]  # plain arguments of finetune.model.load.load_model
     adapter_kwargs: dict[str, Any]  # plain arguments of finetune.model.adapters.attach
+    aux_loss_coef: float = 0.0  # expert-balance loss weight (only with a trainable router)
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
 
     @property

@@ -10,7 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout, rundir
-from finetune.model import adapters
+from finetune.model import adapters, routing
 from finetune.recipe import SFTStage, train_arguments
 from finetune.stages.context import StageContext
 
@@ -70,13 +70,14 @@ def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dic
         )
 
     before = check_heldout("before")
+    monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     trainer = SFTTrainer(
         model=model,
         args=inputs.args,
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=[rundir.MetricsLogger(out / "metrics.jsonl")],
+        callbacks=[rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report)],
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -84,6 +85,7 @@ def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dic
     if trainer.is_world_process_zero():
         adapters.save_adapter(trainer.model, out / "adapter")
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
+    monitor.remove()
     after = check_heldout("after")
 
     summary: dict[str, Any] = {

@@ -1,0 +1,99 @@
+"""MoE routing during training: expert load per layer, and DeepSeek's expert-balance loss.
+
+transformers' DeepseekV2 computes no auxiliary loss. When the router is trainable, nothing would stop
+fine-tuning from collapsing routing onto a few experts; DeepSeek-V2 trains with an expert-level balance
+loss  alpha * sum_i f_i * P_i  (f_i: fraction of routed slots taken by expert i, scaled by E/K; P_i: mean
+router probability of expert i). We add the same term, per MoE layer, to the model's loss through hooks,
+so TRL's trainers run unchanged. Statistics are taken over the whole batch (the paper's variant is per
+sequence), padding included.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV2TopkRouter
+
+
+def routers(model: torch.nn.Module) -> dict[int, DeepseekV2TopkRouter]:
+    """Decoder layer index → its router."""
+    return {
+        int(name.split(".layers.")[1].split(".")[0]): m
+        for name, m in model.named_modules()
+        if isinstance(m, DeepseekV2TopkRouter) and ".layers." in name
+    }
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The DeepseekV2ForCausalLM under any PEFT wrappers: its forward returns the loss."""
+    return next(m for m in model.modules() if isinstance(m, DeepseekV2ForCausalLM))
+
+
+class RouterMonitor:
+    """Counts routed tokens per expert for every MoE layer and optionally adds the balance loss.
+
+    Only forwards of the whole model count: a gradient-checkpointing recomputation runs the routers
+    again during backward, outside the model's forward, and must not count twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, aux_loss_coef: float = 0.0):
+        self.aux_loss_coef = aux_loss_coef
+        self.routers = routers(model)
+        self.counts: dict[int, torch.Tensor] = {}
+        self._aux: list[torch.Tensor] = []
+        self._aux_logged: list[float] = []
+        self._active = False
+        top = _causal_lm(model)
+        self._handles = [
+            top.register_forward_pre_hook(self._begin),
+            top.register_forward_hook(self._end),
+            *(r.register_forward_hook(self._router_hook(i)) for i, r in self.routers.items()),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _begin(self, module, args):
+        self._active = True
+        self._aux = []
+
+    def _end(self, module, args, output):
+        self._active = False
+        if self._aux and getattr(output, "loss", None) is not None:
+            aux = self.aux_loss_coef * torch.stack(self._aux).sum()
+            output.loss = output.loss + aux.to(output.loss.dtype)
+            self._aux_logged.append(float(aux.detach()))
+        self._aux = []
+        return output
+
+    def _router_hook(self, index: int):
+        def hook(module: DeepseekV2TopkRouter, args, output):
+            logits, _, top_k = output
+            experts = logits.shape[-1]
+            with torch.no_grad():
+                counts = torch.bincount(top_k.flatten(), minlength=experts)
+            if self.aux_loss_coef and module.training and torch.is_grad_enabled():
+                # Computed in the checkpoint recomputation too (then discarded): non-reentrant
+                # checkpointing requires the recomputed graph to save the same tensors as the forward.
+                f = counts.float() * experts / max(top_k.numel(), 1)
+                term = (f * logits.softmax(dim=-1, dtype=torch.float32).mean(dim=0)).sum()
+                if self._active:
+                    self._aux.append(term)
+            if self._active:
+                self.counts[index] = self.counts.get(index, 0) + counts
+
+        return hook
+
+    def report(self) -> dict[str, float | list[float]]:
+        """Per layer: fraction of routed slots per expert and max/mean; resets the counters."""
+        out: dict[str, float | list[float]] = {}
+        for index, counts in sorted(self.counts.items()):
+            fractions = (counts.float() / counts.sum().clamp(min=1)).tolist()
+            mean = 1.0 / len(fractions)
+            out[f"expert_load/layer{index}"] = [round(f, 5) for f in fractions]
+            out[f"expert_load/layer{index}/max_over_mean"] = round(max(fractions) / mean, 4)
+        if self._aux_logged:
+            out["router_aux_loss"] = sum(self._aux_logged) / len(self._aux_logged)
+        self.counts = {}
+        self._aux_logged = []
+        return out
