@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
         )
+    sub = verbs.add_parser(
+        "export",
+        help="merge a stage's adapter into plain 16-bit weights loadable by transformers alone",
+        description="merge a stage's adapter into plain 16-bit weights loadable by transformers alone",
+    )
+    sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a stage folder of a finished run")
+    sub.add_argument("--out", required=True, help="folder to write the merged checkpoint to")
+    sub.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
@@ -92,6 +101,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finetune import pipeline, recipe
+    from finetune.errors import UserError
+    from finetune.model import adapters
+    from finetune.model.export import export
+    from finetune.model.load import DTYPES, resolve_source
+
+    stage_dir = Path(args.stage_dir)
+    resolved = stage_dir.parent / "recipe.yaml"
+    if not (stage_dir / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"{stage_dir}: no adapter/ folder here; give RUN_DIR/STAGE of a finished run")
+    if not resolved.is_file():
+        raise UserError(f"{resolved}: not found; export needs the run's resolved recipe")
+    r = recipe.load(resolved)
+    ctx = pipeline.context(r, resolve_source(r.model.preset, r.model.path))
+    model = adapters.load_adapter(ctx.base_model(), stage_dir / "adapter")
+    out = export(model, ctx.tokenizer(), args.out, DTYPES[args.dtype])
+    print(f"exported {stage_dir} → {out} ({args.dtype}); load it with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
 
@@ -109,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"run": _run, "validate": _validate, "inspect": _inspect}[args.verb](args)
+        verbs = {"run": _run, "validate": _validate, "inspect": _inspect, "export": _export}
+        return verbs[args.verb](args)
     except UserError as err:
         if args.debug:
             raise
