@@ -135,15 +135,33 @@ class NF4Experts(nn.Module):
         compute_dtype: torch.dtype = torch.bfloat16,
     ) -> NF4Experts:
         """Quantize one experts module on the device its weights are on; it is left for the caller to free."""
-        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if getattr(experts, "is_transposed", False):
+            raise ValueError("transposed expert layouts are not supported")
+        return cls.from_weights(
+            experts.gate_up_proj,
+            experts.down_proj,
+            experts.act_fn,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        act_fn: nn.Module,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> NF4Experts:
+        """Quantize fused expert weights gate_up [E, 2I, H] and down [E, H, I] on their device."""
         if gate_up.is_meta or down.is_meta:
             raise ValueError("cannot quantize experts whose weights are on the meta device; load them first")
         num_experts, two_i, hidden = gate_up.shape
-        if (
-            getattr(experts, "is_transposed", False)
-            or two_i % 2
-            or down.shape != (num_experts, hidden, two_i // 2)
-        ):
+        if two_i % 2 or down.shape != (num_experts, hidden, two_i // 2):
             raise ValueError(
                 f"unexpected expert layout: gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}"
             )
@@ -151,7 +169,7 @@ class NF4Experts(nn.Module):
             num_experts,
             hidden,
             two_i // 2,
-            experts.act_fn,
+            act_fn,
             blocksize=blocksize,
             double_quant=double_quant,
             compute_dtype=compute_dtype,

@@ -6,6 +6,7 @@ folder first), so 4-bit quantization happens in exactly one place for all of the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError
-from finetune.model.experts import quantize_experts
 from finetune.model.presets import EMBEDDED, preset_config
+from finetune.model.streaming import deferred_experts, fill_experts
 from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -147,11 +148,20 @@ def load_model(
     if torch.cuda.is_available():
         # One full replica per process: data parallelism through accelerate, not a split model.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(_location(source, seed), **kwargs)
+    location = _location(source, seed)
+    nf4 = quantization == "nf4"
+    with deferred_experts() if nf4 else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if model.config.model_type not in DEEPSEEK_V2_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
-    if quantization == "nf4":
-        quantize_experts(model, blocksize=blocksize, double_quant=double_quant, compute_dtype=torch_dtype)
+    if nf4:
+        if source.kind == "hub":  # from_pretrained has fetched the shards; this resolves the cached folder
+            from huggingface_hub import snapshot_download
+
+            location = snapshot_download(location, allow_patterns=["*.safetensors", "*.json"])
+        fill_experts(
+            model, location, blocksize=blocksize, double_quant=double_quant, compute_dtype=torch_dtype
+        )
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
     return model
