@@ -67,6 +67,7 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             expert_r=a.expert_r,
             expert_alpha=a.expert_alpha,
             router=a.router,
+            trainable_modules=a.trainable_modules,
             experts=None
             if a.experts == "all"
             else {k: None if v == "all" else v for k, v in a.experts.items()},

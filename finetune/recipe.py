@@ -60,6 +60,8 @@ class AdapterConfig(Strict):
     expert_r: int | None = Field(None, gt=0)
     expert_alpha: float | None = Field(None, gt=0)
     experts: Literal["all"] | dict[int, list[int] | Literal["all"]] = "all"
+    # Whole modules trained beside the LoRA (saved in the adapter folder): embeddings and/or lm_head.
+    trainable_modules: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
     # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
     router: Literal["frozen", "trainable"] = "frozen"
     router_aux_loss_coef: float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha

@@ -100,3 +100,18 @@ def test_inspect_counts_expert_lora_as_trainable(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     layer = NF4Experts  # 2 MoE layers x 8 experts x r=4 x (H + 2I + I + H) with H=64, I=32
     assert layer and rows["routed_experts"]["trainable_params"] == 2 * 8 * 4 * (64 + 64 + 32 + 64)
+
+
+def test_trainable_embeddings_show_in_inspect(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path))
+    assert main(["inspect", str(path), "adapter.trainable_modules=[embeddings]", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["embeddings"]["trainable_params"] == 128 * 64  # vocabulary x hidden of the tiny preset
+    assert rows["router"]["trainable_params"] == 0
+
+
+def test_unknown_trainable_module_is_refused(tmp_path):
+    data = base_recipe(tmp_path)
+    data["adapter"]["trainable_modules"] = ["router"]
+    with pytest.raises(UserError, match=r"adapter\.trainable_modules"):
+        recipe.load(write_recipe(tmp_path / "r.yaml", data))

@@ -15,7 +15,11 @@ from finetune.model import adapters
 
 def test_export_matches_adapted_model(tmp_path, capsys):
     data = base_recipe(tmp_path, learning_rate=1e-2, max_steps=3)
-    data["adapter"].update(targets=["mla", "shared_experts", "routed_experts"], router="trainable")
+    data["adapter"].update(
+        targets=["mla", "shared_experts", "routed_experts"],
+        router="trainable",
+        trainable_modules=["embeddings"],
+    )
     r = recipe.load(write_recipe(tmp_path / "r.yaml", data))
     pipeline.run(r)
     out = tmp_path / "merged"

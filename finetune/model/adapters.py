@@ -96,6 +96,7 @@ def attach(
     expert_alpha: float | None = None,
     experts: dict[int, list[int]] | None = None,
     router: str = "frozen",
+    trainable_modules: list[str] | None = None,
 ) -> PeftModel:
     """Freeze the base model and add LoRA on the resolved targets.
 
@@ -109,8 +110,17 @@ def attach(
         )
     for param in model.parameters():
         param.requires_grad_(False)
+    # PEFT trains and saves a full copy of these modules (`modules_to_save`), reloaded with the adapter.
+    to_save = [{"embeddings": "embed_tokens", "lm_head": "lm_head"}[m] for m in trainable_modules or []]
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        modules_to_save=to_save or None,
+        # With tied embeddings, one trained copy must serve both the input embeddings and lm_head.
+        ensure_weight_tying=bool(to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     if "routed_experts" in targets:

@@ -13,6 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from transformers import DeepseekV2ForCausalLM
 
 from finetune.model.experts import NF4Experts
@@ -51,6 +52,10 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             handled.add(f"{name}.")
         elif isinstance(module, bnb.nn.Linear4bit) and not any(name.startswith(h) for h in handled):
             out[f"{name}.weight"] = _dense(module.weight)
+            handled.add(f"{name}.")
+        elif isinstance(module, ModulesToSaveWrapper):  # a fully trained copy (embeddings, lm_head)
+            trained = module.modules_to_save[module.active_adapters[0]]
+            out.update({f"{name}.{k}": v.detach().float() for k, v in trained.named_parameters()})
             handled.add(f"{name}.")
         elif isinstance(module, NF4Experts):
             out.update({f"{name}.{k}": v for k, v in _expert_weights(module).items()})
