@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+from transformers import DeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
 from finetune.model.experts import NF4Experts, expert_bytes, quantize_experts
+from finetune.model.presets import preset_config
 
 E, H, INTER, K = 8, 64, 32, 2
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
@@ -21,26 +22,10 @@ PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not HAS_GROUPED_MM, 
 
 def tiny_model(q_lora_rank: int | None = None) -> DeepseekV2ForCausalLM:
     torch.manual_seed(0)
-    config = DeepseekV2Config(
-        vocab_size=128,
-        hidden_size=H,
-        intermediate_size=128,
-        moe_intermediate_size=INTER,
-        num_hidden_layers=3,
-        first_k_dense_replace=1,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        n_routed_experts=E,
-        n_shared_experts=1,
-        num_experts_per_tok=K,
-        kv_lora_rank=32,
-        q_lora_rank=q_lora_rank,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-    )
+    config = preset_config("tiny")
+    config.q_lora_rank = q_lora_rank
+    assert (config.hidden_size, config.moe_intermediate_size, config.n_routed_experts) == (H, INTER, E)
+    assert config.num_experts_per_tok == K
     return DeepseekV2ForCausalLM(config).float().eval()
 
 
