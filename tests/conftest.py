@@ -10,14 +10,15 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Before any test module imports huggingface_hub, which reads these once: tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     # The embedded model is written once per test session, never into the user's cache.
     os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -112,3 +112,11 @@ def test_version_and_module_entry_point():
         [sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == f"finetune {finetune.__version__}"
+
+
+def test_unreachable_hub_model(capsys, tmp_path):
+    path = _recipe(tmp_path, lambda d: d.update(model={"path": "no-such-org/no-such-model"}))
+    assert main(["validate", path]) == 0  # validate accepts a Hub id without the network
+    capsys.readouterr()
+    msg = _fails(capsys, tmp_path, ["inspect", path])
+    assert "model.path: cannot load Hub id 'no-such-org/no-such-model'" in msg

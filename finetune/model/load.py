@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,21 @@ def _location(source: Source, seed: int) -> str:
     return str(embedded_checkpoint(source.ref, seed)) if source.kind == "preset" else source.ref
 
 
+@contextlib.contextmanager
+def _hub_errors(source: Source) -> Iterator[None]:
+    """A Hub id that cannot be fetched (no network, no such repo, gated) is a user error, not a crash."""
+    try:
+        yield
+    except OSError as err:
+        if source.kind != "hub":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.path: cannot load Hub id {source.ref!r}: {first}") from None
+
+
 def load_tokenizer(source: Source, seed: int = 0) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(_location(source, seed))
+    with _hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(_location(source, seed))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -150,7 +164,7 @@ def load_model(
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     location = _location(source, seed)
     nf4 = quantization == "nf4"
-    with deferred_experts() if nf4 else contextlib.nullcontext():
+    with _hub_errors(source), deferred_experts() if nf4 else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if model.config.model_type not in DEEPSEEK_V2_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
@@ -158,7 +172,8 @@ def load_model(
         if source.kind == "hub":  # from_pretrained has fetched the shards; this resolves the cached folder
             from huggingface_hub import snapshot_download
 
-            location = snapshot_download(location, allow_patterns=["*.safetensors", "*.json"])
+            with _hub_errors(source):
+                location = snapshot_download(location, allow_patterns=["*.safetensors", "*.json"])
         fill_experts(
             model, location, blocksize=blocksize, double_quant=double_quant, compute_dtype=torch_dtype
         )
