@@ -47,6 +47,7 @@ class MetricsLogger(TrainerCallback):
     def __init__(self, path: Path, extra: Callable[[], dict[str, Any]] | None = None):
         self.path = path
         self.extra = extra  # more fields per row (expert load), kept out of the console log
+        path.write_text("")  # a rerun into the same run directory starts a fresh log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
