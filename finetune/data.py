@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _QUIET_ROWS = 20_000  # below this, reading and mapping take a blink: no progress bars
@@ -45,9 +45,7 @@ def load_rows(spec: str, *, key: str, split: str = "train", max_samples: int | N
             with _quiet(path.stat().st_size < 50_000_000):
                 rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # the datasets library raises many types for malformed files
-            raise UserError(
-                f"{key}: cannot read {path}: {(str(err).splitlines() or [type(err).__name__])[0]}"
-            ) from None
+            raise UserError(f"{key}: cannot read {path}: {first_line(err)}") from None
     else:
         try:
             rows = datasets.load_dataset(spec, split=split)

@@ -48,11 +48,12 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
     linears = _linear_names(model)
     available = [p for p in PRESETS if _preset_modules(p, linears)]
     chosen: list[str] = []
-    if any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules()):
+    has_experts = any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules())
+    if has_experts:
         available.append("routed_experts")
     for target in targets:
         if target == "routed_experts":
-            if not any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules()):
+            if not has_experts:
                 raise UserError(
                     f"{key}: preset `routed_experts` matches nothing in this model (it has: {', '.join(available)})"
                 )
@@ -78,11 +79,7 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
 
 def expert_layers(model: torch.nn.Module) -> dict[int, NF4Experts]:
     """Decoder layer index → its NF4 routed experts."""
-    return {
-        int(name.split(".layers.")[1].split(".")[0]): m
-        for name, m in model.named_modules()
-        if isinstance(m, NF4Experts) and ".layers." in name
-    }
+    return routing.by_layer(model, NF4Experts)
 
 
 def attach(

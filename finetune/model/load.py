@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.model.presets import EMBEDDED, preset_config
 from finetune.model.streaming import deferred_experts, fill_experts
 from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
@@ -123,8 +123,7 @@ def _hub_errors(source: Source) -> Iterator[None]:
     except OSError as err:
         if source.kind != "hub":
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.path: cannot load Hub id {source.ref!r}: {first}") from None
+        raise UserError(f"model.path: cannot load Hub id {source.ref!r}: {first_line(err)}") from None
 
 
 def load_tokenizer(source: Source, seed: int = 0) -> PreTrainedTokenizerBase:

@@ -10,17 +10,26 @@ sequence), padding included.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV2TopkRouter
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def by_layer(model: torch.nn.Module, cls: type[M]) -> dict[int, M]:
+    """Decoder layer index → the module of type `cls` inside that layer (router, routed experts)."""
+    return {
+        int(name.split(".layers.")[1].split(".")[0]): m
+        for name, m in model.named_modules()
+        if isinstance(m, cls) and ".layers." in name
+    }
 
 
 def routers(model: torch.nn.Module) -> dict[int, DeepseekV2TopkRouter]:
     """Decoder layer index → its router."""
-    return {
-        int(name.split(".layers.")[1].split(".")[0]): m
-        for name, m in model.named_modules()
-        if isinstance(m, DeepseekV2TopkRouter) and ".layers." in name
-    }
+    return by_layer(model, DeepseekV2TopkRouter)
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.model import adapters
 from finetune.model.load import Source, load_model, load_tokenizer
 
@@ -38,7 +38,7 @@ class StageContext:
         try:
             return cls(output_dir=str(self.output_dir / stage / "checkpoints"), seed=self.seed, **arguments)
         except (ValueError, TypeError) as err:
-            raise UserError(f"stages.{stage}.train: {str(err).splitlines()[0]}") from None
+            raise UserError(f"stages.{stage}.train: {first_line(err)}") from None
 
     def stage_dir(self, stage: str) -> Path:
         path = self.output_dir / stage

@@ -32,22 +32,19 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     d = stage.data
     key = f"stages.{name}.data"
 
-    def rows(spec: str, key: str, split: str, max_samples: int | None) -> Dataset | None:
-        if not fetch and not data.is_local(spec):
+    def load(spec: str | None, key: str, split: str, max_samples: int | None = None) -> Dataset | None:
+        if spec is None or (not fetch and not data.is_local(spec)):
             return None
         return data.load_rows(spec, key=key, split=split, max_samples=max_samples)
 
-    train = rows(d.train, f"{key}.train", d.train_split, d.max_samples)
+    train = load(d.train, f"{key}.train", d.train_split, d.max_samples)
     train = data.sft_format(train, key=f"{key}.train") if train is not None else None
-    evaluation = rows(d.eval, f"{key}.eval", d.eval_split, None) if d.eval else None
+    evaluation = load(d.eval, f"{key}.eval", d.eval_split)
     evaluation = data.sft_format(evaluation, key=f"{key}.eval") if evaluation is not None else None
-    pairs = None
-    if stage.heldout is not None and (fetch or data.is_local(stage.heldout.data)):
-        hkey = f"stages.{name}.heldout.data"
-        rows = data.load_rows(
-            stage.heldout.data, key=hkey, split=d.eval_split, max_samples=stage.heldout.max_samples
-        )
-        pairs = data.prompt_target_pairs(rows, key=hkey)
+    h = stage.heldout
+    hkey = f"stages.{name}.heldout.data"
+    held = load(h.data, hkey, d.eval_split, h.max_samples) if h is not None else None
+    pairs = data.prompt_target_pairs(held, key=hkey) if held is not None else None
     return SFTInputs(args, train, evaluation, pairs)
 
 
