@@ -1,1 +1,5 @@
-"""Everything that knows DeepSeek-V2 lives in this package."""
+"""Everything that knows DeepSeek-V2. Importing it makes bitsandbytes' CPU 4-bit ops exact on every CPU."""
+
+from finetune.model import cpu_kernels
+
+cpu_kernels.install()

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError, first_line
+from finetune.model.cpu_kernels import no_cpu_repacking
 from finetune.model.presets import EMBEDDED, preset_config
 from finetune.model.streaming import deferred_experts, fill_experts
 from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
@@ -178,6 +179,7 @@ def load_model(
         )
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
+    no_cpu_repacking(model)
     return model
 
 
