@@ -6,6 +6,8 @@ Targets resolve to full module names, so PEFT wraps exactly those and nothing el
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Exper
 
 from finetune.errors import UserError
 from finetune.model import routing
-from finetune.model.experts import NF4Experts
+from finetune.model.experts import NF4Experts, unquantized_experts_to_plain
 
 EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
 ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
@@ -74,7 +76,31 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
                     "or a module name such as `o_proj`"
                 )
         chosen += [n for n in found if n not in chosen]
+    if not chosen:
+        # transformers refuses to train a quantized model without a PEFT adapter, and PEFT needs a module.
+        raise UserError(f"{key}: name at least one linear target (e.g. `mla`) beside `routed_experts`")
     return chosen
+
+
+@contextlib.contextmanager
+def exact_targets() -> Iterator[None]:
+    """Keep PEFT from re-targeting our resolved module names.
+
+    PEFT (0.21) rewrites any target ending in `gate_proj`/`up_proj`/`down_proj` of a deepseek_v2 model
+    into LoRA on the fused routed-expert parameters: a shim for adapters trained on transformers 4. Our
+    targets are already names of this model's modules, so the shim would move shared-expert and dense
+    MLP LoRA onto the routed experts (16-bit) or drop it (NF4). We hide the model type from PEFT's own
+    copy of the conversion table while it wraps or loads.
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+
+    table = conversion._MODEL_TO_CONVERSION_PATTERN
+    saved = table.pop("deepseek_v2", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            table["deepseek_v2"] = saved
 
 
 def expert_layers(model: torch.nn.Module) -> dict[int, NF4Experts]:
@@ -101,10 +127,6 @@ def attach(
     on every expert or, with `experts`, on the listed expert ids of the listed layers only.
     """
     modules = resolve_targets(model, targets)
-    if not modules:
-        raise UserError(
-            "adapter.targets: name at least one linear target (e.g. `mla`) beside `routed_experts`"
-        )
     for param in model.parameters():
         param.requires_grad_(False)
     # PEFT trains and saves a full copy of these modules (`modules_to_save`), reloaded with the adapter.
@@ -119,12 +141,13 @@ def attach(
         ensure_weight_tying=bool(to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    if "routed_experts" in targets:
+        unquantized_experts_to_plain(model)  # 16-bit experts take the same per-expert LoRA code path
+    with exact_targets():
+        peft_model = get_peft_model(model, config)
     if "routed_experts" in targets:
         # After get_peft_model: PEFT freezes every parameter that is not its own when it wraps.
         layers = expert_layers(peft_model)
-        if not layers:
-            raise UserError("adapter.targets: `routed_experts` LoRA needs model.quantization: nf4")
         chosen = experts if experts is not None else {i: None for i in layers}
         for index, ids in chosen.items():
             if index not in layers:
@@ -168,8 +191,11 @@ def save_adapter(model: PeftModel, folder: str | Path) -> None:
 
 def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
     """Put a saved adapter on a freshly loaded base model, routed-expert LoRA included."""
-    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     path = Path(folder) / EXPERTS_FILE
+    if path.is_file():
+        unquantized_experts_to_plain(model)
+    with exact_targets():
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     if path.is_file():
         layers = expert_layers(peft_model)
         tensors = load_file(str(path))

@@ -268,7 +268,7 @@ class NF4Experts(nn.Module):
             raise ValueError(
                 f"LoRA experts must be a non-empty subset of 0..{self.num_experts - 1}, got {experts}"
             )
-        device = self.gate_up_packed.device
+        device = next(iter(self.buffers())).device
         # Sorted ids keep slot order equal to expert order, so the expert-sorted rows of LoRA experts
         # are already grouped by slot.
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
@@ -388,14 +388,60 @@ class NF4Experts(nn.Module):
         )
 
 
+class PlainExperts(NF4Experts):
+    """The 16-bit twin of `NF4Experts` (`quantization: none`), so routed-expert LoRA runs the same code.
+
+    It holds the original fused tensors as frozen buffers under their original names (`gate_up_proj`,
+    `down_proj`), so state-dict keys match `DeepseekV2Experts`; no copy is made.
+    """
+
+    @classmethod
+    def from_experts(cls, experts: DeepseekV2Experts, **_: object) -> PlainExperts:  # type: ignore[override]
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        num_experts, two_i, hidden = gate_up.shape
+        module = cls(num_experts, hidden, two_i // 2, experts.act_fn, compute_dtype=gate_up.dtype)
+        module.register_buffer("gate_up_proj", gate_up)
+        module.register_buffer("down_proj", down)
+        return module
+
+    def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        weight = getattr(self, f"{name}_proj")
+        return weight.to(dtype or weight.dtype)
+
+    def _quant_buffer_names(self) -> list[str]:
+        return []  # plain weights follow dtype casts like any buffer
+
+    def storage(self) -> list[tuple[str, int, int, str]]:
+        return [
+            (f"{w}_proj", t.numel(), t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."))
+            for w in _WEIGHTS
+            for t in [getattr(self, f"{w}_proj")]
+        ]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # type: ignore[override]
+        self.compute_dtype = self.gate_up_proj.dtype  # follows model.to(dtype)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("nf4 blocksize", "16-bit (unquantized), blocksize")
+
+
+def unquantized_experts_to_plain(model: nn.Module) -> int:
+    """Swap every 16-bit `DeepseekV2Experts` for a `PlainExperts` sharing its tensors; returns the count."""
+    names = [name for name, m in model.named_modules() if type(m) is DeepseekV2Experts]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PlainExperts.from_experts(getattr(parent, child)))
+    return len(names)
+
+
 def expert_bytes(module: nn.Module) -> int:
     """Bytes held by the routed experts in `module`: NF4 buffers, or the 16-bit fused parameters."""
     total = 0
     for m in module.modules():
         if isinstance(m, NF4Experts):
-            total += sum(
-                m._buffers[n].numel() * m._buffers[n].element_size() for n in m._quant_buffer_names()
-            )
+            total += sum(nbytes for _, _, nbytes, _ in m.storage())
         elif isinstance(m, DeepseekV2Experts):
             total += sum(p.numel() * p.element_size() for p in (m.gate_up_proj, m.down_proj))
     return total
