@@ -65,13 +65,27 @@ def test_expert_lora_saved_and_reloaded(trained):
     assert expert_effect > 2e-2 and reload_gap < 0.1 * expert_effect, (reload_gap, expert_effect)
 
 
-def test_routed_experts_need_nf4(tmp_path):
+def test_routed_experts_in_16_bit_save_and_reload(tmp_path):
     data = base_recipe(tmp_path)
     data["model"]["quantization"] = "none"
     data["adapter"]["targets"] = ["mla", "routed_experts"]
     ctx = pipeline.plan(recipe.load(write_recipe(tmp_path / "r.yaml", data))).context
-    with pytest.raises(UserError, match=r"needs model\.quantization: nf4"):
-        ctx.adapted_model()
+    model = ctx.adapted_model()
+    layer = adapters.expert_layers(model)[1]
+    assert type(layer).__name__ == "PlainExperts" and layer.has_lora
+    with torch.no_grad():
+        layer.lora_down_B.normal_(std=0.5)
+    ids = torch.tensor([[5, 10, 20, 30, 40, 50]])
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    adapters.save_adapter(model, tmp_path / "adapter")
+    reloaded = adapters.load_adapter(ctx.base_model(), tmp_path / "adapter").eval()
+    base = ctx.base_model().eval()
+    with torch.no_grad():
+        again, untouched = reloaded(ids).logits, base(ids).logits
+    assert (trained - untouched).abs().max() > 1e-3  # the expert LoRA has an effect
+    torch.testing.assert_close(again, trained)
 
 
 def test_inspect_json_coverage(tmp_path, capsys):
