@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
 from finetune import rundir
-from finetune.model import adapters
+from finetune.errors import UserError
+from finetune.model import adapters, routing
 from finetune.model.load import Source, model_skeleton, resolve_source
-from finetune.recipe import Recipe
+from finetune.recipe import AdapterConfig, Recipe
 from finetune.stages import sft
 from finetune.stages.context import StageContext
 
@@ -31,6 +34,7 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     Writes nothing into the run directory. Hub datasets are only loaded with `fetch=True` (a run).
     """
     m = recipe.model
+    check_output_dir(Path(recipe.output_dir))
     source = resolve_source(m.preset, m.path)
     ctx = context(recipe, source)
     inputs = {
@@ -39,7 +43,41 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
         adapters.resolve_targets(skeleton, recipe.adapter.targets)
+        check_experts(skeleton, recipe.adapter)
     return Plan(recipe, ctx, inputs)
+
+
+def check_output_dir(path: Path) -> None:
+    """`output_dir` is a folder, or can be made one, that this user may write into. Writes nothing."""
+    path = Path(os.path.abspath(path.expanduser()))
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output_dir: {path} is a file, not a folder")
+        probe = path
+        while not probe.exists():  # the nearest folder that exists is where the run folder gets created
+            probe = probe.parent
+    except OSError as err:
+        raise UserError(f"output_dir: cannot look at {path} ({err.strerror or err})") from None
+    if not probe.is_dir():
+        raise UserError(f"output_dir: {path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir: {probe} is not writable (permissions or a read-only file system)")
+
+
+def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
+    """`adapter.experts` names MoE layers of this model and expert ids they have (run time: `attach`)."""
+    if adapter.experts == "all":
+        return
+    layers = routing.by_layer(skeleton, DeepseekV2Experts)
+    for index, ids in adapter.experts.items():
+        if index not in layers:
+            raise UserError(
+                f"adapter.experts: layer {index} has no routed experts (MoE layers: {sorted(layers)})"
+            )
+        n = layers[index].num_experts
+        bad = [e for e in ids if not 0 <= e < n] if isinstance(ids, list) else []
+        if bad:
+            raise UserError(f"adapter.experts: layer {index}: no expert {bad[0]} (0..{n - 1})")
 
 
 def context(recipe: Recipe, source: Source) -> StageContext:

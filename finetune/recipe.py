@@ -9,13 +9,15 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -28,15 +30,105 @@ from finetune.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
+# ------------------------------------------------------------------------------- values typed by schema
+
+
+class Spelled(str):
+    """A plain YAML scalar that YAML 1.1 reads as a bool or null (`no`, `off`, `yes`, `true`, `null`, `~`).
+
+    YAML 1.1 turns `eval_strategy: no` (TRL's own spelling) into False before any schema sees it. The
+    loader keeps the text as the user spelled it, with the YAML value in `.value`, and the schema decides
+    (`_typed`): a field whose type takes a bool (or None) gets the YAML value, any other field (a string, a
+    Literal of strings, a number) gets the text, so `no` stays "no" and `seed: true` is not an integer.
+    Quoted scalars are plain strings, as before. Both the pydantic schema (`Strict`) and the TRL trainer
+    fields (`_check_train_args`) resolve these, so a recipe file and a `key=value` override read alike.
+    """
+
+    value: bool | None
+
+    def __new__(cls, text: str, value: bool | None = None) -> Spelled:
+        self = super().__new__(cls, text)
+        self.value = value
+        return self
+
+
+def _union_args(annotation: Any) -> tuple:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _union_args(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return tuple(a for arg in typing.get_args(annotation) for a in _union_args(arg))
+    return (annotation,)
+
+
+def _takes(annotation: Any, value: bool | None) -> bool:
+    """Does the type accept this YAML 1.1 value (a bool or None) as it is?"""
+    for arg in _union_args(annotation):
+        if arg is Any or (value is None and arg is type(None)) or (isinstance(value, bool) and arg is bool):
+            return True
+        if typing.get_origin(arg) is Literal and any(v is value for v in typing.get_args(arg)):
+            return True
+    return False
+
+
+def _typed(value: Any, annotation: Any) -> Any:
+    """Give every `Spelled` scalar in `value` the form its type asks for (see `Spelled`), recursively."""
+    if isinstance(value, Spelled):
+        return value.value if _takes(annotation, value.value) else str(value)
+    if isinstance(value, list | dict):
+        for arg in _union_args(annotation):
+            origin, params = typing.get_origin(arg) or arg, typing.get_args(arg)
+            if arg is Any:
+                origin, params = type(value), ()
+            if isinstance(value, list) and origin in (list, tuple, set):
+                item = params[0] if params else Any
+                return [_typed(v, item) for v in value]
+            if isinstance(value, dict) and origin is dict:
+                k, v = params if len(params) == 2 else (Any, Any)
+                return {_typed(key, k): _typed(val, v) for key, val in value.items()}
+    return value
+
+
+def _plain_str(value: Any) -> bool:
+    """A string the user wrote as text (quoted, or any word YAML would not read as a bool or null)."""
+    return isinstance(value, str) and not isinstance(value, Spelled)
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# Numbers that refuse booleans (pydantic's lax mode reads True as 1).
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+# Fields holding raw mappings: trainer arguments are typed by the TRL config class (`_check_train_args`).
+_UNTYPED_FIELDS = {"train", "provenance"}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled_values(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            str(key) if isinstance(key, Spelled) else key: value
+            if key not in fields or key in _UNTYPED_FIELDS
+            else _typed(value, fields[key].annotation)
+            for key, value in data.items()
+        }
 
 
 class ModelConfig(Strict):
     preset: Literal["tiny", "tiny-v2"] | None = None
     path: str | None = None
-    seed: int = 0  # seeds the embedded presets' random weights, independent of the training seed
+    seed: Int = 0  # seeds the embedded presets' random weights, independent of the training seed
     quantization: Literal["nf4", "none"] = "nf4"
     double_quant: bool = True
     blocksize: Literal[32, 64, 128, 256] = 64  # NF4 block size of the routed experts
@@ -52,26 +144,28 @@ class ModelConfig(Strict):
 
 
 class AdapterConfig(Strict):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: Int = Field(16, gt=0)
+    alpha: Float = Field(32.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["mla"], min_length=1)
     # Routed-expert LoRA (target `routed_experts`): its own rank/alpha, on all experts or {layer: [ids]}.
-    expert_r: int | None = Field(None, gt=0)
-    expert_alpha: float | None = Field(None, gt=0)
-    experts: Literal["all"] | dict[int, list[int] | Literal["all"]] = "all"
+    expert_r: Int | None = Field(None, gt=0)
+    expert_alpha: Float | None = Field(None, gt=0)
+    experts: Literal["all"] | dict[Int, list[Int] | Literal["all"]] = "all"
     # Whole modules trained beside the LoRA (saved in the adapter folder): embeddings and/or lm_head.
     trainable_modules: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
     # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
     router: Literal["frozen", "trainable"] = "frozen"
-    router_aux_loss_coef: float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
+    router_aux_loss_coef: Float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
 
 
 class DataConfig(Strict):
     train: str
     eval: str | None = None
-    train_split: str = "train"  # splits apply to Hub datasets
+    train_split: str = "train"  # splits and configs apply to Hub datasets (and local dataset folders)
     eval_split: str = "test"
+    config: str | None = None  # Hub config name, e.g. `main` for openai/gsm8k: load_dataset(train, config)
+    eval_config: str | None = None  # config of the eval and held-out data (default: `config`)
     max_samples: int | None = Field(None, gt=0)
 
 
@@ -79,9 +173,9 @@ class HeldoutConfig(Strict):
     """Exact-match check on held-out prompts, run before and after the stage trains."""
 
     data: str
-    max_samples: int | None = Field(100, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(32, gt=0)
+    max_samples: Int | None = Field(100, gt=0)
+    max_new_tokens: Int = Field(32, gt=0)
+    batch_size: Int = Field(32, gt=0)
 
 
 class SFTStage(Strict):
@@ -97,7 +191,7 @@ Stage = SFTStage
 class Recipe(Strict):
     name: str
     output_dir: str
-    seed: int = 42
+    seed: Int = 42
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     stages: dict[str, Stage] = Field(min_length=1)
@@ -117,11 +211,42 @@ class Recipe(Strict):
 OWNED_TRAIN_KEYS = {
     "output_dir": "it is set to <output_dir>/<stage>",
     "seed": "set the top-level `seed` instead",
+    "resume_from_checkpoint": "use `finetune run RECIPE --resume`, which continues every stage of the run folder",
 }
+# Checkpoints every 100 steps (and at the end), the last two kept: what `finetune run --resume` continues from.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
-    "save_strategy": "no",
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
     "logging_steps": 5,
+}
+
+# Bounds of the common numeric trainer arguments (None always passes): a value outside is a user error.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+TRAIN_BOUNDS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _POSITIVE,
+    "per_device_eval_batch_size": _POSITIVE,
+    "gradient_accumulation_steps": _POSITIVE,
+    "eval_accumulation_steps": _POSITIVE,
+    "max_length": _POSITIVE,
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 (train num_train_epochs) or > 0"),
+    "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE,
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
+    "adam_epsilon": _POSITIVE,
+    "label_smoothing_factor": _FRACTION,
+    "dataloader_num_workers": _NON_NEGATIVE,
+    "dataset_num_proc": _POSITIVE,
 }
 
 
@@ -133,10 +258,16 @@ def trainer_config_class(stage_type: str) -> type:
 
 
 @functools.cache
-def _trainer_fields(stage_type: str) -> dict[str, TypeAdapter]:
+def _trainer_types(stage_type: str) -> dict[str, Any]:
+    """Trainer argument → its annotation in the TRL config class."""
     cls = trainer_config_class(stage_type)
     hints = typing.get_type_hints(cls)
-    return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+@functools.cache
+def _trainer_fields(stage_type: str) -> dict[str, TypeAdapter]:
+    return {name: TypeAdapter(hint) for name, hint in _trainer_types(stage_type).items()}
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -172,11 +303,13 @@ def _dotted(loc: tuple) -> str:
 
 
 def _explain(err: ValidationError, source: str) -> UserError:
-    first = err.errors()[0]
-    # Drop pydantic's union-member tags (`literal['all']`, `dict[int,...]`) from the key path.
-    loc = tuple(
-        p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
-    )
+    def untagged(loc: tuple) -> tuple:
+        # Drop pydantic's union-member tags (`literal['all']`, `dict[int,...]`) from the key path.
+        return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+    # Of a union's failed members, the one that got deepest into the value says the most.
+    first = max(err.errors(), key=lambda e: len(untagged(e["loc"])))
+    loc = untagged(first["loc"])
     path = _dotted(loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
@@ -193,15 +326,80 @@ def _explain(err: ValidationError, source: str) -> UserError:
 # ----------------------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as `safe_load` reads it, but bool/null words stay `Spelled` and duplicate keys are errors."""
+
+    def construct_spelled(self, node: yaml.ScalarNode) -> Spelled | None:
+        if node.value == "":  # `key:` with nothing after it
+            return None
+        return Spelled(node.value, self.construct_yaml_bool(node) if node.tag.endswith(":bool") else None)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # unhashable keys: the base class reports them
+                    if key in seen:
+                        raise _DuplicateKey(
+                            None,
+                            None,
+                            f"duplicate key `{key}` (first at line {seen[key]})",
+                            key_node.start_mark,
+                        )
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", _Loader.construct_spelled)
+_Loader.add_constructor("tag:yaml.org,2002:null", _Loader.construct_spelled)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Spelled, lambda dumper, value: dumper.represent_str(str(value)))
+
+
+def _yaml_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the recipe ({err.strerror or err})") from None
+    if b"\x00" in raw:
+        raise UserError(f"{path}: a binary file, not a YAML recipe")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the recipe as UTF-8"
+        ) from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(_yaml_text(path), Loader=_Loader)  # a SafeLoader subclass
+    except _DuplicateKey as err:
+        raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
+    except yaml.reader.ReaderError as err:
+        raise UserError(
+            f"{path}: not a YAML text file (character #x{err.character:04x} at offset {err.position})"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -217,12 +415,12 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative local paths absolute against `base` (the recipe file's folder), in place."""
 
     def anchor(value: Any) -> Any:
-        if isinstance(value, str) and _is_local_data(value) and not Path(value).expanduser().is_absolute():
+        if _plain_str(value) and _is_local_data(value) and not Path(value).expanduser().is_absolute():
             return str((base / value).resolve())
         return value
 
     model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
+    if isinstance(model, dict) and _plain_str(model.get("path")):
         path = model["path"]
         if path.startswith(".") or (base / path).exists():
             model["path"] = str((base / path).resolve())
@@ -259,7 +457,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     data = _read_yaml(path)
     _anchor_paths(data, path.parent)
     parent = data.pop("extends", None)
-    if parent is None:
+    if parent is None or (isinstance(parent, Spelled) and parent.value is None):
         return data
     if not isinstance(parent, str):
         raise UserError(f"{path}: `extends` must be a recipe file path, got {parent!r}")
@@ -275,10 +473,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise UserError(f"override {text!r}: expected key=value, e.g. stages.sft.train.learning_rate=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # a SafeLoader subclass
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
+    if _plain_str(value):
         with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else int(value)
     return key.strip().split("."), value
@@ -326,7 +524,7 @@ def _check_override_key(keys: list[str], data: dict[str, Any], text: str) -> Non
 def apply_override(data: dict[str, Any], text: str) -> None:
     keys, value = parse_override(text)
     _check_override_key(keys, data, text)
-    if isinstance(value, str) and _is_local_data(value) and keys[-1] in ("train", "eval", "data", "path"):
+    if _plain_str(value) and _is_local_data(value) and keys[-1] in ("train", "eval", "data", "path"):
         value = str(Path(value).expanduser().resolve())  # overrides are typed in the shell: CWD-relative
     node = data
     for key in keys[:-1]:
@@ -351,11 +549,34 @@ def _check_train_args(recipe: Recipe, source: str) -> None:
                 raise UserError(
                     f"{source}: unknown trainer argument `{path}`{_suggest(key, fields)} (see trl.{cls})"
                 )
+            annotation = _trainer_types(stage.type)[key]
+            typed = _typed(value, annotation)
+            if isinstance(typed, bool) and not _takes(annotation, typed):  # lax pydantic reads True as 1
+                raise UserError(
+                    f"{source}: `{path}`: expected {getattr(annotation, '__name__', annotation)}, got {typed!r}"
+                )
             try:
-                stage.train[key] = fields[key].validate_python(value)
+                stage.train[key] = checked = fields[key].validate_python(typed)
             except ValidationError as err:
                 msg = err.errors()[0]["msg"]
                 raise UserError(f"{source}: `{path}`: {msg}, got {value!r}") from None
+            if key in TRAIN_BOUNDS and isinstance(checked, int | float):
+                ok, text = TRAIN_BOUNDS[key]
+                if not ok(checked):
+                    raise UserError(f"{source}: `{path}` must be {text}, got {checked!r}")
+        _check_training_length(name, stage, source)
+
+
+def _check_training_length(name: str, stage: Stage, source: str) -> None:
+    """`max_steps: -1` trains `num_train_epochs`: at 0 or below, no step would run and an untrained adapter
+    would be saved as the result."""
+    defaults = {f.name: f.default for f in dataclasses.fields(trainer_config_class(stage.type))}
+    args = {**defaults, **TRAIN_DEFAULTS, **stage.train}
+    if args["max_steps"] <= 0 and args["num_train_epochs"] <= 0:
+        raise UserError(
+            f"{source}: `stages.{name}.train.num_train_epochs` must be > 0 when max_steps is -1 "
+            f"(no training step would run), got {args['num_train_epochs']!r}"
+        )
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -386,4 +607,4 @@ def train_arguments(stage: Stage, *, dtype: str, cuda: bool) -> dict[str, Any]:
 
 
 def dump(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False))
+    path.write_text(yaml.dump(recipe.model_dump(exclude_none=True), Dumper=_Dumper, sort_keys=False))

@@ -159,3 +159,21 @@ def test_invalid_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(UserError, match="is not valid YAML"):
         recipe.load(path)
+
+
+def test_yaml_bool_words_follow_the_schema(tmp_path):
+    # YAML 1.1 reads `no` as False: a string field gets the word, a bool field the boolean.
+    r = _load(tmp_path, base_recipe(tmp_path), "stages.sft.train.eval_strategy=no", "model.double_quant=no")
+    assert r.stages["sft"].train["eval_strategy"] == "no" and r.model.double_quant is False
+
+
+def test_duplicate_key_names_key_and_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path))
+    path.write_text(path.read_text() + "name: again\n")
+    with pytest.raises(UserError, match=r"r\.yaml: line \d+: duplicate key `name` \(first at line 1\)"):
+        recipe.load(path)
+
+
+@pytest.mark.parametrize("key", sorted(recipe.TRAIN_BOUNDS))
+def test_trainer_bounds_table_names_real_arguments(key):
+    assert key in recipe._trainer_fields("sft")
