@@ -12,7 +12,6 @@ from finetune import pipeline, recipe
 from finetune.cli import main
 from finetune.errors import UserError
 from finetune.model import adapters
-from finetune.model.experts import NF4Experts
 from finetune.stages import sft
 
 
@@ -112,8 +111,9 @@ def test_inspect_counts_expert_lora_as_trainable(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path))
     assert main(["inspect", str(path), "adapter.targets=[mla, routed_experts]", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    layer = NF4Experts  # 2 MoE layers x 8 experts x r=4 x (H + 2I + I + H) with H=64, I=32
-    assert layer and rows["routed_experts"]["trainable_params"] == 2 * 8 * 4 * (64 + 64 + 32 + 64)
+    # 2 MoE layers x 8 experts x r=4 x (A of gate_up: H, B: 2I, A of down: I, B: H) with H=64, I=32
+    assert rows["routed_experts"]["trainable_params"] == 2 * 8 * 4 * (64 + 64 + 32 + 64)
+    assert "nf4" in rows["routed_experts"]["dtypes"]
 
 
 def test_trainable_embeddings_show_in_inspect(tmp_path, capsys):
