@@ -14,6 +14,7 @@ absmax), and switch off the repacking. CUDA kernels are untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Sequence
 from math import prod
@@ -106,6 +107,21 @@ def gemv_4bit(
     return torch.nn.functional.linear(A, dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, A.dtype))
 
 
+_LIBRARIES: list[torch.library.Library] = []  # registrations last as long as their Library object
+
+
+def _register(name: str, fn) -> None:
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    _LIBRARIES.append(library)
+    if "allow_override" not in inspect.signature(library.impl).parameters:
+        # Older torch (2.11 on the H200 machines) refuses a second Python kernel for a key unless the key
+        # is forgotten first; the dispatcher itself accepts the override.
+        torch.library._impls.discard(f"bitsandbytes/{name}/CPU")
+        library.impl(name, fn, "CPU")
+    else:
+        library.impl(name, fn, "CPU", allow_override=True)
+
+
 @functools.cache
 def install() -> None:
     """Register the kernels above for bitsandbytes' CPU ops (idempotent); called before any model loads."""
@@ -115,7 +131,7 @@ def install() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that an existing CPU kernel is being replaced
         for name in _OPS:
-            torch.library.register_kernel(f"bitsandbytes::{name}", "cpu", globals()[name])
+            _register(name, globals()[name])
     # Linear4bit asks this once, in __init__, whether to repack for the AVX512-BF16 path.
     bnb_modules.has_avx512bf16 = lambda: False
 
