@@ -1,85 +1,401 @@
-"""Datasets: local JSONL/JSON/Parquet/CSV files or Hub names, checked and put in the shape TRL expects."""
+"""Datasets: local files and folders or Hub names, checked and put in the shape TRL expects; what TRL makes of them.
+
+`load_rows` reads a split (a local file, a folder written by `Dataset.save_to_disk`, a folder of data
+files or a local copy of a Hub dataset repository, or a Hub dataset name), `sft_format` checks the rows
+and shapes them for TRL's SFTTrainer, and `measure` runs TRL's own dataset preparation on them to report
+how many rows the trainer keeps and how long they are in tokens. Every problem is a one-line `UserError`
+naming the recipe key, the file and, where it helps, the row or line.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
+import math
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from finetune.errors import UserError, first_line
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+LOCAL_SUFFIXES = (*_BUILDERS, ".arrow")
 _QUIET_ROWS = 20_000  # below this, reading and mapping take a blink: no progress bars
+# A Hub dataset name: `name` or `owner/name`. Anything else (more slashes, spaces, ...) can only be a path.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Share of a split's rows whose trainable tokens `max_length` cuts above which `validate` and `run` warn.
+CUT_WARN_SHARE = 0.05
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool):
+def _quiet(enabled: bool) -> Iterator[None]:
+    """No progress bars for small data, and none of datasets' own error logging (we raise our own)."""
     was = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
     if enabled:
         datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if was:
             datasets.enable_progress_bars()
 
 
 def is_local(spec: str) -> bool:
-    return Path(spec).suffix in _BUILDERS or spec.startswith((".", "/", "~"))
+    """A path on this machine (never sent to the Hub): a known data suffix, `.`/`/`/`~`, an existing path,
+    or anything that cannot be a Hub dataset name (`name` or `owner/name`)."""
+    return (
+        Path(spec).suffix in LOCAL_SUFFIXES
+        or spec.startswith((".", "/", "~"))
+        or Path(spec).expanduser().exists()
+        or not _HUB_NAME.match(spec)
+    )
 
 
-def load_rows(spec: str, *, key: str, split: str = "train", max_samples: int | None = None) -> Dataset:
-    """A local file, or a Hub dataset name through `datasets.load_dataset`. Empty data is an error."""
-    if is_local(spec):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UserError(f"{key}: data file not found: {path}")
-        builder = _BUILDERS.get(path.suffix)
-        if builder is None:
-            raise UserError(f"{key}: {path}: unsupported file type (use {', '.join(_BUILDERS)})")
-        if path.stat().st_size == 0:
-            raise UserError(f"{key}: dataset is empty: {path}")
-        try:
-            with _quiet(path.stat().st_size < 50_000_000):
-                rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # the datasets library raises many types for malformed files
-            raise UserError(f"{key}: cannot read {path}: {first_line(err)}") from None
-    else:
-        try:
-            rows = datasets.load_dataset(spec, split=split)
-        except Exception as err:
-            raise UserError(f"{key}: cannot load Hub dataset {spec!r} (split {split!r}): {err}") from None
+def load_rows(
+    spec: str,
+    *,
+    key: str,
+    split: str = "train",
+    config: str | None = None,
+    max_samples: int | None = None,
+    split_key: str | None = None,
+    config_key: str | None = None,
+) -> Dataset:
+    """One split of a local file or folder, or of a Hub dataset (`datasets.load_dataset(name, config,
+    split=...)`), capped at `max_samples` rows. Missing, unreadable or empty data is a `UserError`.
+
+    `key` names the recipe key of `spec`; `split_key` / `config_key` those of the split and config names.
+    """
+    where = _Where(spec, key, split, config, split_key, config_key)
+    rows = _load_local(Path(spec).expanduser(), where) if is_local(spec) else _load_hub(spec, where)
     if len(rows) == 0:
         raise UserError(f"{key}: dataset is empty: {spec}")
-    if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows))))
+    if max_samples is not None and max_samples < len(rows):
+        rows = rows.select(range(max_samples))
     return rows
 
 
-def sft_format(rows: Dataset, *, key: str) -> Dataset:
+@dataclass
+class _Where:
+    spec: str
+    key: str
+    split: str
+    config: str | None
+    split_key: str | None
+    config_key: str | None
+
+    def named(self, what: str, name: str | None) -> str:
+        key = self.split_key if what == "split" else self.config_key
+        return f"{what} {name!r}" + (f" (`{key}`)" if key else "")
+
+    def load_error(self, what: str, err: BaseException) -> UserError:
+        """`load_dataset` failed: one line with what was asked, the cause, and the key that fixes it."""
+        asked = (
+            f"split {self.split!r}"
+            if self.config is None
+            else f"config {self.config!r}, split {self.split!r}"
+        )
+        text = str(err)
+        fix = None
+        if "Config name is missing" in text or "BuilderConfig" in text:
+            fix = self.config_key
+        elif "Unknown split" in text:
+            fix = self.split_key
+        hint = f"; set `{fix}`" if fix else ""
+        return UserError(f"{self.key}: cannot load {what} ({asked}): {_one_line(err)}{hint}")
+
+
+def _load_hub(spec: str, where: _Where) -> Dataset:
+    try:
+        with _quiet(False):
+            rows = datasets.load_dataset(spec, where.config, split=where.split)
+    except Exception as err:  # network, missing repo, missing config or split: all one line for the user
+        raise where.load_error(f"Hub dataset {spec!r}", err) from None
+    return _one_split(rows, where, f"Hub dataset {spec!r}")
+
+
+def _one_line(err: BaseException) -> str:
+    """datasets' messages run over several lines; the first two usually hold the cause and the options."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith("."):
+        return f"{lines[0]} {lines[1]}"
+    return first_line(err)
+
+
+def _one_split(rows: Any, where: _Where, what: str) -> Dataset:
+    if isinstance(rows, DatasetDict):
+        if where.split not in rows:
+            raise UserError(
+                f"{where.key}: {what} has no {where.named('split', where.split)}; "
+                f"its splits: {', '.join(rows)}"
+            )
+        rows = rows[where.split]
+    if not isinstance(rows, Dataset):
+        raise UserError(f"{where.key}: {what} is a {type(rows).__name__}, not a dataset split")
+    return rows
+
+
+def _load_local(path: Path, where: _Where) -> Dataset:
+    key = where.key
+    if not path.exists():
+        raise UserError(f"{key}: data file not found: {path}")
+    if path.is_dir():
+        return _load_folder(path, where)
+    suffix = path.suffix
+    if suffix not in LOCAL_SUFFIXES:
+        raise UserError(
+            f"{key}: {path}: unsupported file type {suffix or '(no suffix)'!r} "
+            f"(use {', '.join(LOCAL_SUFFIXES)}, or a folder written by `Dataset.save_to_disk`)"
+        )
+    if path.stat().st_size == 0:
+        raise UserError(f"{key}: dataset is empty: {path}")
+    small = path.stat().st_size < 50_000_000
+    if suffix == ".arrow":
+        try:
+            with _quiet(small):
+                return Dataset.from_file(str(path))
+        except Exception as err:
+            raise UserError(
+                f"{key}: cannot read {path} as an Arrow file written by `datasets` "
+                f"(e.g. the data-*.arrow of a `save_to_disk` folder): {first_line(err)}"
+            ) from None
+    builder = _BUILDERS[suffix]
+    try:
+        with _quiet(small):
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # the datasets library raises many types for malformed files
+        cause = _bad_json(path) if builder == "json" else None
+        if cause is not None:
+            raise UserError(f"{key}: {path}: {cause}") from None
+        raise UserError(f"{key}: cannot read {path}: {_cause(err)}") from None
+    if builder == "text":  # one row per line; blank lines would train on an end-of-sequence token alone
+        with _quiet(len(rows) < _QUIET_ROWS):
+            rows = rows.filter(lambda r: bool(r["text"].strip()))
+    return rows
+
+
+def _cause(err: BaseException) -> str:
+    """datasets wraps a reader's error in a generic DatasetGenerationError; the cause names the problem."""
+    while err.__cause__ is not None and "error occurred while generating" in str(err):
+        err = err.__cause__
+    return first_line(err)
+
+
+def _load_folder(path: Path, where: _Where) -> Dataset:
+    key = where.key
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            with _quiet(True):
+                saved = datasets.load_from_disk(str(path))
+        except Exception as err:
+            raise UserError(
+                f"{key}: cannot read {path} (a folder written by `save_to_disk`): {first_line(err)}"
+            ) from None
+        return _one_split(saved, where, f"{path} (saved with `save_to_disk`)")
+    entries = sorted(path.iterdir())
+    has_data = (path / "README.md").is_file() or any(
+        p.suffix in _BUILDERS or (p.is_dir() and any(q.suffix in _BUILDERS for q in p.iterdir()))
+        for p in entries
+        if not p.name.startswith(".")
+    )
+    if not has_data:
+        found = ", ".join(p.name + "/" * p.is_dir() for p in entries[:8]) or "nothing"
+        raise UserError(
+            f"{key}: {path} is a folder, but neither a dataset written by `Dataset.save_to_disk` "
+            f"(no state.json or dataset_dict.json) nor a folder of data files "
+            f"({', '.join(_BUILDERS)}); found: {found}"
+        )
+    # A folder of data files (train.jsonl, test.jsonl, ...) or a local copy of a Hub dataset repository.
+    try:
+        with _quiet(True):
+            rows = datasets.load_dataset(str(path), where.config, split=where.split)
+    except Exception as err:
+        raise where.load_error(f"the data folder {path}", err) from None
+    return _one_split(rows, where, str(path))
+
+
+# ------------------------------------------------------------------------------------ malformed JSON
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        inner = next((_kind(v) for v in value if v is not None), None)
+        return f"list of {inner}s" if inner else "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _bad_json(path: Path) -> str | None:
+    """The first line of a JSON / JSON Lines file that datasets' reader cannot take, and why.
+
+    The reader's own error names no line, so the file is scanned with `json.loads` once it has failed.
+    """
+    with path.open(encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):  # one JSON array of objects
+        try:
+            value = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+        bad = next((i for i, v in enumerate(value) if not isinstance(v, dict)), None)
+        if bad is not None:
+            return f"item {bad + 1} of the top-level list is a {_kind(value[bad])}, not an object"
+        return None
+    seen: dict[str, tuple[str, int]] = {}
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: not valid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(value, dict):
+                return (
+                    f"line {number}: a JSON {_kind(value)}, not an object (JSON Lines: one object per line)"
+                )
+            for name, item in value.items():
+                if item is None:
+                    continue
+                kind, first = seen.setdefault(name, (_kind(item), number))
+                if kind != _kind(item):
+                    return f"line {number}: `{name}` is a {_kind(item)}, but line {first} has a {kind}"
+    return None
+
+
+# --------------------------------------------------------------------------------------- row checks
+
+
+def _row_namer(source: str | None) -> Callable[[int], str]:
+    """`<source>: row N` (1-based, in file order); in a JSON Lines file with blank lines, its line too."""
+    path = Path(source).expanduser() if source else None
+    jsonl = path is not None and path.suffix == ".jsonl" and path.is_file()
+    prefix = f"{shown(source)}: " if source else ""
+
+    def name(i: int) -> str:
+        if jsonl:
+            assert path is not None
+            with path.open(encoding="utf-8", errors="replace") as f:
+                lines = (n for n, line in enumerate(f, 1) if line.strip())
+                line = next((n for j, n in enumerate(lines) if j == i), None)
+            if line is not None and line != i + 1:
+                return f"{prefix}row {i + 1} (line {line})"
+        return f"{prefix}row {i + 1}"
+
+    return name
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _messages_problem(messages: Any) -> str | None:
+    if messages is None or messages == []:
+        return "`messages` is empty"
+    if not isinstance(messages, list):
+        return f"`messages` must be a list of {{role, content}} messages, got a {_kind(messages)} {_short(messages)}"
+    for j, turn in enumerate(messages, 1):
+        if not isinstance(turn, dict):
+            return f"`messages` item {j} is a {_kind(turn)} {_short(turn)}, not a {{role, content}} message"
+        for field in ("role", "content"):
+            if turn.get(field) is None:
+                return f"`messages` item {j} has no `{field}`"
+    if messages[-1]["role"] != "assistant":
+        return f"`messages` must end with an assistant turn (the last is {messages[-1]['role']!r})"
+    return None
+
+
+def _parsed_messages(rows: Dataset, *, key: str, name: Callable[[int], str]) -> Dataset:
+    """Check every `messages` value; JSON strings (a CSV column) are parsed into message lists."""
+    values = rows["messages"]
+    parse = False
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(
+                    f"{key}: {name(i)}: `messages` is a string that is not a JSON list of messages: {_short(value)}"
+                ) from None
+            parse = True
+        problem = _messages_problem(value)
+        if problem is not None:
+            raise UserError(f"{key}: {name(i)}: {problem}")
+    if not parse:
+        return rows
+    with _quiet(len(rows) < _QUIET_ROWS):
+        return rows.map(
+            lambda r: {
+                "messages": json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]
+            }
+        )
+
+
+def _check_prompt_completion(rows: Dataset, *, key: str, name: Callable[[int], str]) -> None:
+    for i, (prompt, completion) in enumerate(zip(rows["prompt"], rows["completion"], strict=True)):
+        for field, value in (("prompt", prompt), ("completion", completion)):
+            if value is None:
+                raise UserError(f"{key}: {name(i)}: `{field}` is empty")
+            if not isinstance(value, str | list):
+                raise UserError(
+                    f"{key}: {name(i)}: `{field}` must be a string or a list of messages, got a {_kind(value)}"
+                )
+            if isinstance(value, list) and (not value or any(not isinstance(t, dict) for t in value)):
+                raise UserError(
+                    f"{key}: {name(i)}: `{field}` must be a non-empty list of {{role, content}} messages"
+                )
+        if isinstance(prompt, str) != isinstance(completion, str):
+            raise UserError(
+                f"{key}: {name(i)}: `prompt` and `completion` must both be strings or both message lists, "
+                f"got a {_kind(prompt)} and a {_kind(completion)}"
+            )
+
+
+def sft_format(rows: Dataset, *, key: str, source: str | None = None) -> Dataset:
     """Conversational `messages`, `prompt`+`completion`, or plain `text`, shaped for TRL's SFTTrainer.
 
     `messages` become a conversational prompt (all turns but the last) and completion (the last,
     assistant turn). TRL then masks the prompt for any chat template, whereas its assistant-only
     loss needs `{% generation %}` markers that most real templates (DeepSeek's included) lack.
+    `source` (the local path, if any) lets errors name a JSON Lines file's line.
     """
     columns = set(rows.column_names)
+    name = _row_namer(source)
     if "messages" in columns:
-        bad = next(
-            (i for i, r in enumerate(rows["messages"]) if not r or r[-1].get("role") != "assistant"), None
-        )
-        if bad is not None:
-            raise UserError(f"{key}: row {bad}: `messages` must end with an assistant turn")
+        rows = _parsed_messages(rows, key=key, name=name)
         with _quiet(len(rows) < _QUIET_ROWS):
             return rows.map(
                 lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
                 remove_columns=rows.column_names,
             )
     if {"prompt", "completion"} <= columns:
+        _check_prompt_completion(rows, key=key, name=name)
         return rows.select_columns(["prompt", "completion"])
     if "text" in columns:
+        bad = next((i for i, t in enumerate(rows["text"]) if not isinstance(t, str) or not t), None)
+        if bad is not None:
+            value = rows[bad]["text"]
+            what = "empty" if not value else f"a {_kind(value)}, not a string"
+            raise UserError(f"{key}: {name(bad)}: `text` is {what}")
         return rows.select_columns(["text"])
     raise UserError(
         f"{key}: needs a `messages` column, `prompt` + `completion` columns, or a `text` column; "
@@ -87,10 +403,191 @@ def sft_format(rows: Dataset, *, key: str) -> Dataset:
     )
 
 
-def prompt_target_pairs(rows: Dataset, *, key: str) -> tuple[list, list[str]]:
+def prompt_target_pairs(rows: Dataset, *, key: str, source: str | None = None) -> tuple[list, list[str]]:
     """(prompts, reference answers) for generation checks; prompts are message lists or strings."""
-    shaped = sft_format(rows, key=key)
+    shaped = sft_format(rows, key=key, source=source)
     if "prompt" not in shaped.column_names:
         raise UserError(f"{key}: a held-out check needs `messages` or `prompt` + `completion` rows")
     targets = [c[-1]["content"] if isinstance(c, list) else c for c in shaped["completion"]]
     return list(shaped["prompt"]), targets
+
+
+# ------------------------------------------------------------------------ what the trainer will see
+
+
+@dataclass
+class SplitReport:
+    """One split of a stage's data as the trainer will see it (`validate` prints these)."""
+
+    split: str  # train | eval | heldout
+    source: str
+    rows: int | None = None  # rows read (after max_samples); None: a Hub dataset `validate` does not fetch
+    total: int | None = None  # rows in the source when max_samples took fewer
+    kept: int | None = None  # rows left after templating and truncation; None: not tokenized
+    cut: int | None = None  # rows whose trainable tokens max_length cuts (dropped rows included)
+    p50: int | None = None  # token lengths of the templated rows, before truncation
+    p95: int | None = None
+    max: int | None = None
+    note: str = ""
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile (a value of the data) of an ascending list."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def suggest_max_length(p95: int, longest: int) -> int:
+    """A max_length that keeps every row whole (or 95 % of them when a few outliers are far longer),
+    rounded up to a multiple of 64."""
+    target = longest if longest <= 2 * p95 else p95
+    return max(64, math.ceil(target / 64) * 64)
+
+
+def _trainer_view(tokenizer: Any, args: Any, rows: Dataset) -> Any:
+    """The attributes of an SFTTrainer that its `_prepare_dataset` reads, set as its __init__ sets them."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    sample = rows[0]
+    # As SFTTrainer.__init__ does before preparing: the tokenizer then hashes the same, so the trainer's
+    # own preparation of a file-backed dataset is a datasets cache hit instead of a second tokenization.
+    tokenizer.pad_token = getattr(args, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    template = None
+    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        template = get_training_chat_template(tokenizer)
+    completion_only = args.completion_only_loss
+    if completion_only is None:
+        completion_only = "prompt" in sample and "completion" in sample
+    return types.SimpleNamespace(
+        _tokenizer=tokenizer, chat_template=template, completion_only_loss=completion_only
+    )
+
+
+def tokenize_like_trainer(rows: Dataset, *, tokenizer: Any, args: Any, split: str) -> Dataset:
+    """`input_ids` and `labels` (-100 where no loss) of every row, before truncation and packing.
+
+    Runs TRL's own `SFTTrainer._prepare_dataset` (templating, EOS, tokenization, label masks) with
+    `max_length=None`, so the counts are the trainer's; truncation is then applied by `measure`.
+    """
+    from trl import SFTTrainer
+
+    full = copy.copy(args)
+    full.max_length, full.shuffle_dataset = None, False
+    view = _trainer_view(tokenizer, args, rows)
+    with _quiet(len(rows) < _QUIET_ROWS):
+        prepared = SFTTrainer._prepare_dataset(view, rows, tokenizer, full, False, None, split)  # type: ignore[arg-type]
+    return prepared.select_columns(["input_ids", "labels"])
+
+
+def measure(
+    report: SplitReport,
+    rows: Dataset,
+    *,
+    tokenizer: Any,
+    args: Any,
+    packing: bool,
+    key: str,
+    max_length_key: str,
+) -> None:
+    """Fill `report` with what TRL's preparation makes of a train or eval split; raise or warn on truncation.
+
+    Without packing TRL truncates each row to `max_length` (keeping the start, or the end with
+    `truncation_mode: keep_end`) and drops rows left without a trainable token. A row is cut when
+    truncation removes any of its trainable tokens. Packing drops no row; its `bfd` strategy truncates.
+    Every row dropped: `UserError` naming `max_length_key`. More than `CUT_WARN_SHARE` cut: a warning.
+    """
+    try:
+        prepared = tokenize_like_trainer(rows, tokenizer=tokenizer, args=args, split=report.split)
+    except AttributeError:  # TRL's preparation reads a trainer attribute `_trainer_view` lacks: a bug here
+        raise
+    except Exception as err:  # a template that cannot render these rows, assistant masks missing, ...
+        raise UserError(f"{key}: the trainer cannot template these rows: {first_line(err)}") from err
+    limit = args.max_length
+    truncates = limit is not None and (not packing or args.packing_strategy == "bfd")
+    keep_end = not packing and args.truncation_mode == "keep_end"
+    lengths: list[int] = []
+    kept = cut = 0
+    for batch in prepared.iter(batch_size=1000):
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            lengths.append(len(ids))
+            if not truncates or len(ids) <= limit:
+                kept += 1
+                continue
+            inside = labels[-limit:] if keep_end else labels[:limit]
+            outside = labels[:-limit] if keep_end else labels[limit:]
+            kept += packing or any(t != -100 for t in inside)
+            cut += any(t != -100 for t in outside)
+    report.kept, report.cut = kept, cut
+    _fill_lengths(report, lengths)
+    if report.rows is None or not cut:
+        return
+    assert report.p95 is not None and report.max is not None
+    suggestion = suggest_max_length(report.p95, report.max)
+    lengths_text = f"templated rows are p95 {report.p95}, max {report.max} tokens"
+    if kept == 0:
+        raise UserError(
+            f"{max_length_key}: {limit} drops every row of {key}: none of its {report.rows} rows keeps a "
+            f"trainable token within {limit} tokens ({lengths_text}); set max_length to {suggestion}"
+        )
+    if cut > CUT_WARN_SHARE * report.rows:
+        dropped = report.rows - kept
+        also = f", {dropped} of them dropped (no trainable token left)" if dropped else ""
+        warn(
+            f"{key}: max_length {limit} cuts trainable tokens of {cut} of {report.rows} rows "
+            f"({cut / report.rows:.1%}, over {CUT_WARN_SHARE:.0%}){also}; {lengths_text} "
+            f"({max_length_key}={suggestion} keeps them)"
+        )
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _fill_lengths(report: SplitReport, lengths: list[int]) -> None:
+    ordered = sorted(lengths)
+    report.p50, report.p95, report.max = percentile(ordered, 0.5), percentile(ordered, 0.95), ordered[-1]
+
+
+def measure_prompts(report: SplitReport, prompts: list, *, tokenizer: Any, max_new_tokens: int) -> None:
+    """Token lengths of held-out prompts as `finetune.heldout` feeds them to `generate` (never truncated)."""
+    from finetune.heldout import _prompt_text
+
+    lengths = []
+    for prompt in prompts:
+        text = _prompt_text(tokenizer, prompt)
+        lengths.append(len(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]))
+    report.kept = len(lengths)
+    report.note = f"prompt tokens; generation adds up to {max_new_tokens}"
+    _fill_lengths(report, lengths)
+
+
+def shown(spec: str) -> str:
+    """A data path as the report shows it: relative to the current folder when it is inside it."""
+    if not is_local(spec):
+        return spec
+    path = Path(spec).expanduser()
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)
+
+
+def format_report(reports: list[SplitReport], indent: str = "    ") -> str:
+    """A small table: rows read, kept after templating/truncation, cut by max_length, token lengths."""
+
+    def cell(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    head = f"{'split':<9}{'rows':>8}{'kept':>8}{'cut':>7}{'p50 tok':>9}{'p95 tok':>9}{'max tok':>9}  source"
+    lines = [indent + head]
+    for r in reports:
+        rows = cell(r.rows)
+        lines.append(
+            f"{indent}{r.split:<9}{rows:>8}{cell(r.kept):>8}{cell(r.cut):>7}"
+            f"{cell(r.p50):>9}{cell(r.p95):>9}{cell(r.max):>9}  {r.source}"
+        )
+        notes = []
+        if r.total is not None:
+            notes.append(f"first {r.rows} of {r.total} rows (max_samples)")
+        if r.note:
+            notes.append(r.note)
+        lines += [f"{indent}{'':<9}  {n}" for n in notes]
+    return "\n".join(lines)
