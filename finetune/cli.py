@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text, description=text)
         if verb == "inspect":
             sub.add_argument("--json", action="store_true", help="print one JSON object keyed by module kind")
+        if verb == "run":
+            sub.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue the run in output_dir (same recipe): finished stages are skipped, the others "
+                "continue from their last complete checkpoint",
+            )
         sub.add_argument("recipe", help="recipe YAML file")
         sub.add_argument(
             "overrides", nargs="*", metavar="key=value", help="e.g. stages.sft.train.learning_rate=1e-4"
@@ -128,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
 
     r = recipe.load(args.recipe, args.overrides)
-    summaries = pipeline.run(r)
+    summaries = pipeline.run(r, resume=args.resume)
     _print_table(summaries)
     print(f"\nrun directory: {r.output_dir}")
     return 0
@@ -146,8 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar an error cut short (training), so the message starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
+from finetune import recipe as recipe_mod
 from finetune import rundir
 from finetune.errors import UserError
 from finetune.model import adapters, routing
@@ -113,14 +116,100 @@ def context(recipe: Recipe, source: Source) -> StageContext:
     )
 
 
-def run(recipe: Recipe) -> dict[str, dict]:
-    """Check all inputs first (so bad input writes nothing), then train stage by stage."""
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
+    """Check all inputs first (so bad input writes nothing), then train stage by stage.
+
+    The run folder is locked while the run writes it. With `resume`, a run folder holding the same
+    recipe continues: a finished stage (summary.json and adapter) is skipped, a stage with a complete
+    checkpoint continues from it, any other stage starts fresh. Without it, the recipe's stages start
+    fresh: their old summaries and checkpoints are removed first.
+    """
     checked = plan(recipe, fetch=True)
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rundir.write_recipe(recipe, out)
+    if resume:
+        _previous_recipe(recipe, out, quiet=True)  # a different recipe is refused before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output_dir: cannot create {out} ({err.strerror or err})") from None
     summaries = {}
-    for name, stage in recipe.stages.items():
-        torch.manual_seed(recipe.seed)
-        summaries[name] = STAGES[stage.type].run(name, stage, checked.inputs[name], checked.context)
+    # Under torchrun every rank runs this: the first one holds the lock and writes the shared files.
+    primary = int(os.environ.get("RANK", "0")) == 0
+    with rundir.locked(out) if primary else contextlib.nullcontext():
+        previous = _previous_recipe(recipe, out) if resume else None
+        if primary:
+            rundir.write_recipe(recipe, out, resumed=previous)
+            rundir.remove_leftovers(out)
+        for name, stage in recipe.stages.items():
+            stage_dir = out / name
+            checkpoint = None
+            if previous is not None:
+                done = rundir.read_summary(stage_dir)
+                if done is not None:
+                    print(
+                        f"stage {name}: finished in an earlier attempt ({stage_dir / 'summary.json'}), skipped"
+                    )
+                    summaries[name] = done
+                    continue
+                checkpoint = rundir.last_checkpoint(stage_dir)
+                where = f"from {checkpoint}" if checkpoint else "from the start (no complete checkpoint)"
+                print(f"stage {name}: resuming {where}", flush=True)
+            elif primary:
+                _clear_stage(stage_dir)
+            if primary:
+                rundir.remove_leftovers(stage_dir)
+            torch.manual_seed(recipe.seed)
+            summaries[name] = STAGES[stage.type].run(
+                name,
+                stage,
+                checked.inputs[name],
+                checked.context,
+                resume_from=str(checkpoint) if checkpoint else None,
+            )
     return summaries
+
+
+def _previous_recipe(recipe: Recipe, out: Path, *, quiet: bool = False) -> Recipe | None:
+    """The run folder's recipe, which `--resume` continues; a different recipe is a user error."""
+    saved_path = out / "recipe.yaml"
+    if not saved_path.is_file():
+        if not quiet:
+            print(f"{out}: no earlier run here (no recipe.yaml); starting it", flush=True)
+        return None
+    saved = recipe_mod.load(saved_path)
+    ignored = {"provenance", "output_dir"}
+    difference = _first_difference(saved.model_dump(exclude=ignored), recipe.model_dump(exclude=ignored))
+    if difference is not None:
+        key, was, now = (v if v is not _MISSING else "not set" for v in difference)
+        raise UserError(
+            f"--resume: the recipe differs from the run's {saved_path} at `{key}` (run: {was}, given: {now}); "
+            f"resume with the same recipe (e.g. finetune run {saved_path} --resume) or choose a new output_dir"
+        )
+    return saved
+
+
+_MISSING = object()
+
+
+def _first_difference(a: Any, b: Any, path: tuple = ()) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = _first_difference(a.get(key, _MISSING), b.get(key, _MISSING), (*path, key))
+            if found is not None:
+                return found
+        return None
+    if a == b and isinstance(a, bool) == isinstance(b, bool):
+        return None
+    return ".".join(str(p) for p in path) or "(top level)", a, b
+
+
+def _clear_stage(stage_dir: Path) -> None:
+    """A fresh start of a stage: an earlier run's summary and checkpoints must not be taken for this run's."""
+    try:
+        (stage_dir / "summary.json").unlink(missing_ok=True)
+        if (stage_dir / rundir.CHECKPOINTS).exists():
+            shutil.rmtree(stage_dir / rundir.CHECKPOINTS)
+    except OSError as err:
+        raise UserError(
+            f"{stage_dir}: cannot clear the earlier run's files ({err.strerror or err})"
+        ) from None

@@ -1,20 +1,151 @@
-"""What a run writes: the resolved recipe with provenance, per-stage metrics.jsonl, summary.json, loss.png."""
+"""What a run writes, and how: the resolved recipe with provenance, per-stage metrics.jsonl, summary.json,
+loss.png, the adapter and the trainer's checkpoints; the lock that keeps two runs out of one folder.
+
+Every file a later step trusts (recipe.yaml, summary.json, the adapter folder, a checkpoint) appears
+complete or not at all: files are written under a temporary name and renamed, folders filled under a
+temporary name and renamed, and a checkpoint only counts once its marker (written last) exists. A
+write that fails (a full disk, permissions) is a one-line `UserError` naming the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
+import os
 import platform
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from finetune import recipe as recipe_mod
+from finetune.errors import UserError, first_line
 
 LIBRARIES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
+LOCK_FILE = ".lock"  # in <output_dir>: flock-ed while a run writes the folder, holds the run's pid
+CHECKPOINTS = "checkpoints"  # <output_dir>/<stage>/checkpoints/checkpoint-<step>/: the trainer's checkpoints
+CHECKPOINT_DONE = "finetune_complete.json"  # written last into a checkpoint: it is complete
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _cannot_write(path: Path, err: BaseException) -> UserError:
+    reason = getattr(err, "strerror", None) or first_line(err)
+    return UserError(f"{getattr(err, 'filename', None) or path}: cannot write ({reason})")
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+def _temporary(path: Path, what: str) -> Path:
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}")
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` gets `text` whole or keeps what it had: written beside it, then renamed over it."""
+    tmp = _temporary(path, "tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from None
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary files and folders a killed run left in `folder` (never read by anything)."""
+    for path in folder.glob(".*.*-*") if folder.is_dir() else ():
+        if not path.name.rsplit("-", 1)[0].endswith((".tmp", ".old")):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; once the block is done it replaces `path`.
+
+    A failure (or a kill) while the block writes never leaves a half-written `path`: the temporary
+    folder is removed (after a kill it stays under a dot-name that nothing reads), the old `path` kept.
+    """
+    tmp, old = _temporary(path, "tmp"), _temporary(path, "old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
+    except WRITE_ERRORS as err:
+        # Name the file as it would have been called, not its temporary name.
+        name = getattr(err, "filename", None)
+        where = path / Path(name).relative_to(tmp) if name and Path(name).is_relative_to(tmp) else path
+        raise UserError(
+            f"{where}: cannot write ({getattr(err, 'strerror', None) or first_line(err)})"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_error(err: BaseException, where: Path) -> UserError | None:
+    """A failed write inside a library (the trainer saving a checkpoint) as a one-line error, else None."""
+    if isinstance(err, OSError | SafetensorError) or (
+        isinstance(err, RuntimeError) and "PytorchStreamWriter" in str(err)  # torch.save on a full disk
+    ):
+        return _cannot_write(where, err)
+    return None
+
+
+# ------------------------------------------------------------------------------------ the run lock
+
+
+@contextlib.contextmanager
+def locked(output_dir: Path) -> Iterator[None]:
+    """Hold `<output_dir>/.lock` while the block runs: a second run into the folder is a user error.
+
+    `fcntl.flock` on an open file: the kernel releases it when the process ends, however it ends.
+    """
+    path = output_dir / LOCK_FILE
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole block
+    except OSError as err:
+        raise UserError(f"{path}: cannot open the run folder's lock ({err.strerror or err})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            raise UserError(
+                f"{output_dir}: another run (pid {pid}) is writing this run folder; "
+                "wait for it to end or choose another output_dir"
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def versions() -> dict[str, str]:
@@ -27,40 +158,76 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_recipe(recipe: recipe_mod.Recipe, output_dir: Path) -> None:
-    """`<output_dir>/recipe.yaml`: the recipe as resolved (extends and overrides applied) plus versions."""
-    resolved = recipe.model_copy(
-        update={
-            "provenance": {
-                "versions": versions(),
-                "seed": recipe.seed,
-                "created": datetime.now(UTC).isoformat(),
-            }
-        }
-    )
-    recipe_mod.dump(resolved, output_dir / "recipe.yaml")
+def write_recipe(
+    recipe: recipe_mod.Recipe, output_dir: Path, *, resumed: recipe_mod.Recipe | None = None
+) -> None:
+    """`<output_dir>/recipe.yaml`: the recipe as resolved (extends and overrides applied) plus versions.
+
+    `resumed`: the run folder's recipe, continued by `--resume`: its provenance is kept and the time
+    and versions of this attempt are added under `resumed`.
+    """
+    now = datetime.now(UTC).isoformat()
+    if resumed is not None:
+        provenance = dict(resumed.provenance or {})
+        provenance["resumed"] = [*provenance.get("resumed", []), {"time": now, "versions": versions()}]
+    else:
+        provenance = {"versions": versions(), "seed": recipe.seed, "created": now}
+    resolved = recipe.model_copy(update={"provenance": provenance})
+    tmp = _temporary(output_dir / "recipe.yaml", "tmp")
+    try:
+        recipe_mod.dump(resolved, tmp)
+        os.replace(tmp, output_dir / "recipe.yaml")
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(output_dir / "recipe.yaml", err) from None
 
 
 class MetricsLogger(TrainerCallback):
-    """Appends every trainer log (one JSON object per logging step) to metrics.jsonl."""
+    """Appends every trainer log (one JSON object per logging step) to metrics.jsonl.
 
-    def __init__(self, path: Path, extra: Callable[[], dict[str, Any]] | None = None):
+    A fresh run starts an empty log. A run resumed from the checkpoint of step N keeps the rows up to
+    step N, adds `{"step": N, "resumed_from": "checkpoint-N"}`, and appends the resumed run's rows, so
+    steps never repeat: the rows a killed run logged after its last checkpoint are dropped (those steps
+    are trained again).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        *,
+        resumed_from: str | Path | None = None,
+    ):
         self.path = path
         self.extra = extra  # more fields per row (expert load), kept out of the console log
-        path.write_text("")  # a rerun into the same run directory starts a fresh log
+        rows = ""
+        if resumed_from is not None:
+            step = checkpoint_step(Path(resumed_from))
+            kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+            kept.append({"step": step, "resumed_from": Path(resumed_from).name})
+            rows = "".join(json.dumps(row) + "\n" for row in kept)
+        write_text(path, rows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             more = self.extra() if self.extra else {}
             row = {"step": state.global_step, "epoch": state.epoch, **logs, **more}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as err:
+                raise _cannot_write(self.path, err) from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -85,10 +252,142 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = _temporary(path, "tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from None
+    finally:
+        plt.close(fig)
     return True
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(path, json.dumps(summary, indent=2) + "\n")
+
+
+def read_summary(stage_dir: Path) -> dict[str, Any] | None:
+    """The summary of a stage that finished (summary.json and its adapter complete), else None."""
+    if not (stage_dir / "adapter" / "adapter_config.json").is_file():
+        return None
+    try:
+        summary = json.loads((stage_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def _checkpoint_folders(stage_dir: Path) -> list[Path]:
+    folder = stage_dir / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / CHECKPOINT_DONE).is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def last_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a stage; incomplete ones (a run killed while saving) are removed."""
+    complete = []
+    for checkpoint in _checkpoint_folders(stage_dir):
+        if is_complete(checkpoint):
+            complete.append(checkpoint)
+        else:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def trained_to_the_end(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The trainer state of a checkpoint saved at the last training step, else None."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state if state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"] else None
+
+
+def expert_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What transformers' checkpoints miss and `adapters.save_adapter` adds to the PEFT folder, in its format:
+    the routed-expert LoRA (`routed_experts.safetensors`) and a trained router (`router.safetensors`)."""
+    from finetune.model import adapters, routing
+
+    experts = {
+        f"layers.{index}.{key}": value.detach().contiguous().cpu()
+        for index, layer in adapters.expert_layers(model).items()
+        if layer.has_lora
+        for key, value in layer.lora_state_dict().items()
+    }
+    routers = {
+        f"layers.{index}.weight": gate.weight.detach().contiguous().cpu()
+        for index, gate in routing.routers(model).items()
+        if gate.weight.requires_grad
+    }
+    return experts, routers
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Restore the trained weights of a checkpoint into the adapted model of a resumed stage, in place.
+
+    PEFT's own weights come from `adapter_model.safetensors` (PEFT's loader, with its transformers-4 MoE
+    name shim kept off our module names), the routed-expert LoRA and the router from their files.
+    Parameters keep their `requires_grad`, so the optimizer state of the checkpoint fits them.
+    """
+    from peft import set_peft_model_state_dict
+
+    from finetune.model import adapters, routing
+
+    checkpoint = Path(checkpoint)
+    with adapters.exact_targets():
+        result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise UserError(f"{checkpoint}: adapter weights do not fit this recipe's adapter")
+    path = checkpoint / adapters.EXPERTS_FILE
+    if path.is_file():
+        tensors = load_file(str(path))
+        for index, layer in adapters.expert_layers(model).items():
+            prefix = f"layers.{index}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if own:
+                layer.load_lora_state_dict(own)
+    path = checkpoint / adapters.ROUTER_FILE
+    if path.is_file():
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for index, gate in routing.routers(model).items():
+                if f"layers.{index}.weight" in tensors:
+                    gate.weight.copy_(tensors[f"layers.{index}.weight"])
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Completes each checkpoint the trainer writes, then marks it complete.
+
+    transformers' `Trainer._save_checkpoint` (5.x) writes `checkpoint-N/` file by file in place (adapter,
+    optimizer, scheduler, RNG, trainer_state.json last), then deletes checkpoints beyond
+    `save_total_limit`, then calls `on_save`. Here `on_save` adds the routed-expert LoRA and the router,
+    then writes `finetune_complete.json`: a checkpoint without it (a kill while saving) is ignored on
+    resume. With `save_total_limit: 2` (the default) the previous complete checkpoint survives until
+    the next one is marked.
+    """
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        from finetune.model import adapters
+
+        experts, routers = expert_tensors(model)
+        try:
+            if experts:
+                save_file(experts, str(folder / adapters.EXPERTS_FILE))
+            if routers:
+                save_file(routers, str(folder / adapters.ROUTER_FILE))
+        except WRITE_ERRORS as err:
+            raise _cannot_write(folder, err) from None
+        write_text(folder / CHECKPOINT_DONE, json.dumps({"global_step": state.global_step}) + "\n")

@@ -7,6 +7,7 @@ the key or file, no traceback, and no file under the test folder created, change
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from conftest import base_recipe, write_recipe
 
-from finetune import recipe
+from finetune import recipe, rundir
 from finetune.cli import main
 
 
@@ -27,7 +28,9 @@ class Case:
     edit: Callable[[dict], None] | None = None  # changes the recipe mapping before it is written
     text: Callable[[str], str | bytes] | None = None  # rewrites the recipe file
     overrides: tuple[str, ...] = ()
-    setup: Callable[[Path], object] | None = None  # prepares the test folder (gets tmp_path)
+    setup: Callable[[Path], object] | None = None  # prepares the test folder; may return a cleanup callable
+    verbs: tuple[str, ...] = ("validate", "run")
+    flags: tuple[str, ...] = ()  # e.g. --resume
 
 
 def _train(**args) -> Callable[[dict], None]:
@@ -54,6 +57,31 @@ def _replace(old: str, new: str) -> Callable[[str], str]:
 
 def _file_at_output(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file where the run folder should go\n")
+
+
+def _locked_run_folder(tmp_path: Path) -> Callable[[], None]:
+    """Another run holds the run folder (the lock is per open file, so this process can stand in for it)."""
+    (tmp_path / "run").mkdir()
+    stack = contextlib.ExitStack()
+    stack.enter_context(rundir.locked(tmp_path / "run"))
+    return stack.close
+
+
+def _earlier_run(**train) -> Callable[[Path], None]:
+    """A run folder holding a recipe that differs from the test recipe in `train`."""
+
+    def setup(tmp_path: Path) -> None:
+        other = write_recipe(tmp_path / "other.yaml", base_recipe(tmp_path, **train))
+        (tmp_path / "run").mkdir()
+        rundir.write_recipe(recipe.load(other), tmp_path / "run")
+        other.unlink()
+
+    return setup
+
+
+def _broken_run_recipe(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("name: [cut short by a crash\n")
 
 
 CASES = [
@@ -189,6 +217,43 @@ CASES = [
     Case(
         "output-dir-read-only", "output_dir: /proc/1 is not writable", overrides=("output_dir=/proc/1/run",)
     ),
+    # -- run folders: locked by another run, resumed with another recipe
+    Case(
+        "run-folder-locked",
+        f"{{tmp}}/run: another run (pid {os.getpid()}) is writing this run folder",
+        setup=_locked_run_folder,
+        verbs=("run",),
+    ),
+    Case(
+        "run-folder-locked-resume",
+        f"{{tmp}}/run: another run (pid {os.getpid()})",
+        setup=_locked_run_folder,
+        verbs=("run",),
+        flags=("--resume",),
+    ),
+    Case(
+        "resume-other-recipe",
+        "--resume: the recipe differs from the run's {tmp}/run/recipe.yaml at `stages.sft.train.learning_rate` "
+        "(run: 0.5, given: not set)",
+        setup=_earlier_run(learning_rate=0.5),
+        verbs=("run",),
+        flags=("--resume",),
+    ),
+    Case(
+        "resume-other-override",
+        "at `adapter.r` (run: 4, given: 8)",
+        setup=_earlier_run(),
+        overrides=("adapter.r=8",),
+        verbs=("run",),
+        flags=("--resume",),
+    ),
+    Case(
+        "resume-broken-run-recipe",
+        "{tmp}/run/recipe.yaml: line 2 is not valid YAML",
+        setup=_broken_run_recipe,
+        verbs=("run",),
+        flags=("--resume",),
+    ),
 ]
 
 
@@ -204,8 +269,6 @@ def _prepare(tmp_path: Path, case: Case) -> str:
     if case.edit:
         case.edit(data)
     path = tmp_path / "r.yaml"
-    if case.setup:
-        case.setup(tmp_path)
     if not path.exists():
         write_recipe(path, data)
         if case.text:
@@ -214,13 +277,26 @@ def _prepare(tmp_path: Path, case: Case) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("verb", ["validate", "run"])
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _setup(tmp_path: Path, case: Case) -> Callable[[], None]:
+    cleanup = case.setup(tmp_path) if case.setup else None
+    return cleanup if callable(cleanup) else lambda: None
+
+
+@pytest.mark.parametrize(
+    ("case", "verb"),
+    [(c, v) for c in CASES for v in c.verbs],
+    ids=[f"{c.id}-{v}" for c in CASES for v in c.verbs],
+)
 def test_bad_input_is_one_line(capsys, tmp_path, case, verb):
+    cleanup = _setup(tmp_path, case)
     path = _prepare(tmp_path, case)
+    had_run_folder = (tmp_path / "run").exists()
     before = _snapshot(tmp_path)
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in case.overrides]
-    code = main([verb, path, *overrides])
+    try:
+        code = main([verb, path, *overrides, *case.flags])
+    finally:
+        cleanup()
     err = capsys.readouterr().err
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -228,7 +304,7 @@ def test_bad_input_is_one_line(capsys, tmp_path, case, verb):
     assert "Traceback" not in err
     assert case.expected.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
     assert _snapshot(tmp_path) == before, "a failed command must not write anything"
-    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "run").exists() == had_run_folder
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -48,7 +48,10 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     return SFTInputs(args, train, evaluation, pairs)
 
 
-def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dict[str, Any]:
+def run(
+    name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext, *, resume_from: str | None = None
+) -> dict[str, Any]:
+    """Train the stage; with `resume_from` (a complete checkpoint folder), continue from that step."""
     out = ctx.stage_dir(name)
     tokenizer = ctx.tokenizer()
     model = ctx.adapted_model()
@@ -74,13 +77,35 @@ def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dic
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=[rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report)],
+        callbacks=[
+            rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
+            rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
+        ],
     )
+    if resume_from is not None:
+        # The Trainer's loader restores PEFT's weights only (through PEFT's transformers-4 MoE name shim);
+        # ours restores the routed-expert LoRA and the router too, before the optimizer is built.
+        trainer._load_from_checkpoint = lambda checkpoint, model=None: rundir.load_checkpoint_weights(
+            trainer.model, checkpoint
+        )
     start = time.perf_counter()
-    result = trainer.train()
+    done = rundir.trained_to_the_end(resume_from) if resume_from is not None else None
+    if done is not None:  # resuming from the final step: Trainer would train one step past max_steps
+        rundir.load_checkpoint_weights(trainer.model, resume_from)
+        metrics, steps = {"epoch": done["epoch"]}, done["global_step"]
+    else:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        except Exception as err:  # a checkpoint the trainer could not write (full disk): one line naming it
+            error = rundir.write_error(err, out / rundir.CHECKPOINTS)
+            if error is None:
+                raise
+            raise error from None
+        metrics, steps = result.metrics, result.global_step
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
-        adapters.save_adapter(trainer.model, out / "adapter")
+        with rundir.replaced_folder(out / "adapter") as folder:  # never a half-written adapter/
+            adapters.save_adapter(trainer.model, folder)
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
     after = check_heldout("after")
@@ -88,10 +113,12 @@ def run(name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext) -> dic
     summary: dict[str, Any] = {
         "stage": name,
         "type": "sft",
-        "train": {**result.metrics, "seconds": round(seconds, 2), "steps": result.global_step},
+        "train": {**metrics, "seconds": round(seconds, 2), "steps": steps},
         "eval": final_eval,
         "adapter": str(out / "adapter"),
     }
+    if resume_from is not None:
+        summary["train"]["resumed_from"] = str(resume_from)
     if before is not None:
         summary["heldout"] = {"metric": "exact_match", "before": before, "after": after}
     if trainer.is_world_process_zero():

@@ -1,0 +1,146 @@
+"""Run folders: one run at a time (a lock the kernel frees however the holder ends), and files that are
+whole or absent after a failed write (a full disk while saving the adapter or a checkpoint)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import base_recipe, write_recipe
+
+from finetune import rundir
+from finetune.cli import main
+from finetune.errors import UserError
+from finetune.model import adapters
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from finetune import rundir
+with rundir.locked(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_second_run_is_refused_and_a_killed_holder_frees_the_folder(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path))
+        assert main(["run", str(recipe)]) == 2
+        message = _one_error(capsys)
+        assert f"{out}: another run (pid {holder.pid}) is writing this run folder" in message
+        assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with rundir.locked(out):  # the kernel released the lock of the killed process
+        assert (out / rundir.LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_replaced_folder_keeps_the_old_one_when_writing_fails(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    message = r"adapter/weights\.bin: cannot write \(No space left on device\)"
+    with pytest.raises(UserError, match=message), rundir.replaced_folder(folder) as tmp:
+        (tmp / "README.md").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "weights.bin"))
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert [p.name for p in folder.iterdir()] == ["old.txt"]
+    with rundir.replaced_folder(folder) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_metrics_write_error_is_one_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    logger = rundir.MetricsLogger(path)
+    path.unlink()
+    path.mkdir()  # the file can no longer be appended to
+
+    class State:
+        is_world_process_zero, global_step, epoch = True, 3, 0.5
+
+    with pytest.raises(UserError, match=r"metrics\.jsonl: cannot write \(Is a directory\)"):
+        logger.on_log(None, State(), None, logs={"loss": 1.0})
+
+
+def test_full_disk_while_saving_then_resume(capsys, tmp_path, monkeypatch):
+    """The disk fills while the trainer writes a checkpoint, then while the adapter is saved: each is one
+    line, leaves no half-written file behind, and `--resume` then completes the stage."""
+    recipe = str(write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path, max_steps=2, save_steps=1)))
+    out = tmp_path / "run"
+    stage = out / "sft"
+
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, f, *args, **kwargs):
+        if "checkpoint-2" in str(f):
+            raise RuntimeError(
+                "[enforce fail] PytorchStreamWriter failed writing file data/0: file write failed"
+            )
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_2)
+    # --resume on a folder with no run yet simply starts it.
+    assert main(["run", recipe, "--resume"]) == 2
+    assert f"{stage / 'checkpoints'}: cannot write (" in _one_error(capsys)
+    assert rundir.is_complete(stage / "checkpoints" / "checkpoint-1")
+    assert not rundir.is_complete(stage / "checkpoints" / "checkpoint-2")
+    assert not (stage / "adapter").exists() and not (stage / "summary.json").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def full_disk(model, folder):
+        (Path(folder) / "README.md").write_text("half an adapter")
+        raise OSError(
+            errno.ENOSPC, "No space left on device", str(Path(folder) / "adapter_model.safetensors")
+        )
+
+    monkeypatch.setattr(adapters, "save_adapter", full_disk)
+    assert main(["run", recipe, "--resume"]) == 2
+    message = _one_error(capsys)
+    assert (
+        f"{stage / 'adapter' / 'adapter_model.safetensors'}: cannot write (No space left on device)"
+        in message
+    )
+    assert not (stage / "adapter").exists() and not (stage / "summary.json").exists()
+    assert not [p for p in stage.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    monkeypatch.undo()
+
+    # The second attempt trained step 2 and saved its checkpoint; this one only saves the adapter.
+    assert main(["run", recipe, "--resume"]) == 0
+    capsys.readouterr()
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["train"]["resumed_from"].endswith("checkpoint-2")
+    assert (stage / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [row["step"] for row in rundir.read_metrics(stage / "metrics.jsonl") if "loss" in row]
+    assert losses == [1, 2]
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path):
+    (tmp_path / ".adapter.tmp-123").mkdir()
+    (tmp_path / ".adapter.old-123").mkdir()
+    (tmp_path / ".summary.json.tmp-123").write_text("{")
+    (tmp_path / rundir.LOCK_FILE).write_text("123\n")
+    (tmp_path / "summary.json").write_text("{}")
+    rundir.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK_FILE, "summary.json"]
