@@ -106,12 +106,22 @@ def replaced_folder(path: Path) -> Iterator[Path]:
 
 
 def write_error(err: BaseException, where: Path) -> UserError | None:
-    """A failed write inside a library (the trainer saving a checkpoint) as a one-line error, else None."""
-    if isinstance(err, OSError | SafetensorError) or (
-        isinstance(err, RuntimeError) and "PytorchStreamWriter" in str(err)  # torch.save on a full disk
-    ):
-        return _cannot_write(where, err)
-    return None
+    """A failed write inside a library (the trainer saving a checkpoint) as a one-line error, else None.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer (`inline_container.cc`,
+    `PytorchStreamWriter`), so the free space is added to say what happened.
+    """
+    torch_save = isinstance(err, RuntimeError) and any(
+        mark in str(err) for mark in ("inline_container", "PytorchStreamWriter")
+    )
+    if not (torch_save or isinstance(err, OSError | SafetensorError)):
+        return None
+    try:
+        free = f"; {shutil.disk_usage(where if where.exists() else where.parent).free:,} bytes free there"
+    except OSError:
+        free = ""
+    reason = getattr(err, "strerror", None) or first_line(err)
+    return UserError(f"{getattr(err, 'filename', None) or where}: cannot write ({reason}{free})")
 
 
 # ------------------------------------------------------------------------------------ the run lock

@@ -95,15 +95,16 @@ def test_full_disk_while_saving_then_resume(capsys, tmp_path, monkeypatch):
 
     def full_disk_at_step_2(obj, f, *args, **kwargs):
         if "checkpoint-2" in str(f):
-            raise RuntimeError(
-                "[enforce fail] PytorchStreamWriter failed writing file data/0: file write failed"
-            )
+            # What torch.save raised when a tmpfs filled up under it.
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk_at_step_2)
     # --resume on a folder with no run yet simply starts it.
     assert main(["run", recipe, "--resume"]) == 2
-    assert f"{stage / 'checkpoints'}: cannot write (" in _one_error(capsys)
+    assert f"{stage / 'checkpoints'}: cannot write ([enforce fail at inline_container.cc:672]" in _one_error(
+        capsys
+    )
     assert rundir.is_complete(stage / "checkpoints" / "checkpoint-1")
     assert not rundir.is_complete(stage / "checkpoints" / "checkpoint-2")
     assert not (stage / "adapter").exists() and not (stage / "summary.json").exists()

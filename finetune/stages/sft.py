@@ -122,6 +122,6 @@ def run(
     if before is not None:
         summary["heldout"] = {"metric": "exact_match", "before": before, "after": after}
     if trainer.is_world_process_zero():
-        rundir.write_summary(out / "summary.json", summary)
         rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{ctx.name} / {name}")
+        rundir.write_summary(out / "summary.json", summary)  # last: a stage with a summary is finished
     return summary
