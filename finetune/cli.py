@@ -10,6 +10,7 @@ import os
 import sys
 
 import finetune
+from finetune import quiet
 from finetune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -45,14 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
         )
-    sub = verbs.add_parser(
-        "export",
-        help="merge a stage's adapter into plain 16-bit weights loadable by transformers alone",
-        description="merge a stage's adapter into plain 16-bit weights loadable by transformers alone",
-    )
+    text = "merge a stage's adapter into the base checkpoint, streamed: a plain transformers checkpoint"
+    sub = verbs.add_parser("export", help=text, description=text)
     sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a stage folder of a finished run")
     sub.add_argument("--out", required=True, help="folder to write the merged checkpoint to")
-    sub.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    sub.add_argument(
+        "--base",
+        choices=["original", "quantized"],
+        default="original",
+        help="add the deltas to the original weights (default) or to their NF4 round trip, "
+        "which reproduces the trained 4-bit model",
+    )
+    sub.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="cast every floating tensor (default: each tensor keeps the checkpoint's dtype)",
+    )
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    sub.add_argument(
+        "--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
+    )
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
@@ -76,7 +90,7 @@ def _print_table(summaries: dict[str, dict]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from finetune import pipeline, recipe
+    from finetune import data, pipeline, recipe
 
     r = recipe.load(args.recipe, args.overrides)
     checked = pipeline.plan(r)
@@ -92,6 +106,10 @@ def _validate(args: argparse.Namespace) -> int:
             f"{len(train)} training rows" if train is not None else "Hub dataset (loaded when a run starts)"
         )
         print(f"  stage {name} ({stage.type}): {rows}")
+        # Per split: rows read, kept after templating/truncation, cut by max_length, token lengths.
+        report = getattr(checked.inputs[name], "report", ())
+        if report:
+            print(data.format_report(list(report)))
     return 0
 
 
@@ -109,25 +127,28 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import re
 
-    from finetune import pipeline, recipe
-    from finetune.errors import UserError
-    from finetune.model import adapters
     from finetune.model.export import export
-    from finetune.model.load import DTYPES, resolve_source
 
-    stage_dir = Path(args.stage_dir)
-    resolved = stage_dir.parent / "recipe.yaml"
-    if not (stage_dir / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"{stage_dir}: no adapter/ folder here; give RUN_DIR/STAGE of a finished run")
-    if not resolved.is_file():
-        raise UserError(f"{resolved}: not found; export needs the run's resolved recipe")
-    r = recipe.load(resolved)
-    ctx = pipeline.context(r, resolve_source(r.model.preset, r.model.path))
-    model = adapters.load_adapter(ctx.base_model(), stage_dir / "adapter")
-    out = export(model, ctx.tokenizer(), args.out, DTYPES[args.dtype])
-    print(f"exported {stage_dir} → {out} ({args.dtype}); load it with AutoModelForCausalLM.from_pretrained")
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", args.max_shard_size.strip().upper())
+    if size is None or float(size[1]) <= 0:
+        raise UserError(f"--max-shard-size: {args.max_shard_size!r}; give bytes or a size such as 5GB, 500MB")
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(size[2][:1], 1)
+    result = export(
+        args.stage_dir,
+        args.out,
+        base=args.base,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_bytes=int(float(size[1]) * scale),
+        progress=True,
+    )
+    size = f"{result.nbytes / 1e9:.2f} GB" if result.nbytes >= 1e8 else f"{result.nbytes / 1e6:.1f} MB"
+    print(
+        f"exported {args.stage_dir} → {result.folder}: {size} in {result.shards} shard(s), "
+        f"{result.tensors} tensors, base {args.base}; load it with AutoModelForCausalLM.from_pretrained"
+    )
     return 0
 
 
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_USER_ERROR
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet.library_noise_off()
     try:
         verbs = {"run": _run, "validate": _validate, "inspect": _inspect, "export": _export}
         return verbs[args.verb](args)

@@ -88,7 +88,7 @@ def test_routed_experts_in_16_bit_save_and_reload(tmp_path):
 
 
 def test_inspect_json_coverage(tmp_path, capsys):
-    assert main(["inspect", "recipes/quickstart.yaml", "--json"]) == 0
+    assert main(["inspect", "recipes/quickstart.yaml", "adapter.targets=[mla]", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     experts = rows["routed_experts"]
     assert experts["bytes"] <= 0.6 * experts["params"] and experts["dtypes"] == ["nf4"]

@@ -219,9 +219,9 @@ def test_recipe_trains_mla_and_expert_lora_end_to_end(hub, tmp_path, capsys):
         assert layer.lora_down_B.abs().max() > 0  # trained: B starts at zero
 
     merged_dir = tmp_path / "merged"
-    assert (
-        main(["export", str(tmp_path / "run" / "sft"), "--out", str(merged_dir), "--dtype", "float32"]) == 0
-    )
+    # --base quantized: the trained 4-bit model itself (the default merges into the original 16-bit weights).
+    stage = str(tmp_path / "run" / "sft")
+    assert main(["export", stage, "--out", str(merged_dir), "--dtype", "float32", "--base", "quantized"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     untouched = load_model(source, quantization="nf4", dtype="float32")
     for m in (reloaded, merged, untouched):

@@ -1,0 +1,15 @@
+"""Keep stderr for messages meant for users: library deprecation notices and bitsandbytes' CPU-kernel
+notice (we replace those kernels, see finetune/model/cpu_kernels.py) are for developers, not users."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+def library_noise_off() -> None:
+    """Called once by the CLI before any library is imported; progress bars and real warnings stay."""
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    # "Failed to load CPU gemm_4bit_forward from kernels-community": logged at import on AVX512-BF16 CPUs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
