@@ -56,6 +56,8 @@ def test_router_through_sft(tmp_path, router):
     sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
     changed = [not torch.equal(g.weight, before[i]) for i, g in gates.items()]
     assert all(changed) if router == "trainable" else not any(changed)
+    # TRL casts trainable parameters of a 4-bit model to bf16; the router must train and be saved in fp32.
+    assert all(g.weight.dtype == torch.float32 for g in gates.values())
     assert not any(hasattr(g, "lora_A") for g in gates.values())  # never wrapped
     rows = [json.loads(x) for x in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in rows if "loss" in row]

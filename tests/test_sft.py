@@ -88,3 +88,17 @@ def test_pipeline_run_writes_resolved_recipe(tmp_path):
     pipeline.run(r)
     rows = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert sum('"loss"' in row for row in rows) == 1
+
+
+def test_adapter_folder_carries_the_training_chat_template(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    data = base_recipe(tmp_path, max_steps=1, chat_template_path=str(template))
+    pipeline.run(recipe.load(write_recipe(tmp_path / "r.yaml", data)))
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "sft" / "adapter")
+    assert saved.chat_template == template.read_text()

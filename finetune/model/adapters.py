@@ -169,6 +169,13 @@ def attach(
     return peft_model
 
 
+def keep_router_fp32(model: torch.nn.Module) -> None:
+    """Put trainable router weights back in fp32 (before the optimizer exists, so its state follows)."""
+    for gate in routing.routers(model).values():
+        if gate.weight.requires_grad and gate.weight.dtype != torch.float32:
+            gate.weight.data = gate.weight.data.float()
+
+
 def save_adapter(model: PeftModel, folder: str | Path) -> None:
     """The PEFT folder, plus `routed_experts.safetensors` when the experts carry LoRA."""
     model.save_pretrained(str(folder))

@@ -210,6 +210,9 @@ def run(
             rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
         ],
     )
+    # TRL casts every trainable parameter of a quantized model to bf16; the router is fp32 by design.
+    adapters.keep_router_fp32(trainer.model)
+    tokenizer = trainer.processing_class  # carries `chat_template_path` when the recipe sets one
     if resume_from is not None:
         # The Trainer's loader restores PEFT's weights only (through PEFT's transformers-4 MoE name shim);
         # ours restores the routed-expert LoRA and the router too, before the optimizer is built.
@@ -234,6 +237,7 @@ def run(
     if trainer.is_world_process_zero():
         with rundir.replaced_folder(out / "adapter") as folder:  # never a half-written adapter/
             adapters.save_adapter(trainer.model, folder)
+            tokenizer.save_pretrained(str(folder))  # the chat template trained with travels with the adapter
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
     after = check_heldout("after")
