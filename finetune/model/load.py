@@ -66,8 +66,10 @@ def check_checkpoint(folder: Path, key: str = "model.path") -> None:
         )
     try:
         data = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{key}: {config} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{key}: {config} must hold a JSON object, got a {type(data).__name__}")
     model_type = data.get("model_type")
     if model_type not in DEEPSEEK_V2_TYPES:
         arch = ", ".join(data.get("architectures") or []) or "no architectures"
@@ -75,6 +77,43 @@ def check_checkpoint(folder: Path, key: str = "model.path") -> None:
             f"{key}: {folder} is not a DeepSeek-V2 checkpoint: config.json has model_type "
             f"{model_type!r} ({arch}); expected 'deepseek_v2'"
         )
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(folder)
+    except Exception as err:  # transformers / huggingface_hub raise many types for bad config fields
+        raise UserError(f"{key}: {config}: cannot build the model config ({first_line(err)})") from None
+    _check_weights(folder, key)
+
+
+def _check_weights(folder: Path, key: str) -> None:
+    """Every safetensors file the checkpoint names exists and has a readable header (no tensor is read)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{key}: {index} is not a safetensors index ({first_line(err)})") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{key}: {index} names {missing[0]}, which is not in {folder}")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in folder.iterdir())[:8]
+            raise UserError(
+                f"{key}: {folder} has no *.safetensors weights (found: {', '.join(found)}); "
+                "this toolkit reads safetensors checkpoints"
+            )
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types for bad headers and sizes
+            raise UserError(f"{key}: {path} is not a readable safetensors file ({first_line(err)})") from None
 
 
 def embedded_checkpoint(preset: str, seed: int) -> Path:
@@ -189,6 +228,11 @@ def model_skeleton(source: Source, seed: int = 0) -> torch.nn.Module | None:
         return None
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(_location(source, seed))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(_location(source, seed))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+        raise UserError(
+            f"model.path: {source.ref}/config.json: cannot build the model ({first_line(err)})"
+        ) from None
