@@ -28,7 +28,7 @@ from pydantic import (
 
 from finetune.errors import UserError
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
 
 # ------------------------------------------------------------------------------- values typed by schema
 
@@ -415,7 +415,10 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative local paths absolute against `base` (the recipe file's folder), in place."""
 
     def anchor(value: Any) -> Any:
-        if _plain_str(value) and _is_local_data(value) and not Path(value).expanduser().is_absolute():
+        if not _plain_str(value) or Path(value).expanduser().is_absolute():
+            return value
+        # A relative folder beside the recipe (a `save_to_disk` dataset) is local too, not a Hub name.
+        if _is_local_data(value) or (base / value).exists():
             return str((base / value).resolve())
         return value
 

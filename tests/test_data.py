@@ -71,6 +71,25 @@ def test_save_to_disk_dataset_dict_split(tmp_path):
         _plan(tmp_path, _set_train(saved, train_split="test"))
 
 
+@pytest.mark.parametrize("kind", ["folder", "txt", "arrow"])
+def test_relative_local_paths_resolve_against_the_recipe(tmp_path, monkeypatch, kind):
+    """`train: data/saved` beside the recipe is a local dataset, from any working directory."""
+    saved = tmp_path / "recipes" / "data" / "saved"
+    datasets.Dataset.from_list(chat_rows(9)).save_to_disk(str(saved))
+    (saved.parent / "c.txt").write_text("one\ntwo\n")
+    relative = {
+        "folder": "data/saved",
+        "txt": "data/c.txt",
+        "arrow": str(next(saved.glob("*.arrow")).relative_to(saved.parent.parent)),
+    }[kind]
+    d = base_recipe(tmp_path)
+    d["stages"]["sft"]["data"]["train"] = relative
+    path = write_recipe(tmp_path / "recipes" / "r.yaml", d)
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    plan = pipeline.plan(recipe.load(path))
+    assert len(plan.inputs["sft"].train) == {"folder": 9, "txt": 2, "arrow": 9}[kind]
+
+
 def test_arrow_file(tmp_path):
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(chat_rows(7)).save_to_disk(str(saved))
