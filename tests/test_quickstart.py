@@ -30,5 +30,8 @@ def test_tiny_sft_recipe_runs_and_learns(tmp_path):
     assert len(losses) >= 5
     assert losses[-1] < 0.6 * losses[0], losses  # a learning signal, not just a finished run
     summary = json.loads((out / "sft" / "summary.json").read_text())
-    assert summary["heldout"]["before"]["exact_match"] == 0.0
+    held = summary["heldout"]
+    assert held["before"]["exact_match"] == 0.0 and held["before"]["n"] == 50
+    # 98-100 % measured for seeds 42, 1, 7 (AMD EPYC, AVX512-BF16); room left for other CPUs' rounding.
+    assert held["after"]["exact_match"] >= 0.9, held["after"]
     assert (out / "recipe.yaml").is_file() and (out / "sft" / "adapter" / "adapter_config.json").is_file()
