@@ -195,7 +195,7 @@ CASES = [
         lambda run, out: edit_recipe(run, path=str(run.parent / "gone")) or [],
         "base checkpoint: model.path: folder not found",
     ),
-    Case("base-shard-truncated", broken_base, "model.safetensors: not a readable safetensors file"),
+    Case("base-shard-truncated", broken_base, "model.safetensors is not a readable safetensors file"),
     Case(
         "base-hub-id-unreachable",  # tests run offline (conftest): the snapshot cannot be fetched
         lambda run, out: edit_recipe(run, path="no-such-org/no-such-model") or [],

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,30 +52,24 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _kill_during_second_stage(recipe: Path, out: Path) -> None:
-    """Run in a subprocess; kill -9 once checkpoint-4 of `second` is complete and a later step is logged."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "run", str(recipe), f"output_dir={out}"],
+    """Run in a subprocess that SIGKILLs itself while `second` trains the step after its checkpoint-4."""
+    killer = [
+        sys.executable,
+        str(Path(__file__).parent / "kill_at_step.py"),
+        "second",
+        str(KILL_AFTER_CHECKPOINT + 1),
+    ]
+    process = subprocess.run(
+        [*killer, "run", str(recipe), f"output_dir={out}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
     )
-    stage = out / "second"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be killed"
-            checkpoint = stage / rundir.CHECKPOINTS / f"checkpoint-{KILL_AFTER_CHECKPOINT}"
-            steps = [r["step"] for r in _rows(stage / "metrics.jsonl") if "loss" in r]
-            if rundir.is_complete(checkpoint) and steps and steps[-1] > KILL_AFTER_CHECKPOINT:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return
-            time.sleep(0.02)
-        pytest.fail("no checkpoint within 120 s")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run was not killed"
+    checkpoint = out / "second" / rundir.CHECKPOINTS / f"checkpoint-{KILL_AFTER_CHECKPOINT}"
+    steps = [r["step"] for r in _rows(out / "second" / "metrics.jsonl") if "loss" in r]
+    assert rundir.is_complete(checkpoint) and steps[-1] == KILL_AFTER_CHECKPOINT + 1, steps
 
 
 @pytest.fixture(scope="module")
