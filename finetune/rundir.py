@@ -323,25 +323,6 @@ def trained_to_the_end(checkpoint: str | Path) -> dict[str, Any] | None:
     return state if state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"] else None
 
 
-def expert_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """What transformers' checkpoints miss and `adapters.save_adapter` adds to the PEFT folder, in its format:
-    the routed-expert LoRA (`routed_experts.safetensors`) and a trained router (`router.safetensors`)."""
-    from finetune.model import adapters, routing
-
-    experts = {
-        f"layers.{index}.{key}": value.detach().contiguous().cpu()
-        for index, layer in adapters.expert_layers(model).items()
-        if layer.has_lora
-        for key, value in layer.lora_state_dict().items()
-    }
-    routers = {
-        f"layers.{index}.weight": gate.weight.detach().contiguous().cpu()
-        for index, gate in routing.routers(model).items()
-        if gate.weight.requires_grad
-    }
-    return experts, routers
-
-
 def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Restore the trained weights of a checkpoint into the adapted model of a resumed stage, in place.
 
@@ -351,28 +332,14 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | Path) -> N
     """
     from peft import set_peft_model_state_dict
 
-    from finetune.model import adapters, routing
+    from finetune.model import adapters
 
     checkpoint = Path(checkpoint)
     with adapters.exact_targets():
         result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
     if result.unexpected_keys:
         raise UserError(f"{checkpoint}: adapter weights do not fit this recipe's adapter")
-    path = checkpoint / adapters.EXPERTS_FILE
-    if path.is_file():
-        tensors = load_file(str(path))
-        for index, layer in adapters.expert_layers(model).items():
-            prefix = f"layers.{index}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if own:
-                layer.load_lora_state_dict(own)
-    path = checkpoint / adapters.ROUTER_FILE
-    if path.is_file():
-        tensors = load_file(str(path))
-        with torch.no_grad():
-            for index, gate in routing.routers(model).items():
-                if f"layers.{index}.weight" in tensors:
-                    gate.weight.copy_(tensors[f"layers.{index}.weight"])
+    adapters.load_extra_tensors(model, checkpoint)
 
 
 class CompleteCheckpoints(TrainerCallback):
@@ -392,7 +359,7 @@ class CompleteCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         from finetune.model import adapters
 
-        experts, routers = expert_tensors(model)
+        experts, routers = adapters.extra_tensors(model)
         try:
             if experts:
                 save_file(experts, str(folder / adapters.EXPERTS_FILE))

@@ -176,49 +176,61 @@ def keep_router_fp32(model: torch.nn.Module) -> None:
             gate.weight.data = gate.weight.data.float()
 
 
-def save_adapter(model: PeftModel, folder: str | Path) -> None:
-    """The PEFT folder, plus `routed_experts.safetensors` when the experts carry LoRA."""
-    model.save_pretrained(str(folder))
-    tensors = {
+def extra_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What PEFT does not save: the routed-expert LoRA (`EXPERTS_FILE`) and a trained router
+    (`ROUTER_FILE`), keyed `layers.<i>.<name>`; adapter folders and trainer checkpoints both carry them."""
+    experts = {
         f"layers.{index}.{key}": value.detach().contiguous().cpu()
         for index, layer in expert_layers(model).items()
         if layer.has_lora
         for key, value in layer.lora_state_dict().items()
     }
-    if tensors:
-        save_file(tensors, str(Path(folder) / EXPERTS_FILE))
-    gates = {
+    routers = {
         f"layers.{index}.weight": gate.weight.detach().contiguous().cpu()
         for index, gate in routing.routers(model).items()
         if gate.weight.requires_grad
     }
-    if gates:
-        save_file(gates, str(Path(folder) / ROUTER_FILE))
+    return experts, routers
 
 
-def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
-    """Put a saved adapter on a freshly loaded base model, routed-expert LoRA included."""
+def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable: bool | None = None) -> None:
+    """Restore `extra_tensors` from `folder` in place; `trainable` (when given) sets their requires_grad."""
     path = Path(folder) / EXPERTS_FILE
     if path.is_file():
-        unquantized_experts_to_plain(model)
-    with exact_targets():
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
-    if path.is_file():
-        layers = expert_layers(peft_model)
         tensors = load_file(str(path))
-        for index, layer in layers.items():
+        for index, layer in expert_layers(model).items():
             prefix = f"layers.{index}."
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if own:
                 layer.load_lora_state_dict(own)
-                for p in layer.parameters():
+                for p in layer.parameters() if trainable is not None else ():
                     p.requires_grad_(trainable)
     path = Path(folder) / ROUTER_FILE
     if path.is_file():
         tensors = load_file(str(path))
         with torch.no_grad():
-            for index, gate in routing.routers(peft_model).items():
+            for index, gate in routing.routers(model).items():
                 if f"layers.{index}.weight" in tensors:
                     gate.weight.copy_(tensors[f"layers.{index}.weight"])
-                    gate.weight.requires_grad_(trainable)
+                    if trainable is not None:
+                        gate.weight.requires_grad_(trainable)
+
+
+def save_adapter(model: PeftModel, folder: str | Path) -> None:
+    """The PEFT folder, plus the routed-expert LoRA and a trained router beside it."""
+    model.save_pretrained(str(folder))
+    experts, routers = extra_tensors(model)
+    if experts:
+        save_file(experts, str(Path(folder) / EXPERTS_FILE))
+    if routers:
+        save_file(routers, str(Path(folder) / ROUTER_FILE))
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
+    """Put a saved adapter on a freshly loaded base model, routed-expert LoRA included."""
+    if (Path(folder) / EXPERTS_FILE).is_file():
+        unquantized_experts_to_plain(model)
+    with exact_targets():
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    load_extra_tensors(peft_model, folder, trainable=trainable)
     return peft_model
