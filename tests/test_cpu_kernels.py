@@ -107,3 +107,57 @@ def test_linear4bit_built_after_install_has_no_repacking():
     cpu_kernels.install()
     layer = bnb.nn.Linear4bit(64, 40, bias=False)
     assert layer.support_avx512bf16_for_cpu is False
+
+
+_ROUND_TRIPS = """
+import sys, torch
+import bitsandbytes.functional as F
+import finetune.model  # installs the CPU kernels
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for i, (shape, blocksize) in enumerate(SHAPES):
+    # Integer arithmetic, not torch.randn: its vectorised sampler differs by capability (the input would).
+    n = torch.Size(shape).numel()
+    ints = (torch.arange(n, dtype=torch.int64) * 1103515245 + 12345) % 2**31
+    scale = 1 + (torch.arange(n) // 23) % 11  # block maxima that differ, as in real weights
+    weight = ((ints.double() / 2**30 - 1.0) * scale).float().reshape(shape)
+    for nested in (False, True):
+        packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+        out[f"{i}-{nested}"] = (packed, state.absmax, F.dequantize_4bit(packed, state))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_same_numbers_under_every_cpu_capability(tmp_path):
+    """Our kernels are plain torch, whose CPU kernels follow ATEN_CPU_CAPABILITY: packed weights, scales
+    and dequantized values are bit-identical under DEFAULT (no SIMD), AVX2 and this machine's level. With
+    double quantization bitsandbytes' offset is a mean, whose summation order follows the vector width:
+    it may move by one ulp, so those dequantized values are compared to 1e-6."""
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for capability in ("default", "avx2", None):  # None: what this machine has
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{capability}.pt"
+        script = f"SHAPES = {SHAPES!r}\n{_ROUND_TRIPS}"
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(torch.load(path))
+    assert [r["capability"] for r in runs[:2]] == ["DEFAULT", "AVX2"]
+    first = runs[0]
+    for other in runs[1:]:
+        for key in first.keys() - {"capability"}:
+            (packed, absmax, values), (o_packed, o_absmax, o_values) = first[key], other[key]
+            assert torch.equal(packed, o_packed), (other["capability"], key)
+            if key.endswith("False"):
+                assert torch.equal(absmax, o_absmax) and torch.equal(values, o_values), (
+                    other["capability"],
+                    key,
+                )
+            else:
+                torch.testing.assert_close(o_values, values, rtol=1e-6, atol=0)
