@@ -129,3 +129,34 @@ def test_unknown_trainable_module_is_refused(tmp_path):
     data["adapter"]["trainable_modules"] = ["router"]
     with pytest.raises(UserError, match=r"adapter\.trainable_modules"):
         recipe.load(write_recipe(tmp_path / "r.yaml", data))
+
+
+def test_routed_experts_alone_train_save_reload_and_export(tmp_path):
+    """`targets: [routed_experts]` alone: PEFT wraps nothing, the expert LoRA trains, reloads and exports."""
+    from safetensors.torch import load_file as read
+
+    from finetune.model.load import embedded_checkpoint
+
+    data = base_recipe(tmp_path, learning_rate=1e-2, max_steps=2)
+    data["adapter"]["targets"] = ["routed_experts"]
+    r = recipe.load(write_recipe(tmp_path / "r.yaml", data))
+    pipeline.run(r)
+    folder = tmp_path / "run" / "sft" / "adapter"
+    saved = read(str(folder / adapters.EXPERTS_FILE))
+    assert all(saved[f"layers.{i}.lora_down_B"].abs().max() > 0 for i in (1, 2))  # trained: B starts at 0
+    ctx = pipeline.plan(r).context
+    reloaded = adapters.load_adapter(ctx.base_model(), folder).eval()
+    assert not any(".lora_A." in n for n, _ in reloaded.named_parameters())  # no linear LoRA at all
+    base = ctx.base_model().eval()
+    ids = torch.tensor([[5, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert (reloaded(ids).logits - base(ids).logits).abs().max() > 1e-4
+
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run" / "sft"), "--out", str(out)]) == 0
+    original = read(str(embedded_checkpoint("tiny", 0) / "model.safetensors"))
+    merged = read(str(out / "model.safetensors"))
+    changed = {k for k in original if not torch.equal(original[k], merged[k])}
+    # Only routed-expert tensors move (saved per expert: `mlp.experts.<j>.<proj>.weight`), in both MoE layers.
+    assert changed and all(".mlp.experts." in k for k in changed), sorted(changed)[:5]
+    assert {k.split(".")[2] for k in changed} == {"1", "2"}

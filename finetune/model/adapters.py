@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file, save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
@@ -76,9 +77,6 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
                     "or a module name such as `o_proj`"
                 )
         chosen += [n for n in found if n not in chosen]
-    if not chosen:
-        # transformers refuses to train a quantized model without a PEFT adapter, and PEFT needs a module.
-        raise UserError(f"{key}: name at least one linear target (e.g. `mla`) beside `routed_experts`")
     return chosen
 
 
@@ -135,7 +133,9 @@ def attach(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=modules,
+        # Only `routed_experts`: PEFT's dummy target wraps nothing, so the model is still a PeftModel, which
+        # transformers requires to train a quantized model; the expert LoRA is added below.
+        target_modules=modules or DUMMY_TARGET_MODULES,
         modules_to_save=to_save or None,
         # With tied embeddings, one trained copy must serve both the input embeddings and lm_head.
         ensure_weight_tying=bool(to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
