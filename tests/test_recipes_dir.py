@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
+from transformers import AutoModelForCausalLM
 
 from finetune import pipeline, recipe, toy
+from finetune.model import adapters
+from finetune.model.presets import preset_config
 
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 
@@ -32,3 +36,19 @@ def test_bundled_toy_data_matches_generator():
         assert [json.loads(line) for line in lines] == rows
     train_words = {r["messages"][0]["content"] for r in expected["train"]}
     assert not train_words & {r["messages"][0]["content"] for r in expected["test"]}
+
+
+# The Hub checkpoints the real-model recipes name, and the embedded shape each one has.
+REAL_SHAPES = {"deepseek-ai/DeepSeek-V2-Lite-Chat": "v2-lite", "deepseek-ai/DeepSeek-V2-Chat": "v2"}
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite/sft.yaml", "deepseek-v2/sft.yaml"])
+def test_real_model_recipes_fit_the_real_architecture(name):
+    """Offline, `validate` cannot see a Hub model's modules; check the adapter against its exact shape."""
+    r = recipe.load(REPO / "recipes" / name)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(preset_config(REAL_SHAPES[r.model.path]))
+    modules = adapters.resolve_targets(skeleton, r.adapter.targets)
+    layers = skeleton.config.num_hidden_layers
+    assert len(modules) == layers * (4 if skeleton.config.q_lora_rank is None else 5)
+    pipeline.check_experts(skeleton, r.adapter)
