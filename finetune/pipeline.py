@@ -18,10 +18,8 @@ from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model.load import Source, model_skeleton, resolve_source
 from finetune.recipe import AdapterConfig, Recipe
-from finetune.stages import sft
+from finetune.stages import REGISTRY
 from finetune.stages.context import StageContext
-
-STAGES = {"sft": sft}
 
 
 @dataclass
@@ -41,7 +39,8 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     source = resolve_source(m.preset, m.path)
     ctx = context(recipe, source)
     inputs = {
-        name: STAGES[stage.type].check(name, stage, ctx, fetch=fetch) for name, stage in recipe.stages.items()
+        name: REGISTRY[stage.type].check(name, stage, ctx, fetch=fetch)
+        for name, stage in recipe.stages.items()
     }
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
@@ -159,7 +158,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
             if primary:
                 rundir.remove_leftovers(stage_dir)
             torch.manual_seed(recipe.seed)
-            summaries[name] = STAGES[stage.type].run(
+            summaries[name] = REGISTRY[stage.type].run(
                 name,
                 stage,
                 checked.inputs[name],

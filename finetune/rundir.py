@@ -19,15 +19,17 @@ import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from finetune import recipe as recipe_mod
 from finetune.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
 
 LIBRARIES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 LOCK_FILE = ".lock"  # in <output_dir>: flock-ed while a run writes the folder, holds the run's pid
@@ -168,9 +170,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_recipe(
-    recipe: recipe_mod.Recipe, output_dir: Path, *, resumed: recipe_mod.Recipe | None = None
-) -> None:
+def write_recipe(recipe: Recipe, output_dir: Path, *, resumed: Recipe | None = None) -> None:
     """`<output_dir>/recipe.yaml`: the recipe as resolved (extends and overrides applied) plus versions.
 
     `resumed`: the run folder's recipe, continued by `--resume`: its provenance is kept and the time
@@ -185,7 +185,11 @@ def write_recipe(
     resolved = recipe.model_copy(update={"provenance": provenance})
     tmp = _temporary(output_dir / "recipe.yaml", "tmp")
     try:
-        recipe_mod.dump(resolved, tmp)
+        from finetune.recipe import (
+            dump,  # not at import: the recipe module imports the stages, which import this
+        )
+
+        dump(resolved, tmp)
         os.replace(tmp, output_dir / "recipe.yaml")
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -17,6 +17,22 @@ from finetune.model.presets import preset_config
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 
 
+def test_every_stage_type_is_a_plugin():
+    """A stage type is one module + one registry line + one recipes/tiny/<type>.yaml (validated below)."""
+    from typing import Literal
+
+    from finetune.stages import REGISTRY
+
+    for kind, module in REGISTRY.items():
+        assert (REPO / "recipes" / "tiny" / f"{kind}.yaml").is_file(), kind
+        assert module.Schema.model_fields["type"].annotation == Literal[kind]
+        assert isinstance(module.TRAINER_CONFIG, type) and callable(module.check) and callable(module.run)
+        assert (
+            recipe.stage_schema(kind) is module.Schema
+            and recipe.trainer_config_class(kind) is module.TRAINER_CONFIG
+        )
+
+
 def test_there_are_recipes():
     names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
     assert {"quickstart.yaml", "tiny/sft.yaml", "deepseek-v2-lite/sft.yaml", "deepseek-v2/sft.yaml"} <= names

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from datasets import Dataset
+from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout, rundir
 from finetune.model import adapters, routing
-from finetune.recipe import SFTStage, train_arguments
+from finetune.schema import DataConfig, HeldoutConfig, Strict, train_arguments
 from finetune.stages.context import StageContext
+
+
+class Schema(Strict):
+    """`stages.<name>` of `type: sft`."""
+
+    type: Literal["sft"]
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict)
+    heldout: HeldoutConfig | None = None
+
+
+SFTStage = Schema
+TRAINER_CONFIG = SFTConfig  # `stages.<name>.train` takes its fields
 
 
 @dataclass

@@ -1,0 +1,214 @@
+"""The typed pieces of a recipe that stage modules build on: strict models, YAML-1.1-safe scalar typing,
+the model / adapter / data sections, and the trainer-argument defaults and bounds. `finetune.recipe`
+assembles the whole recipe from these and the stage registry; nothing here reads YAML."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+# ------------------------------------------------------------------------------- values typed by schema
+
+
+class Spelled(str):
+    """A plain YAML scalar that YAML 1.1 reads as a bool or null (`no`, `off`, `yes`, `true`, `null`, `~`).
+
+    YAML 1.1 turns `eval_strategy: no` (TRL's own spelling) into False before any schema sees it. The
+    loader keeps the text as the user spelled it, with the YAML value in `.value`, and the schema decides
+    (`_typed`): a field whose type takes a bool (or None) gets the YAML value, any other field (a string, a
+    Literal of strings, a number) gets the text, so `no` stays "no" and `seed: true` is not an integer.
+    Quoted scalars are plain strings, as before. Both the pydantic schema (`Strict`) and the TRL trainer
+    fields (`_check_train_args`) resolve these, so a recipe file and a `key=value` override read alike.
+    """
+
+    value: bool | None
+
+    def __new__(cls, text: str, value: bool | None = None) -> Spelled:
+        self = super().__new__(cls, text)
+        self.value = value
+        return self
+
+
+def _union_args(annotation: Any) -> tuple:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _union_args(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return tuple(a for arg in typing.get_args(annotation) for a in _union_args(arg))
+    return (annotation,)
+
+
+def _takes(annotation: Any, value: bool | None) -> bool:
+    """Does the type accept this YAML 1.1 value (a bool or None) as it is?"""
+    for arg in _union_args(annotation):
+        if arg is Any or (value is None and arg is type(None)) or (isinstance(value, bool) and arg is bool):
+            return True
+        if typing.get_origin(arg) is Literal and any(v is value for v in typing.get_args(arg)):
+            return True
+    return False
+
+
+def _typed(value: Any, annotation: Any) -> Any:
+    """Give every `Spelled` scalar in `value` the form its type asks for (see `Spelled`), recursively."""
+    if isinstance(value, Spelled):
+        return value.value if _takes(annotation, value.value) else str(value)
+    if isinstance(value, list | dict):
+        for arg in _union_args(annotation):
+            origin, params = typing.get_origin(arg) or arg, typing.get_args(arg)
+            if arg is Any:
+                origin, params = type(value), ()
+            if isinstance(value, list) and origin in (list, tuple, set):
+                item = params[0] if params else Any
+                return [_typed(v, item) for v in value]
+            if isinstance(value, dict) and origin is dict:
+                k, v = params if len(params) == 2 else (Any, Any)
+                return {_typed(key, k): _typed(val, v) for key, val in value.items()}
+    return value
+
+
+def _plain_str(value: Any) -> bool:
+    """A string the user wrote as text (quoted, or any word YAML would not read as a bool or null)."""
+    return isinstance(value, str) and not isinstance(value, Spelled)
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# Numbers that refuse booleans (pydantic's lax mode reads True as 1).
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+# Fields holding raw mappings: trainer arguments are typed by the TRL config class (`_check_train_args`).
+_UNTYPED_FIELDS = {"train", "provenance"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled_values(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            str(key) if isinstance(key, Spelled) else key: value
+            if key not in fields or key in _UNTYPED_FIELDS
+            else _typed(value, fields[key].annotation)
+            for key, value in data.items()
+        }
+
+
+class ModelConfig(Strict):
+    preset: Literal["tiny", "tiny-v2"] | None = None
+    path: str | None = None
+    seed: Int = 0  # seeds the embedded presets' random weights, independent of the training seed
+    quantization: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    blocksize: Literal[32, 64, 128, 256] = 64  # NF4 block size of the routed experts
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: str | None = None
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of `preset` (embedded model) or `path` (folder or Hub id)")
+        return self
+
+
+class AdapterConfig(Strict):
+    r: Int = Field(16, gt=0)
+    alpha: Float = Field(32.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["mla"], min_length=1)
+    # Routed-expert LoRA (target `routed_experts`): its own rank/alpha, on all experts or {layer: [ids]}.
+    expert_r: Int | None = Field(None, gt=0)
+    expert_alpha: Float | None = Field(None, gt=0)
+    experts: Literal["all"] | dict[Int, list[Int] | Literal["all"]] = "all"
+    # Whole modules trained beside the LoRA (saved in the adapter folder): embeddings and/or lm_head.
+    trainable_modules: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
+    # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
+    router: Literal["frozen", "trainable"] = "frozen"
+    router_aux_loss_coef: Float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
+
+
+class DataConfig(Strict):
+    train: str
+    eval: str | None = None
+    train_split: str = "train"  # splits and configs apply to Hub datasets (and local dataset folders)
+    eval_split: str = "test"
+    config: str | None = None  # Hub config name, e.g. `main` for openai/gsm8k: load_dataset(train, config)
+    eval_config: str | None = None  # config of the eval and held-out data (default: `config`)
+    max_samples: int | None = Field(None, gt=0)
+
+
+class HeldoutConfig(Strict):
+    """Exact-match check on held-out prompts, run before and after the stage trains."""
+
+    data: str
+    max_samples: Int | None = Field(100, gt=0)
+    max_new_tokens: Int = Field(32, gt=0)
+    batch_size: Int = Field(32, gt=0)
+
+
+# Trainer arguments the toolkit sets itself, and the defaults it gives the rest. One place for both.
+OWNED_TRAIN_KEYS = {
+    "output_dir": "it is set to <output_dir>/<stage>",
+    "seed": "set the top-level `seed` instead",
+    "resume_from_checkpoint": "use `finetune run RECIPE --resume`, which continues every stage of the run folder",
+}
+# Checkpoints every 100 steps (and at the end), the last two kept: what `finetune run --resume` continues from.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "report_to": "none",
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "logging_steps": 5,
+}
+
+# Bounds of the common numeric trainer arguments (None always passes): a value outside is a user error.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+TRAIN_BOUNDS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _POSITIVE,
+    "per_device_eval_batch_size": _POSITIVE,
+    "gradient_accumulation_steps": _POSITIVE,
+    "eval_accumulation_steps": _POSITIVE,
+    "max_length": _POSITIVE,
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 (train num_train_epochs) or > 0"),
+    "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE,
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
+    "adam_epsilon": _POSITIVE,
+    "label_smoothing_factor": _FRACTION,
+    "dataloader_num_workers": _NON_NEGATIVE,
+    "dataset_num_proc": _POSITIVE,
+}
+
+
+def train_arguments(stage: Any, *, dtype: str, cuda: bool) -> dict[str, Any]:
+    """The stage's trainer arguments with the toolkit defaults filled in.
+
+    Mixed precision follows `model.dtype` (TRL defaults to bf16, which the trainer refuses on CPU).
+    """
+    precision = {
+        "bf16": dtype == "bfloat16" and cuda,
+        "fp16": dtype == "float16" and cuda,
+        "dataloader_pin_memory": cuda,
+    }
+    return {**TRAIN_DEFAULTS, **precision, **stage.train}
