@@ -24,9 +24,8 @@ def trained(tmp_path_factory):
     plan = pipeline.plan(r)
     model = plan.context.adapted_model()
     before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    plan.context.adapted_model = lambda: model
     (tmp / "run").mkdir()
-    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
+    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
     return plan, model, before
 
 

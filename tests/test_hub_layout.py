@@ -196,10 +196,9 @@ def test_recipe_trains_mla_and_expert_lora_end_to_end(hub, tmp_path, capsys):
     tensors = lambda: dict([*model.named_parameters(), *model.named_buffers()])  # noqa: E731
     frozen = {n: t.detach().clone() for n, t in tensors().items() if "lora_" not in n}
     expert_lora = {n: t.detach().clone() for n, t in tensors().items() if ".experts.lora_" in n}
-    plan.context.adapted_model = lambda: model  # the stage trains the model we snapshotted
     (tmp_path / "run").mkdir()
     rundir.write_recipe(r, tmp_path / "run")
-    summary = sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
+    summary = sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
     assert summary["train"]["steps"] == 2
     assert summary["heldout"]["before"]["n"] == 2 == summary["heldout"]["after"]["n"]
     now = tensors()

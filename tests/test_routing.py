@@ -51,9 +51,8 @@ def test_router_through_sft(tmp_path, router):
     gates = routing.routers(model)
     before = {i: g.weight.detach().clone() for i, g in gates.items()}
     assert all(g.weight.dtype == torch.float32 for g in gates.values())
-    plan.context.adapted_model = lambda: model
     (tmp_path / "run").mkdir()
-    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
+    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
     changed = [not torch.equal(g.weight, before[i]) for i, g in gates.items()]
     assert all(changed) if router == "trainable" else not any(changed)
     # TRL casts trainable parameters of a 4-bit model to bf16; the router must train and be saved in fp32.

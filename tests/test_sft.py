@@ -24,10 +24,9 @@ def trained(tmp_path_factory):
     model = plan.context.adapted_model()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    # The stage builds its model through the context; hand it the one we snapshotted.
-    plan.context.adapted_model = lambda: model
+    # Hand the stage the model we snapshotted.
     (tmp / "run").mkdir()
-    summary = sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
+    summary = sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
     return r, plan, model, base_before, lora_before, summary
 
 

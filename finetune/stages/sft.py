@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from datasets import Dataset
 from pydantic import Field
 from trl import SFTConfig, SFTTrainer
@@ -191,12 +192,20 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
 
 
 def run(
-    name: str, stage: SFTStage, inputs: SFTInputs, ctx: StageContext, *, resume_from: str | None = None
+    name: str,
+    stage: SFTStage,
+    inputs: SFTInputs,
+    ctx: StageContext,
+    *,
+    resume_from: str | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Train the stage; with `resume_from` (a complete checkpoint folder), continue from that step."""
+    """Train the stage; with `resume_from` (a complete checkpoint folder), continue from that step.
+
+    `model`: an adapted model to train instead of building one from `ctx` (tests keep a handle on it)."""
     out = ctx.stage_dir(name)
     tokenizer = ctx.tokenizer()
-    model = ctx.adapted_model()
+    model = model if model is not None else ctx.adapted_model()
 
     def check_heldout(when: str) -> dict | None:
         if inputs.heldout is None:
