@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,9 +10,10 @@ from datasets import Dataset
 from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
-from finetune import data, heldout, rundir
-from finetune.model import adapters, routing
+from finetune import data, heldout
+from finetune.model import routing
 from finetune.schema import DataConfig, HeldoutConfig, Strict, train_arguments
+from finetune.stages import common
 from finetune.stages.context import StageContext
 
 
@@ -228,39 +228,11 @@ def run(
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=[
-            rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
-            rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
-        ],
+        callbacks=common.callbacks(out, monitor, resume_from),
     )
-    # TRL casts every trainable parameter of a quantized model to bf16; the router is fp32 by design.
-    adapters.keep_router_fp32(trainer.model)
-    tokenizer = trainer.processing_class  # carries `chat_template_path` when the recipe sets one
-    if resume_from is not None:
-        # The Trainer's loader restores PEFT's weights only (through PEFT's transformers-4 MoE name shim);
-        # ours restores the routed-expert LoRA and the router too, before the optimizer is built.
-        trainer._load_from_checkpoint = lambda checkpoint, model=None: rundir.load_checkpoint_weights(
-            trainer.model, checkpoint
-        )
-    start = time.perf_counter()
-    done = rundir.trained_to_the_end(resume_from) if resume_from is not None else None
-    if done is not None:  # resuming from the final step: Trainer would train one step past max_steps
-        rundir.load_checkpoint_weights(trainer.model, resume_from)
-        metrics, steps = {"epoch": done["epoch"]}, done["global_step"]
-    else:
-        try:
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        except Exception as err:  # a checkpoint the trainer could not write (full disk): one line naming it
-            error = rundir.write_error(err, out / rundir.CHECKPOINTS)
-            if error is None:
-                raise
-            raise error from None
-        metrics, steps = result.metrics, result.global_step
-    seconds = time.perf_counter() - start
-    if trainer.is_world_process_zero():
-        with rundir.replaced_folder(out / "adapter") as folder:  # never a half-written adapter/
-            adapters.save_adapter(trainer.model, folder)
-            tokenizer.save_pretrained(str(folder))  # the chat template trained with travels with the adapter
+    tokenizer = common.prepare(trainer, resume_from)
+    trained = common.train(trainer, out, resume_from)
+    adapter = common.save(trainer, out, tokenizer)
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
     after = check_heldout("after")
@@ -268,15 +240,11 @@ def run(
     summary: dict[str, Any] = {
         "stage": name,
         "type": "sft",
-        "train": {**metrics, "seconds": round(seconds, 2), "steps": steps},
+        "train": trained,
         "eval": final_eval,
-        "adapter": str(out / "adapter"),
+        "adapter": str(adapter),
     }
-    if resume_from is not None:
-        summary["train"]["resumed_from"] = str(resume_from)
     if before is not None:
         summary["heldout"] = {"metric": "exact_match", "before": before, "after": after}
-    if trainer.is_world_process_zero():
-        rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{ctx.name} / {name}")
-        rundir.write_summary(out / "summary.json", summary)  # last: a stage with a summary is finished
+    common.finish(trainer, out, f"{ctx.name} / {name}", summary)
     return summary
