@@ -118,6 +118,7 @@ def attach(
     experts: dict[int, list[int]] | None = None,
     router: str = "frozen",
     trainable_modules: list[str] | None = None,
+    head: str = "causal_lm",
 ) -> PeftModel:
     """Freeze the base model and add LoRA on the resolved targets.
 
@@ -139,7 +140,8 @@ def attach(
         modules_to_save=to_save or None,
         # With tied embeddings, one trained copy must serve both the input embeddings and lm_head.
         ensure_weight_tying=bool(to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: PEFT also trains and saves the new `score` head in full.
+        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[head],
     )
     if "routed_experts" in targets:
         unquantized_experts_to_plain(model)  # 16-bit experts take the same per-expert LoRA code path

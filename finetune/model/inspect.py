@@ -15,6 +15,7 @@ KINDS = (
     "router",
     "embeddings",
     "lm_head",
+    "score",
     "norms",
     "other",
 )
@@ -39,6 +40,8 @@ def kind_of(name: str) -> str:
         return "embeddings"
     if "lm_head" in name:
         return "lm_head"
+    if "score" in name.split("."):
+        return "score"  # the sequence-classification / reward head
     return "other"
 
 
@@ -112,7 +115,9 @@ def report(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         for key in ("params", "bytes", "trainable_params"):
             total[key] += row[key]
         total["dtypes"] |= row["dtypes"]
-    if "lm_head" not in out and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+    has_lm_head = any(n.endswith("lm_head") for n, _ in model.named_modules())
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if "lm_head" not in out and tied and has_lm_head:
         out["lm_head"] = {"params": 0, "bytes": 0, "dtypes": ["tied to embeddings"], "trainable_params": 0}
     out["total"] = {**total, "dtypes": sorted(total["dtypes"])}
     return out

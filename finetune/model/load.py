@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from finetune.errors import UserError, first_line
@@ -30,6 +36,8 @@ from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEEPSEEK_V2_TYPES = ("deepseek_v2",)
+# The model heads a stage can ask for: next-token prediction, or a sequence score / classifier (`score`).
+HEADS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
 
 
 @dataclass(frozen=True)
@@ -184,11 +192,16 @@ def load_model(
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
     seed: int = 0,
+    head: str = "causal_lm",
+    num_labels: int | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
-    """The native `DeepseekV2ForCausalLM`; with `quantization == "nf4"` its linear layers (bitsandbytes)
-    and its routed experts (`NF4Experts`) are 4-bit. The router and the norms keep their dtype."""
+    """The native `DeepseekV2ForCausalLM` (`head="seq_cls"`: `DeepseekV2ForSequenceClassification` with
+    `num_labels` outputs, pooling the last token that is not `pad_token_id`); with `quantization ==
+    "nf4"` its linear layers (bitsandbytes) and its routed experts (`NF4Experts`) are 4-bit. The router,
+    the norms and the `score` head keep their dtype."""
     torch_dtype = DTYPES[dtype]
-    kwargs: dict = {"dtype": torch_dtype}
+    kwargs: dict = {"dtype": torch_dtype, **_head_config(head, num_labels, pad_token_id)}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -204,7 +217,7 @@ def load_model(
     location = _location(source, seed)
     nf4 = quantization == "nf4"
     with _hub_errors(source), deferred_experts() if nf4 else contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = HEADS[head].from_pretrained(location, **kwargs)
     if model.config.model_type not in DEEPSEEK_V2_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
     if nf4:
@@ -222,16 +235,30 @@ def load_model(
     return model
 
 
-def model_skeleton(source: Source, seed: int = 0) -> torch.nn.Module | None:
+def _head_config(head: str, num_labels: int | None, pad_token_id: int | None) -> dict:
+    """Config overrides of a head: a classifier's label count and the pad id its pooling looks for."""
+    if head not in HEADS:
+        raise ValueError(f"unknown model head {head!r}; heads: {', '.join(HEADS)}")
+    if head == "causal_lm":
+        return {}
+    overrides: dict = {"num_labels": num_labels or 1}
+    if pad_token_id is not None:
+        overrides["pad_token_id"] = pad_token_id
+    return overrides
+
+
+def model_skeleton(
+    source: Source, seed: int = 0, head: str = "causal_lm", num_labels: int | None = None
+) -> torch.nn.Module | None:
     """The model's module tree on the meta device (no weights), to check targets; None for a Hub id."""
     if source.kind == "hub":
         return None
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(_location(source, seed))
+        config = AutoConfig.from_pretrained(_location(source, seed), **_head_config(head, num_labels, None))
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return HEADS[head].from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
         raise UserError(
             f"model.path: {source.ref}/config.json: cannot build the model ({first_line(err)})"

@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import TypeVar
 
 import torch
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV2TopkRouter
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2PreTrainedModel,
+    DeepseekV2TopkRouter,
+)
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -33,8 +36,9 @@ def routers(model: torch.nn.Module) -> dict[int, DeepseekV2TopkRouter]:
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The DeepseekV2ForCausalLM under any PEFT wrappers: its forward returns the loss."""
-    return next(m for m in model.modules() if isinstance(m, DeepseekV2ForCausalLM))
+    """The model with a head (causal LM or sequence classifier) under any PEFT wrappers: its forward
+    returns the loss. Module order puts it before the bare `DeepseekV2Model` inside it."""
+    return next(m for m in model.modules() if isinstance(m, DeepseekV2PreTrainedModel))
 
 
 class RouterMonitor:

@@ -50,10 +50,11 @@ class StageContext:
             self._tokenizer = load_tokenizer(self.source, seed=self.model_kwargs.get("seed", 0))
         return self._tokenizer
 
-    def base_model(self) -> torch.nn.Module:
-        return load_model(self.source, **self.model_kwargs)
+    def base_model(self, head: str = "causal_lm", **head_kwargs: Any) -> torch.nn.Module:
+        """`head_kwargs`: `num_labels`, `pad_token_id` of a `seq_cls` head."""
+        return load_model(self.source, **self.model_kwargs, head=head, **head_kwargs)
 
-    def adapted_model(self) -> torch.nn.Module:
+    def adapted_model(self, head: str = "causal_lm", **head_kwargs: Any) -> torch.nn.Module:
         # Seed before LoRA init so the same recipe gives the same starting adapter.
         torch.manual_seed(self.seed)
-        return adapters.attach(self.base_model(), **self.adapter_kwargs)
+        return adapters.attach(self.base_model(head, **head_kwargs), **self.adapter_kwargs, head=head)
