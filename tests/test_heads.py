@@ -82,3 +82,38 @@ def test_inspect_reports_the_score_head(targets):
     rows = report(model)
     assert rows["score"]["trainable_params"] == 2 * 64  # num_labels x hidden, trained in full
     assert "lm_head" not in rows  # no language-model head, tied or not
+
+
+def test_classifier_adapter_exports_to_a_plain_classifier(tmp_path):
+    """`finetune export` of a SEQ_CLS adapter: the base without lm_head plus the trained `score`, loadable
+    by AutoModelForSequenceClassification and computing what the adapted 4-bit model computes."""
+    from conftest import base_recipe, write_recipe
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune import recipe, rundir
+    from finetune.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_recipe(recipe.load(write_recipe(tmp_path / "r.yaml", base_recipe(tmp_path))), run)
+    model, pad = _classifier()
+    with torch.no_grad():  # a trained-looking adapter: nonzero B everywhere, a moved head
+        for name, param in model.named_parameters():
+            if param.requires_grad and ("lora_B" in name or "score" in name):
+                param.normal_(std=0.05)
+    adapters.save_adapter(model, run / "cls" / "adapter")
+    load_tokenizer(SOURCE).save_pretrained(run / "cls" / "adapter")
+
+    out = tmp_path / "exported"
+    assert (
+        main(["export", str(run / "cls"), "--out", str(out), "--base", "quantized", "--dtype", "float32"])
+        == 0
+    )
+    plain = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert plain.config.num_labels == 3 and plain.config.pad_token_id == pad
+    ids = torch.tensor([[5, 40, 41, 42, 43, 6], [5, 50, 51, 52, 53, 6]])
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -28,6 +28,7 @@ Everything is written to a temporary folder beside `out`, renamed into place at 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -394,6 +395,8 @@ def export(
     except (OSError, ValueError) as err:
         raise UserError(f"{folder}/config.json: {first_line(err)}") from None
     entries = checkpoint_entries(folder)
+    if _head(adapter_dir) == "seq_cls":
+        entries, config = _classifier(entries, config, adapter, folder, adapter_dir)
     merger = _Merger(adapter, entries, base, recipe, folder)
     code = {
         e.key: CODES[getattr(torch, dtype)] if dtype and e.torch_dtype.is_floating_point else e.dtype
@@ -423,6 +426,38 @@ def export(
     finally:
         merger.reader.close()
     return Result(out, sum(sizes.values()), len(shards), len(entries))
+
+
+def _head(adapter_dir: Path) -> str:
+    """`seq_cls` for an adapter trained on a sequence classifier / reward model (PEFT task SEQ_CLS)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return "seq_cls" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
+
+
+def _classifier(
+    entries: list[Entry], config: dict, adapter, folder: Path, adapter_dir: Path
+) -> tuple[list[Entry], dict]:
+    """A classifier's checkpoint: the base without `lm_head`, plus the trained `score` head (a tensor the
+    base checkpoint does not have, streamed from the adapter file), under a classifier config."""
+    score = adapter.full.get("score.weight")
+    if score is None:
+        raise UserError(f"{adapter_dir}: a SEQ_CLS adapter without its trained `score` head")
+    from transformers import AutoTokenizer
+
+    own = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else folder)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    labels = config.get("id2label") if len(config.get("id2label") or {}) == score.shape[0] else None
+    labels = labels or {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
+    edited = {
+        **config,
+        "architectures": ["DeepseekV2ForSequenceClassification"],
+        "id2label": labels,
+        "label2id": {name: int(i) for i, name in labels.items()},
+        "pad_token_id": pad,
+    }
+    kept = [e for e in entries if e.key != "lm_head.weight"]
+    return [*kept, dataclasses.replace(score, key="score.weight")], edited
 
 
 def _write(
@@ -466,7 +501,7 @@ def _write_side_files(tmp: Path, folder: Path, adapter_dir: Path, config: dict, 
     if dtype:
         for key in [k for k in ("torch_dtype", "dtype") if k in edited] or ["torch_dtype"]:
             edited[key] = dtype
-    if edited == config:
+    if edited == json.loads((folder / "config.json").read_text()):  # untouched: keep the file verbatim
         shutil.copyfile(folder / "config.json", tmp / "config.json")
     else:
         (tmp / "config.json").write_text(json.dumps(edited, indent=2) + "\n")
