@@ -415,6 +415,28 @@ def prompt_target_pairs(rows: Dataset, *, key: str, source: str | None = None) -
 # ------------------------------------------------------------------------ what the trainer will see
 
 
+def preference_format(rows: Dataset, *, key: str) -> Dataset:
+    """Pairwise rows for TRL's RewardTrainer: `chosen` and `rejected` (texts, or conversations when both
+    are message lists), an optional explicit `prompt`, an optional numeric `margin`."""
+    columns = set(rows.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise UserError(
+            f"{key}: a reward stage needs `chosen` and `rejected` columns; missing {', '.join(missing)} "
+            f"(found: {', '.join(sorted(columns))})"
+        )
+    for i, row in enumerate(rows):
+        kinds = {type(row["chosen"]).__name__, type(row["rejected"]).__name__}
+        if not kinds <= {"str", "list"} or len(kinds) > 1:
+            raise UserError(
+                f"{key}: row {i}: `chosen` and `rejected` must both be texts or both message lists"
+            )
+        if "margin" in columns and not isinstance(row["margin"], int | float):
+            raise UserError(f"{key}: row {i}: `margin` must be a number, got {row['margin']!r}")
+    keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in columns]
+    return rows.select_columns(keep)
+
+
 @dataclass
 class SplitReport:
     """One split of a stage's data as the trainer will see it (`validate` prints these)."""

@@ -154,13 +154,22 @@ def _explain(err: ValidationError, source: str) -> UserError:
     # Of a union's failed members, the one that got deepest into the value says the most.
     first = max(err.errors(), key=lambda e: len(untagged(e["loc"])))
     loc = untagged(first["loc"])
-    path = _dotted(loc) or "(top level)"
+    from finetune.stages import REGISTRY
+
+    # With several stage types pydantic puts the stage's `type` tag after its name: not a key to show.
+    tagged = len(loc) > 2 and loc[0] == "stages" and loc[2] in REGISTRY
+    path = _dotted(loc[:2] + loc[3:] if tagged else loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
         hint = _suggest(str(loc[-1]), _fields_at(loc[:-1]))
         return UserError(f"{source}: unknown key `{path}`{hint}")
     if kind == "missing":
         return UserError(f"{source}: missing key `{path}`")
+    if kind == "union_tag_not_found":
+        return UserError(f"{source}: missing key `{path}.type` (stage types: {', '.join(REGISTRY)})")
+    if kind == "union_tag_invalid":
+        tag = first.get("ctx", {}).get("tag")
+        return UserError(f"{source}: `{path}.type`: no stage type {tag!r} (stage types: {', '.join(REGISTRY)})")
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f", got {value!r}"

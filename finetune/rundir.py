@@ -265,6 +265,30 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save_figure(fig, path)
+    return True
+
+
+def plot_histogram(values: list[float], path: Path, title: str) -> None:
+    """A histogram of `values` (e.g. reward margins) with the zero line marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(values, bins=30)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel("value")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a figure under a temporary name and rename it: never a half-written PNG."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = _temporary(path, "tmp")
     try:
@@ -275,7 +299,6 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
         raise _cannot_write(path, err) from None
     finally:
         plt.close(fig)
-    return True
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

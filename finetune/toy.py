@@ -1,6 +1,6 @@
 """The bundled toy task: reverse a four-letter lowercase word. Random models fail it; a few hundred LoRA steps fix it.
 
-The files under recipes/data/reverse/ are this module's output:  python -m finetune.toy recipes/data/reverse
+The files under recipes/data/{reverse,preference}/ are this module's output:  python -m finetune.toy recipes/data
 """
 
 from __future__ import annotations
@@ -44,12 +44,34 @@ def splits(n_train: int = 8000, n_test: int = 200, seed: int = 0) -> dict[str, l
     return {"train": [example(w) for w in train], "test": [example(w) for w in test]}
 
 
-def write(folder: Path) -> None:
+def preferences(n_train: int = 2000, n_test: int = 200, seed: int = 1) -> dict[str, list[dict]]:
+    """Pairs for a reward model: the reversed word is chosen, a random other word rejected (implicit prompt)."""
+    rng = random.Random(seed + 1000)
+    out: dict[str, list[dict]] = {}
+    for split, rows in splits(n_train, n_test, seed).items():
+        pairs = []
+        for row in rows:
+            user, good = row["messages"]
+            bad = _word(rng)
+            while bad == good["content"]:
+                bad = _word(rng)
+            pairs.append({"chosen": [user, good], "rejected": [user, {"role": "assistant", "content": bad}]})
+        out[split] = pairs
+    return out
+
+
+def _write(folder: Path, data: dict[str, list[dict]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits().items():
+    for split, rows in data.items():
         with open(folder / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def write(root: Path) -> None:
+    """`<root>/reverse/` (SFT) and `<root>/preference/` (reward pairs)."""
+    _write(root / "reverse", splits())
+    _write(root / "preference", preferences())
+
+
 if __name__ == "__main__":
-    write(Path(sys.argv[1] if len(sys.argv) > 1 else "recipes/data/reverse"))
+    write(Path(sys.argv[1] if len(sys.argv) > 1 else "recipes/data"))

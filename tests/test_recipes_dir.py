@@ -68,3 +68,12 @@ def test_real_model_recipes_fit_the_real_architecture(name):
     layers = skeleton.config.num_hidden_layers
     assert len(modules) == layers * (4 if skeleton.config.q_lora_rank is None else 5)
     pipeline.check_experts(skeleton, r.adapter)
+
+
+def test_bundled_preference_data_matches_generator():
+    for split, rows in toy.preferences().items():
+        lines = (REPO / "recipes" / "data" / "preference" / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
+    for row in toy.preferences(n_train=50, n_test=5)["train"]:
+        word = row["chosen"][0]["content"].split()[-1]
+        assert row["chosen"][1]["content"] == word[::-1] != row["rejected"][1]["content"]

@@ -7,6 +7,7 @@ Targets resolve to full module names, so PEFT wraps exactly those and nothing el
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +177,16 @@ def keep_router_fp32(model: torch.nn.Module) -> None:
     for gate in routing.routers(model).values():
         if gate.weight.requires_grad and gate.weight.dtype != torch.float32:
             gate.weight.data = gate.weight.data.float()
+
+
+def keep_full_copies_dtype(model: torch.nn.Module) -> None:
+    """Put trained full copies (PEFT `modules_to_save`) back in the dtype of the module they replace."""
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if param.requires_grad and ".modules_to_save." in name:
+            original = params.get(re.sub(r"\.modules_to_save\.[^.]+\.", ".original_module.", name))
+            if original is not None and param.dtype != original.dtype:
+                param.data = param.data.to(original.dtype)
 
 
 def extra_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

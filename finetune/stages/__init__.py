@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import sft
+from finetune.stages import reward, sft
 
-REGISTRY: dict[str, ModuleType] = {"sft": sft}
+REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward}

@@ -25,6 +25,9 @@ def prepare(trainer: Trainer, resume_from: str | None) -> Any:
     """Undo what the trainer must not change and hook our checkpoint loader; returns its tokenizer."""
     # TRL casts every trainable parameter of a quantized model to bf16; the router is fp32 by design.
     adapters.keep_router_fp32(trainer.model)
+    # ... and its full trained copies (`modules_to_save`: the `score` head, embeddings) must keep the
+    # dtype of the module they replace, or their matmul meets activations of another dtype.
+    adapters.keep_full_copies_dtype(trainer.model)
     if resume_from is not None:
         # The Trainer's loader restores PEFT's weights only (through PEFT's transformers-4 MoE name shim);
         # ours restores the routed-expert LoRA and the router too, before the optimizer is built.
