@@ -169,7 +169,9 @@ def _explain(err: ValidationError, source: str) -> UserError:
         return UserError(f"{source}: missing key `{path}.type` (stage types: {', '.join(REGISTRY)})")
     if kind == "union_tag_invalid":
         tag = first.get("ctx", {}).get("tag")
-        return UserError(f"{source}: `{path}.type`: no stage type {tag!r} (stage types: {', '.join(REGISTRY)})")
+        return UserError(
+            f"{source}: `{path}.type`: no stage type {tag!r} (stage types: {', '.join(REGISTRY)})"
+        )
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f", got {value!r}"
