@@ -83,3 +83,28 @@ def test_stage_type_errors_name_the_key(tmp_path, capsys, stage, message):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24], ids=["lite-mla", "v2-mla"])
+def test_reward_on_a_hub_layout_checkpoint_with_expert_lora(tmp_path, q_lora_rank):
+    """Both MLA variants, deepseek-ai Hub layout (per-expert keys), `[mla, routed_experts]` targets."""
+    from hub_layout import write_hub_checkpoint
+    from safetensors.torch import load_file
+
+    from finetune.model import adapters
+
+    folder = tmp_path / "ckpt"
+    write_hub_checkpoint(folder, q_lora_rank=q_lora_rank)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.path={folder}",
+        "adapter.targets=[mla, routed_experts]",
+        "stages.reward.data.max_samples=64",
+        "stages.reward.train.max_steps=3",
+        "stages.reward.train.per_device_train_batch_size=8",
+    ]
+    r = recipe.load(REPO / "recipes" / "tiny" / "reward.yaml", overrides)
+    summary = pipeline.run(r)["reward"]
+    assert summary["train"]["steps"] == 3 and summary["eval"]["pairs"] == 200
+    saved = load_file(str(tmp_path / "run" / "reward" / "adapter" / adapters.EXPERTS_FILE))
+    assert all(saved[f"layers.{i}.lora_down_B"].abs().max() > 0 for i in (1, 2))  # expert LoRA trained
