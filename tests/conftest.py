@@ -68,3 +68,23 @@ def write_recipe(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's contract for bad input: exactly one `error: ...` line, last on stderr, no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def fails(capsys, tmp_path: Path, argv: list[str]) -> str:
+    """Run the CLI on bad input: exit 2, one error line, and no run directory left behind."""
+    from finetune.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = one_error_line(err)
+    assert not (tmp_path / "run").exists(), "a failed run must not leave a run directory"
+    return line

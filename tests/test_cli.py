@@ -7,21 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import base_recipe, write_jsonl, write_recipe
+from conftest import base_recipe, fails, write_jsonl, write_recipe
 
 import finetune
 from finetune.cli import main
-
-
-def _fails(capsys, tmp_path, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-    assert "Traceback" not in err
-    assert not (tmp_path / "run").exists(), "a failed run must not leave a run directory"
-    return errors[0]
 
 
 def _recipe(tmp_path, mutate) -> str:
@@ -33,33 +22,33 @@ def _recipe(tmp_path, mutate) -> str:
 @pytest.mark.parametrize("verb", ["run", "validate"])
 def test_unknown_key(capsys, tmp_path, verb):
     path = _recipe(tmp_path, lambda d: d["adapter"].update(rank=8))
-    assert "unknown key `adapter.rank`" in _fails(capsys, tmp_path, [verb, path])
+    assert "unknown key `adapter.rank`" in fails(capsys, tmp_path, [verb, path])
 
 
 def test_missing_recipe(capsys, tmp_path):
-    assert "recipe not found" in _fails(capsys, tmp_path, ["run", str(tmp_path / "missing.yaml")])
+    assert "recipe not found" in fails(capsys, tmp_path, ["run", str(tmp_path / "missing.yaml")])
 
 
 def test_wrong_type(capsys, tmp_path):
     path = _recipe(tmp_path, lambda d: d.update(seed="abc"))
-    assert "`seed`" in _fails(capsys, tmp_path, ["run", path])
+    assert "`seed`" in fails(capsys, tmp_path, ["run", path])
 
 
 def test_extends_cycle(capsys, tmp_path):
     write_recipe(tmp_path / "a.yaml", {"extends": "a.yaml"})
-    assert "`extends` cycle" in _fails(capsys, tmp_path, ["validate", str(tmp_path / "a.yaml")])
+    assert "`extends` cycle" in fails(capsys, tmp_path, ["validate", str(tmp_path / "a.yaml")])
 
 
 def test_missing_data_file(capsys, tmp_path):
     path = _recipe(tmp_path, lambda d: d["stages"]["sft"]["data"].update(train=str(tmp_path / "nope.jsonl")))
-    msg = _fails(capsys, tmp_path, ["run", path])
+    msg = fails(capsys, tmp_path, ["run", path])
     assert "stages.sft.data.train: data file not found" in msg and "nope.jsonl" in msg
 
 
 def test_dataset_without_needed_columns(capsys, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     path = _recipe(tmp_path, lambda d: d["stages"]["sft"]["data"].update(train=str(bad)))
-    msg = _fails(capsys, tmp_path, ["run", path])
+    msg = fails(capsys, tmp_path, ["run", path])
     assert "stages.sft.data.train: needs a `messages` column" in msg and "found: answer, question" in msg
 
 
@@ -67,7 +56,7 @@ def test_empty_dataset(capsys, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     path = _recipe(tmp_path, lambda d: d["stages"]["sft"]["data"].update(train=str(empty)))
-    assert "stages.sft.data.train: dataset is empty" in _fails(capsys, tmp_path, ["run", path])
+    assert "stages.sft.data.train: dataset is empty" in fails(capsys, tmp_path, ["run", path])
 
 
 def test_model_path_not_deepseek(capsys, tmp_path):
@@ -77,19 +66,19 @@ def test_model_path_not_deepseek(capsys, tmp_path):
         json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     )
     path = _recipe(tmp_path, lambda d: d.update(model={"path": str(other)}))
-    msg = _fails(capsys, tmp_path, ["run", path])
+    msg = fails(capsys, tmp_path, ["run", path])
     assert "model.path" in msg and "model_type 'llama'" in msg
 
 
 def test_override_for_missing_key(capsys, tmp_path):
     path = _recipe(tmp_path, lambda d: None)
-    msg = _fails(capsys, tmp_path, ["run", path, "stages.sft.train.learnig_rate=1e-4"])
+    msg = fails(capsys, tmp_path, ["run", path, "stages.sft.train.learnig_rate=1e-4"])
     assert "did you mean `learning_rate`?" in msg
 
 
 def test_invalid_trainer_combination_named(capsys, tmp_path):
     path = _recipe(tmp_path, lambda d: d["stages"]["sft"]["train"].update(lr_scheduler_type="nonsense"))
-    assert "stages.sft.train" in _fails(capsys, tmp_path, ["validate", path])
+    assert "stages.sft.train" in fails(capsys, tmp_path, ["validate", path])
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -118,5 +107,5 @@ def test_unreachable_hub_model(capsys, tmp_path):
     path = _recipe(tmp_path, lambda d: d.update(model={"path": "no-such-org/no-such-model"}))
     assert main(["validate", path]) == 0  # validate accepts a Hub id without the network
     capsys.readouterr()
-    msg = _fails(capsys, tmp_path, ["inspect", path])
+    msg = fails(capsys, tmp_path, ["inspect", path])
     assert "model.path: cannot load Hub id 'no-such-org/no-such-model'" in msg

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, one_error_line, write_recipe
 
 from finetune import recipe, rundir
 from finetune.cli import main
@@ -299,10 +299,8 @@ def test_bad_input_is_one_line(capsys, tmp_path, case, verb):
         cleanup()
     err = capsys.readouterr().err
     assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-    assert "Traceback" not in err
-    assert case.expected.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    line = one_error_line(err)
+    assert case.expected.replace("{tmp}", str(tmp_path)) in line, line
     assert _snapshot(tmp_path) == before, "a failed command must not write anything"
     assert (tmp_path / "run").exists() == had_run_folder
 

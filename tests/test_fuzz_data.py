@@ -13,9 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import base_recipe, chat_rows, write_jsonl, write_recipe
-
-from finetune.cli import main
+from conftest import base_recipe, chat_rows, fails, write_jsonl, write_recipe
 
 
 @dataclass
@@ -298,17 +296,6 @@ CASES = [
 ]
 
 
-def _fails(capsys, tmp_path, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-    assert "Traceback" not in err
-    assert not (tmp_path / "run").exists(), "a failed run must not leave a run directory"
-    return errors[0]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     reason = case.skip()
@@ -318,6 +305,6 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     case.setup(tmp_path, recipe)
     path = str(write_recipe(tmp_path / "r.yaml", recipe))
     for verb in case.verbs:
-        message = _fails(capsys, tmp_path, [verb, path])
+        message = fails(capsys, tmp_path, [verb, path])
         assert case.error in message, f"{verb}: {message}"
         assert "stages.sft." in message, f"{verb}: the error names no key: {message}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, one_error_line, write_recipe
 
 from finetune import rundir
 from finetune.cli import main
@@ -31,10 +31,7 @@ with rundir.locked(Path(sys.argv[1])):
 
 
 def _one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
-    return errors[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 def test_second_run_is_refused_and_a_killed_holder_frees_the_folder(capsys, tmp_path):
