@@ -18,17 +18,10 @@ from pathlib import Path
 
 from finetune.errors import UserError, first_line
 from finetune.model.adapters import EXPERTS_FILE, ROUTER_FILE
+from finetune.model.experts import LORA_STATE_KEYS
 from finetune.model.shards import BadFile, Entry, Reader, read_header
 
 _PEFT = "base_model.model."
-_EXPERT_PARTS = (
-    "lora_gate_up_A",
-    "lora_gate_up_B",
-    "lora_down_A",
-    "lora_down_B",
-    "lora_experts",
-    "lora_alpha",
-)
 _UNSUPPORTED = {
     "use_dora": "DoRA",
     "lora_bias": "LoRA bias",
@@ -122,7 +115,7 @@ def read_adapter(folder: Path) -> Adapter:
             entries = header(experts_path)
             layers = sorted({int(k.split(".")[1]) for k in entries if re.fullmatch(r"layers\.\d+\..+", k)})
             for layer in layers:
-                parts = {p: entries.get(f"layers.{layer}.{p}") for p in _EXPERT_PARTS}
+                parts = {p: entries.get(f"layers.{layer}.{p}") for p in LORA_STATE_KEYS}
                 missing = [p for p, e in parts.items() if e is None]
                 if missing:
                     raise UserError(f"{experts_path}: layer {layer} has no {missing[0]}")

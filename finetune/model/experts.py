@@ -20,6 +20,8 @@ _WEIGHTS = ("gate_up", "down")
 # QuantState tensors kept as buffers, per weight; the nested ones exist only with double quantization.
 _QUANT_PARTS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
 _LORA_PARTS = ("A", "B")
+# Keys of `NF4Experts.lora_state_dict()`, as saved per layer in `routed_experts.safetensors`.
+LORA_STATE_KEYS = (*(f"lora_{w}_{p}" for w in _WEIGHTS for p in _LORA_PARTS), "lora_experts", "lora_alpha")
 
 
 def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:

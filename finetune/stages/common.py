@@ -21,6 +21,30 @@ def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None
     ]
 
 
+def fit(
+    trainer_cls: type[Trainer],
+    model: Any,
+    inputs: Any,
+    tokenizer: Any,
+    out: Path,
+    monitor: routing.RouterMonitor,
+    resume_from: str | None,
+) -> tuple[Trainer, Any, dict[str, Any], Path]:
+    """Build the stage's TRL trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
+    save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder)."""
+    trainer = trainer_cls(
+        model=model,
+        args=inputs.args,
+        train_dataset=inputs.train,
+        eval_dataset=inputs.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks(out, monitor, resume_from),
+    )
+    tokenizer = prepare(trainer, resume_from)
+    trained = train(trainer, out, resume_from)
+    return trainer, tokenizer, trained, save(trainer, out, tokenizer)
+
+
 def prepare(trainer: Trainer, resume_from: str | None) -> Any:
     """Undo what the trainer must not change and hook our checkpoint loader; returns its tokenizer."""
     # TRL casts every trainable parameter of a quantized model to bf16; the router is fp32 by design.

@@ -86,17 +86,9 @@ def run(
     if model is None:
         model = ctx.adapted_model("seq_cls", num_labels=1, pad_token_id=tokenizer.pad_token_id)
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
-    trainer = RewardTrainer(
-        model=model,
-        args=inputs.args,
-        train_dataset=inputs.train,
-        eval_dataset=inputs.eval,
-        processing_class=tokenizer,
-        callbacks=common.callbacks(out, monitor, resume_from),
+    trainer, tokenizer, trained, adapter = common.fit(
+        RewardTrainer, model, inputs, tokenizer, out, monitor, resume_from
     )
-    tokenizer = common.prepare(trainer, resume_from)
-    trained = common.train(trainer, out, resume_from)
-    adapter = common.save(trainer, out, tokenizer)
     monitor.remove()
     summary: dict[str, Any] = {"stage": name, "type": "reward", "train": trained, "adapter": str(adapter)}
     if inputs.eval is not None:

@@ -222,17 +222,9 @@ def run(
 
     before = check_heldout("before")
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
-    trainer = SFTTrainer(
-        model=model,
-        args=inputs.args,
-        train_dataset=inputs.train,
-        eval_dataset=inputs.eval,
-        processing_class=tokenizer,
-        callbacks=common.callbacks(out, monitor, resume_from),
+    trainer, tokenizer, trained, adapter = common.fit(
+        SFTTrainer, model, inputs, tokenizer, out, monitor, resume_from
     )
-    tokenizer = common.prepare(trainer, resume_from)
-    trained = common.train(trainer, out, resume_from)
-    adapter = common.save(trainer, out, tokenizer)
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
     after = check_heldout("after")
