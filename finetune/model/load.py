@@ -68,9 +68,8 @@ def check_checkpoint(folder: Path, key: str = "model.path") -> None:
         raise UserError(f"{key}: {folder} is a file, not a checkpoint folder")
     config = folder / "config.json"
     if not config.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:8]
         raise UserError(
-            f"{key}: {folder} is not a DeepSeek-V2 checkpoint: no config.json (found: {', '.join(found) or 'nothing'})"
+            f"{key}: {folder} is not a DeepSeek-V2 checkpoint: no config.json (found: {_found(folder)})"
         )
     try:
         data = json.loads(config.read_text())
@@ -94,6 +93,11 @@ def check_checkpoint(folder: Path, key: str = "model.path") -> None:
     _check_weights(folder, key)
 
 
+def _found(folder: Path) -> str:
+    """The first few names in a folder, for errors that say what was there instead."""
+    return ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+
+
 def _check_weights(folder: Path, key: str) -> None:
     """Every safetensors file the checkpoint names exists and has a readable header (no tensor is read)."""
     from safetensors import safe_open
@@ -111,9 +115,8 @@ def _check_weights(folder: Path, key: str) -> None:
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            found = sorted(p.name for p in folder.iterdir())[:8]
             raise UserError(
-                f"{key}: {folder} has no *.safetensors weights (found: {', '.join(found)}); "
+                f"{key}: {folder} has no *.safetensors weights (found: {_found(folder)}); "
                 "this toolkit reads safetensors checkpoints"
             )
     for path in files:
