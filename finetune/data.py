@@ -539,7 +539,7 @@ def measure(
             kept += packing or any(t != -100 for t in inside)
             cut += any(t != -100 for t in outside)
     report.kept, report.cut = kept, cut
-    _fill_lengths(report, lengths)
+    fill_lengths(report, lengths)
     if report.rows is None or not cut:
         return
     assert report.p95 is not None and report.max is not None
@@ -564,7 +564,7 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _fill_lengths(report: SplitReport, lengths: list[int]) -> None:
+def fill_lengths(report: SplitReport, lengths: list[int]) -> None:
     ordered = sorted(lengths)
     report.p50, report.p95, report.max = percentile(ordered, 0.5), percentile(ordered, 0.95), ordered[-1]
 
@@ -579,7 +579,7 @@ def measure_prompts(report: SplitReport, prompts: list, *, tokenizer: Any, max_n
         lengths.append(len(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]))
     report.kept = len(lengths)
     report.note = f"prompt tokens; generation adds up to {max_new_tokens}"
-    _fill_lengths(report, lengths)
+    fill_lengths(report, lengths)
 
 
 def shown(spec: str) -> str:

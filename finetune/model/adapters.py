@@ -23,6 +23,8 @@ from finetune.model.experts import NF4Experts, unquantized_experts_to_plain
 
 EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
 ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
+# A classifier's or reward model's head: stage type, label names in id order, multi-label, max_length.
+HEAD_FILE = "head.json"
 
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")

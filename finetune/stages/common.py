@@ -4,6 +4,7 @@ rank-0 save of adapter + tokenizer, and the plot and summary written last."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,14 @@ def fit(
     out: Path,
     monitor: routing.RouterMonitor,
     resume_from: str | None,
+    *,
+    head: dict[str, Any] | None = None,
+    **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
-    """Build the stage's TRL trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
-    save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder)."""
+    """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
+    save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder).
+
+    `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`)."""
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
@@ -39,10 +45,11 @@ def fit(
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
         callbacks=callbacks(out, monitor, resume_from),
+        **trainer_kwargs,
     )
     tokenizer = prepare(trainer, resume_from)
     trained = train(trainer, out, resume_from)
-    return trainer, tokenizer, trained, save(trainer, out, tokenizer)
+    return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
 
 def prepare(trainer: Trainer, resume_from: str | None) -> Any:
@@ -83,13 +90,16 @@ def train(trainer: Trainer, out: Path, resume_from: str | None) -> dict[str, Any
     return section
 
 
-def save(trainer: Trainer, out: Path, tokenizer: Any) -> Path:
-    """`<stage>/adapter/` on rank 0, never half-written, with the tokenizer and chat template trained with."""
+def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | None = None) -> Path:
+    """`<stage>/adapter/` on rank 0, never half-written, with the tokenizer and chat template trained with
+    (and the head's description, when given)."""
     folder = out / "adapter"
     if trainer.is_world_process_zero():
         with rundir.replaced_folder(folder) as tmp:
             adapters.save_adapter(trainer.model, tmp)
             tokenizer.save_pretrained(str(tmp))
+            if head is not None:
+                (tmp / adapters.HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n")
     return folder
 
 

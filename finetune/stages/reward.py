@@ -11,7 +11,8 @@ from datasets import Dataset
 from pydantic import Field
 from trl import RewardConfig, RewardTrainer
 
-from finetune import data, rundir
+from finetune import data, rundir, scoring
+from finetune.errors import UserError
 from finetune.model import routing
 from finetune.schema import DataConfig, Strict, train_arguments
 from finetune.stages import common
@@ -38,37 +39,91 @@ class RewardInputs:
 
 
 def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> RewardInputs:
-    """The trainer config and the pairs (files exist, columns fit, not empty). Writes nothing."""
+    """The trainer config and the pairs (files exist, columns fit, not empty), measured in tokens as the
+    trainer reads them: it drops a pair whose longer side exceeds `max_length`. Writes nothing."""
     args = ctx.trainer_config(RewardConfig, name, train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda))
     d, key = stage.data, f"stages.{name}.data"
+    reports: list[data.SplitReport] = []
+    measured: list[tuple[data.SplitReport, Dataset]] = []
 
     def load(spec: str | None, which: str, split: str, config: str | None, cap: int | None) -> Dataset | None:
-        if spec is None or (not fetch and not data.is_local(spec)):
+        if spec is None:
             return None
-        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config, max_samples=cap)
-        return data.preference_format(rows, key=f"{key}.{which}")
+        report = data.SplitReport(which, data.shown(spec))
+        reports.append(report)
+        if not fetch and not data.is_local(spec):
+            report.note = "Hub dataset: loaded when a run starts"
+            return None
+        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
+        if cap is not None and cap < len(rows):
+            report.total, rows = len(rows), rows.select(range(cap))
+        report.rows = len(rows)
+        pairs = data.preference_format(rows, key=f"{key}.{which}")
+        measured.append((report, pairs))
+        return pairs
 
     train = load(d.train, "train", d.train_split, d.config, d.max_samples)
     evaluation = load(d.eval, "eval", d.eval_split, d.eval_config or d.config, None)
-    return RewardInputs(args, train, evaluation)
+    for report, pairs in measured:
+        if ctx.source.kind == "hub" and not fetch:
+            report.note = (
+                f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
+            )
+            continue
+        _measure(report, pairs, ctx.tokenizer(), args.max_length, f"{key}.{report.split}", name)
+    return RewardInputs(args, train, evaluation, reports)
 
 
-@torch.no_grad()
-def margins(trainer: RewardTrainer) -> list[float]:
-    """reward(chosen) - reward(rejected) for every eval pair, batched as the trainer batches them."""
-    model, out = trainer.model, []
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in trainer.get_eval_dataloader():
-            batch = {
-                k: v.to(trainer.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")
-            }
-            chosen, rejected = torch.chunk(model(**batch).logits.squeeze(-1).float(), 2)
-            out += (chosen - rejected).tolist()
-    finally:
-        model.train(was_training)
+def _measure(
+    report: data.SplitReport, pairs: Dataset, tokenizer: Any, limit: int | None, key: str, name: str
+) -> None:
+    """Token lengths of each pair's longer side; pairs over `limit` are the ones the trainer drops."""
+    sequences = pair_sequences(pairs, tokenizer, None)
+    lengths = [max(len(a), len(b)) for a, b in zip(sequences[0::2], sequences[1::2], strict=True)]
+    dropped = sum(n > limit for n in lengths) if limit is not None else 0
+    report.kept, report.cut = len(lengths) - dropped, dropped
+    report.note = "tokens of the longer side; pairs over max_length are dropped by the trainer"
+    data.fill_lengths(report, lengths)
+    if not dropped:
+        return
+    assert report.p95 is not None and report.max is not None
+    suggestion = data.suggest_max_length(report.p95, report.max)
+    setting = f"stages.{name}.train.max_length"
+    if dropped == len(lengths):
+        raise UserError(
+            f"{setting}: {limit} drops every pair of {key} (longer sides p95 {report.p95}, max {report.max} "
+            f"tokens); set max_length to {suggestion}"
+        )
+    if dropped > data.CUT_WARN_SHARE * len(lengths):
+        data.warn(
+            f"{key}: max_length {limit} drops {dropped} of {len(lengths)} pairs ({dropped / len(lengths):.1%}); "
+            f"{setting}={suggestion} keeps them"
+        )
+
+
+def pair_sequences(pairs: Dataset, tokenizer: Any, max_length: int | None) -> list[list[int]]:
+    """Every pair's chosen then rejected sequence (`prompt` prepended when explicit), as `scoring.encode`
+    reads them; predict scores the same sequences."""
+    out = []
+    for row in pairs:
+        prompt = row.get("prompt")
+        for side in (row["chosen"], row["rejected"]):
+            out.append(scoring.encode(tokenizer, scoring.join(prompt, side) if prompt else side, max_length))
     return out
+
+
+def margins(
+    model: torch.nn.Module, tokenizer: Any, pairs: Dataset, *, max_length: int | None, batch_size: int
+) -> list[float]:
+    """reward(chosen) - reward(rejected) of every pair."""
+    scores = scoring.head_outputs(
+        model,
+        tokenizer,
+        pair_sequences(pairs, tokenizer, max_length),
+        batch_size=batch_size,
+        desc="eval pairs",
+    )[:, 0]
+    return (scores[0::2] - scores[1::2]).tolist()
 
 
 def run(
@@ -86,13 +141,16 @@ def run(
     if model is None:
         model = ctx.adapted_model("seq_cls", num_labels=1, pad_token_id=tokenizer.pad_token_id)
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
+    max_length = inputs.args.max_length
+    head = {"type": "reward", "max_length": max_length}
     trainer, tokenizer, trained, adapter = common.fit(
-        RewardTrainer, model, inputs, tokenizer, out, monitor, resume_from
+        RewardTrainer, model, inputs, tokenizer, out, monitor, resume_from, head=head
     )
     monitor.remove()
     summary: dict[str, Any] = {"stage": name, "type": "reward", "train": trained, "adapter": str(adapter)}
     if inputs.eval is not None:
-        pairs = margins(trainer)
+        batch = inputs.args.per_device_eval_batch_size
+        pairs = margins(trainer.model, tokenizer, inputs.eval, max_length=max_length, batch_size=batch)
         summary["eval"] = {
             "pairwise_accuracy": sum(m > 0 for m in pairs) / len(pairs),
             "mean_margin": sum(pairs) / len(pairs),
