@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
     )
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    text = "score rows with a trained classifier or reward model: one JSON row per input row, in order"
+    sub = verbs.add_parser("predict", help=text, description=text)
+    sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a finished classify or reward stage")
+    sub.add_argument("--input", required=True, help="JSONL/JSON/CSV/Parquet file (or Hub dataset) of rows")
+    sub.add_argument("--output", required=True, help="JSONL file to write")
+    sub.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
@@ -147,8 +154,18 @@ def _export(args: argparse.Namespace) -> int:
     size = f"{result.nbytes / 1e9:.2f} GB" if result.nbytes >= 1e8 else f"{result.nbytes / 1e6:.1f} MB"
     print(
         f"exported {args.stage_dir} → {result.folder}: {size} in {result.shards} shard(s), "
-        f"{result.tensors} tensors, base {args.base}; load it with AutoModelForCausalLM.from_pretrained"
+        f"{result.tensors} tensors, base {args.base}; load it with {result.auto_class}.from_pretrained"
     )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from finetune.predict import predict_file
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: {args.batch_size}; give a number >= 1")
+    n = predict_file(args.stage_dir, args.input, args.output, batch_size=args.batch_size)
+    print(f"predicted {n} rows → {args.output}")
     return 0
 
 
@@ -170,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet.library_noise_off()
     try:
-        verbs = {"run": _run, "validate": _validate, "inspect": _inspect, "export": _export}
+        verbs = {
+            "run": _run,
+            "validate": _validate,
+            "inspect": _inspect,
+            "export": _export,
+            "predict": _predict,
+        }
         return verbs[args.verb](args)
     except UserError as err:
         if args.debug:

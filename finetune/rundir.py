@@ -265,7 +265,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -282,10 +282,10 @@ def plot_histogram(values: list[float], path: Path, title: str) -> None:
     ax.set_xlabel("value")
     ax.set_ylabel("count")
     ax.set_title(title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """Write a figure under a temporary name and rename it: never a half-written PNG."""
     import matplotlib.pyplot as plt
 

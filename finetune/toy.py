@@ -1,6 +1,7 @@
 """The bundled toy task: reverse a four-letter lowercase word. Random models fail it; a few hundred LoRA steps fix it.
 
-The files under recipes/data/{reverse,preference}/ are this module's output:  python -m finetune.toy recipes/data
+The files under recipes/data/{reverse,preference,classify}/ are this module's output:
+    python -m finetune.toy recipes/data
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def preferences(n_train: int = 2000, n_test: int = 200, seed: int = 1) -> dict[s
     return out
 
 
+# Where a word's first letter falls in the alphabet: three classes a tiny classifier can learn.
+CLASSES = {"early": "abcdefgh", "middle": "ijklmnop", "late": "qrstuvwxyz"}
+
+
+def classes(n_train: int = 1500, n_test: int = 300, seed: int = 2) -> dict[str, list[dict]]:
+    """`text` (a word) and `label` (a class name), for a classifier; train and test words disjoint."""
+    first = {letter: name for name, letters in CLASSES.items() for letter in letters}
+    return {
+        split: [
+            {"text": (w := row["messages"][0]["content"].split()[-1]), "label": first[w[0]]} for row in rows
+        ]
+        for split, rows in splits(n_train, n_test, seed).items()
+    }
+
+
 def _write(folder: Path, data: dict[str, list[dict]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in data.items():
@@ -68,9 +84,10 @@ def _write(folder: Path, data: dict[str, list[dict]]) -> None:
 
 
 def write(root: Path) -> None:
-    """`<root>/reverse/` (SFT) and `<root>/preference/` (reward pairs)."""
+    """`<root>/reverse/` (SFT), `<root>/preference/` (reward pairs), `<root>/classify/` (labelled words)."""
     _write(root / "reverse", splits())
     _write(root / "preference", preferences())
+    _write(root / "classify", classes())
 
 
 if __name__ == "__main__":

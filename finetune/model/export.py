@@ -43,7 +43,7 @@ import torch
 
 from finetune.errors import UserError, first_line
 from finetune.model.adapter_files import Adapter, header, read_adapter
-from finetune.model.adapters import EXPERTS_FILE
+from finetune.model.adapters import EXPERTS_FILE, HEAD_FILE
 from finetune.model.shards import CODES, DTYPES, BadFile, Entry, Reader, Writer
 
 BASES = ("original", "quantized")
@@ -350,6 +350,7 @@ class Result:
     nbytes: int
     shards: int
     tensors: int
+    auto_class: str = "AutoModelForCausalLM"  # what loads it: AutoModelForSequenceClassification for a head
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -425,7 +426,8 @@ def export(
         raise
     finally:
         merger.reader.close()
-    return Result(out, sum(sizes.values()), len(shards), len(entries))
+    auto = "AutoModelForSequenceClassification" if _head(adapter_dir) == "seq_cls" else "AutoModelForCausalLM"
+    return Result(out, sum(sizes.values()), len(shards), len(entries), auto)
 
 
 def _head(adapter_dir: Path) -> str:
@@ -447,8 +449,14 @@ def _classifier(
     own = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else folder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    labels = config.get("id2label") if len(config.get("id2label") or {}) == score.shape[0] else None
-    labels = labels or {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
+    head_file = adapter_dir / HEAD_FILE  # written by the classify and reward stages
+    head = json.loads(head_file.read_text()) if head_file.is_file() else {}
+    names = head.get("labels")
+    if names is not None and len(names) == score.shape[0]:
+        labels = {str(i): name for i, name in enumerate(names)}
+    else:
+        labels = config.get("id2label") if len(config.get("id2label") or {}) == score.shape[0] else None
+        labels = labels or {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
     edited = {
         **config,
         "architectures": ["DeepseekV2ForSequenceClassification"],
@@ -456,6 +464,10 @@ def _classifier(
         "label2id": {name: int(i) for i, name in labels.items()},
         "pad_token_id": pad,
     }
+    if head.get("multi_label"):
+        edited["problem_type"] = "multi_label_classification"
+    elif head.get("type") == "classify":
+        edited["problem_type"] = "single_label_classification"
     kept = [e for e in entries if e.key != "lm_head.weight"]
     return [*kept, dataclasses.replace(score, key="score.weight")], edited
 

@@ -198,13 +198,15 @@ def load_model(
     head: str = "causal_lm",
     num_labels: int | None = None,
     pad_token_id: int | None = None,
+    labels: list[str] | None = None,
+    multi_label: bool = False,
 ) -> torch.nn.Module:
     """The native `DeepseekV2ForCausalLM` (`head="seq_cls"`: `DeepseekV2ForSequenceClassification` with
     `num_labels` outputs, pooling the last token that is not `pad_token_id`); with `quantization ==
     "nf4"` its linear layers (bitsandbytes) and its routed experts (`NF4Experts`) are 4-bit. The router,
     the norms and the `score` head keep their dtype."""
     torch_dtype = DTYPES[dtype]
-    kwargs: dict = {"dtype": torch_dtype, **_head_config(head, num_labels, pad_token_id)}
+    kwargs: dict = {"dtype": torch_dtype, **_head_config(head, num_labels, pad_token_id, labels, multi_label)}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -219,7 +221,7 @@ def load_model(
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     location = _location(source, seed)
     nf4 = quantization == "nf4"
-    with _hub_errors(source), deferred_experts() if nf4 else contextlib.nullcontext():
+    with _hub_errors(source), deferred_experts() if nf4 else contextlib.nullcontext(), _new_head_quiet(head):
         model = HEADS[head].from_pretrained(location, **kwargs)
     if model.config.model_type not in DEEPSEEK_V2_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
@@ -238,8 +240,33 @@ def load_model(
     return model
 
 
-def _head_config(head: str, num_labels: int | None, pad_token_id: int | None) -> dict:
-    """Config overrides of a head: a classifier's label count and the pad id its pooling looks for."""
+@contextlib.contextmanager
+def _new_head_quiet(head: str) -> Iterator[None]:
+    """A causal-LM checkpoint has no `score` head (trained with, then loaded from, the adapter) and an
+    unused `lm_head`: not worth transformers' load report on every classifier load."""
+    if head == "causal_lm":
+        yield
+        return
+    from transformers import DeepseekV2ForSequenceClassification as cls
+
+    saved = cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected
+    cls._keys_to_ignore_on_load_missing = [*(saved[0] or []), r"^score\."]
+    cls._keys_to_ignore_on_load_unexpected = [*(saved[1] or []), r"^lm_head\."]
+    try:
+        yield
+    finally:
+        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = saved
+
+
+def _head_config(
+    head: str,
+    num_labels: int | None,
+    pad_token_id: int | None,
+    labels: list[str] | None = None,
+    multi_label: bool = False,
+) -> dict:
+    """Config overrides of a head: a classifier's label count and names, its problem type, and the pad
+    id its pooling looks for."""
     if head not in HEADS:
         raise ValueError(f"unknown model head {head!r}; heads: {', '.join(HEADS)}")
     if head == "causal_lm":
@@ -247,6 +274,11 @@ def _head_config(head: str, num_labels: int | None, pad_token_id: int | None) ->
     overrides: dict = {"num_labels": num_labels or 1}
     if pad_token_id is not None:
         overrides["pad_token_id"] = pad_token_id
+    if labels is not None:
+        overrides["id2label"] = dict(enumerate(labels))
+        overrides["label2id"] = {n: i for i, n in enumerate(labels)}
+    if multi_label:
+        overrides["problem_type"] = "multi_label_classification"
     return overrides
 
 

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import reward, sft
+from finetune.stages import classify, reward, sft
 
-REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward}
+REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward, "classify": classify}
