@@ -1,4 +1,4 @@
-"""Reward functions with TRL's signature, `fn(completions, **columns) -> list[float]`, found by name.
+"""Reward functions with TRL's signature, `fn(completions, **columns) -> list[float | None]`, found by name.
 
 `resolve("exact_match")` looks in REGISTRY; `resolve("my_pkg.my_module:fn")` (or a dotted path) imports a
 user's function.
@@ -10,10 +10,20 @@ import importlib
 from collections.abc import Callable
 
 from rewards.exact import exact_match
+from rewards.format import format as format_reward
+from rewards.length import length as length_reward
+from rewards.math import math_accuracy
 
-Reward = Callable[..., list[float]]
+Reward = Callable[..., list[float | None]]
 
-REGISTRY: dict[str, Reward] = {"exact_match": exact_match}
+# format and length are imported under other names: binding those names here would hide the submodules
+# rewards.format and rewards.length.
+REGISTRY: dict[str, Reward] = {
+    "exact_match": exact_match,
+    "math_accuracy": math_accuracy,
+    "format": format_reward,
+    "length": length_reward,
+}
 
 
 def resolve(name: str) -> Reward:

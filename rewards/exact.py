@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-
-def _text(completion) -> str:
-    # Conversational completions are message lists; the reply is the last message's content.
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion
+from rewards._text import reply
 
 
 def exact_match(completions: list, answer: list[str], **kwargs) -> list[float]:
@@ -18,4 +13,4 @@ def exact_match(completions: list, answer: list[str], **kwargs) -> list[float]:
     >>> exact_match([[{"role": "assistant", "content": "42"}]], answer=["42"])
     [1.0]
     """
-    return [float(_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
+    return [float(reply(c).strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
