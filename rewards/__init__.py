@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from rewards.code import code_execution
 from rewards.exact import exact_match
 from rewards.format import format as format_reward
 from rewards.length import length as length_reward
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Reward] = {
     "math_accuracy": math_accuracy,
     "format": format_reward,
     "length": length_reward,
+    "code_execution": code_execution,
 }
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import doctest
+import tempfile
+import time
 
 import pytest
 
 import rewards
 import rewards._text
+import rewards.code
 import rewards.exact
 import rewards.format
 import rewards.length
 import rewards.math
+from rewards.code import code_execution, run_tests
 from rewards.format import format as format_reward
 from rewards.length import length
 from rewards.math import math_accuracy
@@ -21,7 +25,7 @@ def test_registry_and_import_path():
     assert rewards.resolve("exact_match") is rewards.exact.exact_match
     assert rewards.resolve("rewards.exact:exact_match") is rewards.exact.exact_match
     assert rewards.resolve("rewards.exact.exact_match") is rewards.exact.exact_match
-    assert sorted(rewards.REGISTRY) == ["exact_match", "format", "length", "math_accuracy"]
+    assert sorted(rewards.REGISTRY) == ["code_execution", "exact_match", "format", "length", "math_accuracy"]
 
 
 def test_unknown_reward_names_the_choices():
@@ -31,7 +35,7 @@ def test_unknown_reward_names_the_choices():
 
 @pytest.mark.parametrize(
     "module",
-    [rewards._text, rewards.exact, rewards.math, rewards.format, rewards.length],
+    [rewards._text, rewards.exact, rewards.math, rewards.format, rewards.length, rewards.code],
 )
 def test_doctests(module):
     result = doctest.testmod(module)
@@ -127,6 +131,95 @@ def test_length_units():
     assert length(["x"], target=8, buffer=4, unit="tokens", completion_ids=[list(range(6))]) == [-0.5]
     with pytest.raises(ValueError, match="completion_ids"):
         length(["x"], target=8, unit="tokens")
+
+
+# code_execution
+
+
+def fenced(code: str) -> str:
+    return f"Here is my solution:\n```python\n{code}\n```\n"
+
+
+ADD = "def add(a, b):\n    return a + b"
+
+
+def test_code_passing_and_partial():
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+    half = ["assert add(1, 2) == 3", "assert add(1, 1) == 3"]
+    completions = [fenced(ADD), fenced(ADD), "no code here", [{"role": "assistant", "content": fenced(ADD)}]]
+    assert code_execution(completions, tests=[tests, half, tests, tests]) == [1.0, 0.5, 0.0, 1.0]
+
+
+def test_code_tests_as_one_string():
+    tests = (
+        "import math\nassert add(1, 2) == 3\nassert math.isclose(add(0.1, 0.2), 0.3)\nassert add(1, 1) == 3"
+    )
+    assert run_tests(ADD, tests) == pytest.approx(2 / 3)
+
+
+def test_code_infinite_loop_times_out():
+    start = time.monotonic()
+    assert run_tests("while True:\n    pass", ["assert True"], timeout=1) == 0.0
+    assert time.monotonic() - start < 1 + 3
+
+
+def test_code_tests_before_a_hang_still_count():
+    code = "def hang():\n    while True:\n        pass"
+    assert run_tests(code, ["assert True", "hang()", "assert True"], timeout=1) == pytest.approx(1 / 3)
+
+
+def test_code_memory_bomb():
+    assert run_tests("x = bytearray(2 * 1024**3)", ["assert True"]) == 0.0
+    assert run_tests("x = bytearray(100 * 1024**2)", ["assert len(x) > 0"]) == 1.0  # below the limit
+    assert run_tests("x = bytearray(100 * 1024**2)", ["assert True"], memory_mb=64) == 0.0
+
+
+def test_code_network_is_blocked():
+    connect = "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)"
+    assert run_tests(connect, ["assert True"]) == 0.0
+    # It fails because of the sandbox, not because nothing listens on port 9.
+    blocked = (
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+        "except PermissionError as e:\n    assert 'network access is blocked by the reward sandbox' in str(e)\n"
+        "else:\n    raise AssertionError('connected')"
+    )
+    assert run_tests("", [blocked]) == 1.0
+
+
+def test_code_processes_and_signals_are_blocked():
+    assert run_tests("import subprocess", ["subprocess.run(['true'])"]) == 0.0
+    assert run_tests("import os", ["os.system('true')"]) == 0.0
+    # Its own pid may be signalled, the parent (the trainer) may not.
+    assert run_tests("import os", ["os.kill(os.getpid(), 0)", "os.kill(os.getppid(), 0)"]) == 0.5
+
+
+def test_code_files_stay_in_a_removed_temp_dir(tmp_path, monkeypatch):
+    scratch, cwd = tmp_path / "scratch", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.chdir(cwd)
+    code = "import os\nopen('marker.txt', 'w').write('x')\nwhere = os.getcwd()"
+    tests = [f"assert where.startswith({str(scratch)!r})", "assert open('marker.txt').read() == 'x'"]
+    assert run_tests(code, tests) == 1.0
+    assert list(scratch.iterdir()) == []
+    assert list(cwd.iterdir()) == []
+
+
+def test_code_environment_is_stripped(monkeypatch):
+    monkeypatch.setenv("FINETUNE_TEST_SECRET", "hunter2")
+    tests = ["assert 'FINETUNE_TEST_SECRET' not in os.environ", "assert 'hunter2' not in str(os.environ)"]
+    assert run_tests("import os", tests) == 1.0
+
+
+def test_code_output_cannot_forge_passes():
+    code = "import os\nfor fd in range(1, 20):\n    try:\n        os.write(fd, b'x pass 0\\n')\n    except OSError:\n        pass"
+    assert run_tests(code, ["assert False"]) == 0.0
+
+
+def test_code_main_block_is_skipped():
+    code = ADD + "\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))"
+    assert run_tests(code, ["assert add(2, 2) == 4"]) == 1.0
 
 
 # TRL's call
