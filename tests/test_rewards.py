@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import pickle
 import tempfile
 import time
 
@@ -15,6 +16,7 @@ import rewards.exact
 import rewards.format
 import rewards.length
 import rewards.math
+from rewards import RewardError, build, guarded
 from rewards.code import code_execution, run_tests
 from rewards.format import format as format_reward
 from rewards.length import length
@@ -35,7 +37,7 @@ def test_unknown_reward_names_the_choices():
 
 @pytest.mark.parametrize(
     "module",
-    [rewards._text, rewards.exact, rewards.math, rewards.format, rewards.length, rewards.code],
+    [rewards, rewards._text, rewards.exact, rewards.math, rewards.format, rewards.length, rewards.code],
 )
 def test_doctests(module):
     result = doctest.testmod(module)
@@ -102,6 +104,12 @@ def test_format_default_pattern():
 
 def test_format_custom_pattern_matches_fully():
     assert format_reward(["Answer: 42", "Answer: 42 or so"], pattern=r"Answer: \d+") == [1.0, 0.0]
+    assert build("format", pattern=r"Answer: \d+")(["Answer: 7"]) == [1.0]
+
+
+def test_format_bad_regex_fails_at_build():
+    with pytest.raises(ValueError, match=r"reward 'format': invalid format pattern '<think>\(\.\*'"):
+        build("format", pattern="<think>(.*")
 
 
 # length
@@ -131,6 +139,19 @@ def test_length_units():
     assert length(["x"], target=8, buffer=4, unit="tokens", completion_ids=[list(range(6))]) == [-0.5]
     with pytest.raises(ValueError, match="completion_ids"):
         length(["x"], target=8, unit="tokens")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"target": 0}, "target must be a positive integer"),
+        ({"target": 10, "buffer": 11}, r"buffer must be between 0 and target \(10\)"),
+        ({"target": 10, "unit": "bytes"}, "unit must be one of chars, words, tokens"),
+    ],
+)
+def test_length_bad_arguments_fail_at_build(arguments, message):
+    with pytest.raises(ValueError, match=f"reward 'length': length: {message}"):
+        build("length", **arguments)
 
 
 # code_execution
@@ -222,7 +243,108 @@ def test_code_main_block_is_skipped():
     assert run_tests(code, ["assert add(2, 2) == 4"]) == 1.0
 
 
+def test_code_arguments():
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        build("code_execution", timeout=-1)
+    reward = build("code_execution", column="checks", timeout=2, workers=2)
+    assert reward([fenced(ADD)], checks=[["assert add(1, 2) == 3"]]) == [1.0]
+    with pytest.raises(ValueError, match="no tests"):
+        run_tests(ADD, [])
+
+
+# build
+
+
+def test_build_names_and_binds():
+    reward = build("length", target=10, buffer=0)
+    assert reward.__name__ == "length"
+    assert reward(["a" * 10, "a" * 11], prompts=["p", "p"]) == [0.0, -1.0]
+    assert build("rewards.exact:exact_match").__name__ == "rewards.exact:exact_match"
+    assert pickle.loads(pickle.dumps(reward))(["a" * 11]) == [-1.0]
+
+
+def test_build_argument_errors():
+    with pytest.raises(
+        ValueError, match=r"^reward 'length': unknown argument 'targt' \(arguments: buffer, target, unit\)$"
+    ):
+        build("length", targt=256)
+    with pytest.raises(ValueError, match=r"^reward 'length': missing required argument 'target'$"):
+        build("length")
+    with pytest.raises(
+        ValueError, match=r"^reward 'exact_match': unknown argument 'answer' \(arguments: none\)$"
+    ):
+        build("exact_match", answer="4")
+    with pytest.raises(ValueError, match="cannot load reward function 'nope'"):
+        build("nope")
+
+
+def test_build_recipe_arguments_win_over_columns():
+    assert build("length", target=3, buffer=0)(["abcd"], target=[100]) == [-1.0]
+
+
+# guarded
+
+
+def fragile(completions, **kwargs):
+    return [1 / int(c) for c in completions]
+
+
+def test_guarded_raise_names_the_row():
+    reward = guarded(build("tests.test_rewards:fragile"), name="math_accuracy")
+    assert reward.__name__ == "math_accuracy"
+    with pytest.raises(
+        RewardError, match=r"^reward 'math_accuracy' failed on row 3: ZeroDivisionError: division by zero$"
+    ):
+        reward(["1", "2", "4", "0", "0"], answer=list("abcde"), trainer_state=object())
+    assert issubclass(RewardError, ValueError)
+
+
+def test_guarded_zero_keeps_other_rows():
+    assert guarded(fragile, on_error="zero")(["2", "x", "4", "0"]) == [0.5, 0.0, 0.25, 0.0]
+
+
+def test_guarded_checks_the_scores():
+    with pytest.raises(RewardError, match=r"reward 'short' returned 1 scores for 2 completions"):
+        guarded(lambda completions, **kw: [1.0], name="short")(["a", "b"])
+    with pytest.raises(RewardError, match=r"reward 'text' returned str '1' on row 1"):
+        guarded(lambda completions, **kw: [1, "1"], name="text", on_error="zero")(["a", "b"])
+    assert guarded(lambda completions, **kw: [1, None, 0.5], name="ok")(["a", "b", "c"]) == [1.0, None, 0.5]
+
+
+def test_guarded_batch_only_failure():
+    def needs_two(completions, **kwargs):
+        if len(completions) < 2:
+            return [0.0] * len(completions)
+        raise RuntimeError("batch too big")
+
+    with pytest.raises(RewardError, match=r"failed on a batch of 2 rows \(each row alone passes\)"):
+        guarded(needs_two)(["a", "b"])
+
+
 # TRL's call
+
+
+def test_trl_call_convention():
+    # GRPOTrainer calls reward(prompts=, completions=, completion_ids=, **columns, trainer_state=, log_extra=,
+    # log_metric=) and logs it under __name__.
+    state = {
+        "prompts": ["2+2?", "3+3?"],
+        "completion_ids": [[1, 2], [3]],
+        "answer": ["#### 4", "#### 6"],
+        "trainer_state": object(),
+        "log_extra": print,
+        "log_metric": print,
+    }
+    completions = ["<think>add</think> 4", "<think>add</think> 7"]
+    specs = [
+        ("math_accuracy", {}, [1.0, 0.0]),
+        ("format", {}, [1.0, 1.0]),
+        ("length", {"target": 24, "buffer": 8}, [-0.5, -0.5]),
+    ]
+    for name, arguments, expected in specs:
+        reward = guarded(build(name, **arguments))
+        assert reward.__name__ == name
+        assert reward(completions=completions, **state) == expected
 
 
 def test_math_outside_the_main_thread():
