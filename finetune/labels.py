@@ -188,13 +188,14 @@ def class_weights(spec: Any, label_names: list[str], train_ids: list, where: Whe
                 f"{key}: balanced weights need every label in the train data; {missing[0]!r} has no row"
             )
         return (len(train_ids) - positives) / positives
+    import numpy as np
     from sklearn.utils.class_weight import compute_class_weight
 
     present = sorted(set(train_ids))
     if len(present) < n:
         absent = next(label_names[j] for j in range(n) if j not in present)
         raise UserError(f"{key}: balanced weights need every label in the train data; {absent!r} has no row")
-    weights = compute_class_weight("balanced", classes=list(range(n)), y=train_ids)
+    weights = compute_class_weight("balanced", classes=np.arange(n), y=np.asarray(train_ids))
     return torch.tensor(weights, dtype=torch.float)
 
 

@@ -248,4 +248,26 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool 
     with exact_targets():
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     load_extra_tensors(peft_model, folder, trainable=trainable)
+    _lora_dtype_as_saved(peft_model, Path(folder))
     return peft_model
+
+
+def _lora_dtype_as_saved(model: torch.nn.Module, folder: Path) -> None:
+    """Run the LoRA factors in the dtype they were trained and saved in: TRL trains a quantized model's
+    LoRA in bf16, PEFT reloads it as fp32, and the outputs would then differ from the trained model's."""
+    from finetune.model.adapter_files import header
+    from finetune.model.shards import DTYPES
+
+    saved = {
+        DTYPES[e.dtype]
+        for path in (folder / "adapter_model.safetensors", folder / EXPERTS_FILE)
+        if path.is_file()
+        for k, e in header(path).items()
+        if "lora_" in k
+    }
+    if len(saved) != 1:
+        return
+    dtype = saved.pop()
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
