@@ -32,6 +32,12 @@ def _input_column(columns: set[str]) -> str | None:
     return "text" if "text" in columns else "messages" if "messages" in columns else None
 
 
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The names a Hub dataset gives its integer labels (a `ClassLabel` column), e.g. ag_news' World, ..."""
+    feature = dataset.features.get("label")
+    return list(feature.names) if type(feature).__name__ == "ClassLabel" else None
+
+
 def rows(dataset: Dataset, *, key: str, need_label: bool = True) -> tuple[list, list]:
     """(texts or conversations, label values) of a `text`/`messages` + `label` dataset."""
     columns = set(dataset.column_names)
@@ -89,11 +95,23 @@ def _flat(values: list, where: Where, key: str) -> list:
     return out
 
 
-def names(values: list, where: Where, key: str) -> list[str]:
+def names(values: list, where: Where, key: str, named_ids: list[str] | None = None) -> list[str]:
     """The label names in id order: `labels` when the recipe lists them, else the names found in the
-    train rows (sorted), or `0..n-1` for integer ids (n: `num_labels`, else the largest id + 1)."""
+    train rows (sorted), or for integer ids the dataset's names for them (`named_ids`) or `0..n-1`
+    (n: `num_labels`, else the largest id + 1)."""
     flat = _flat(values, where, key)
     declared = where.declared
+    if declared is None and named_ids is not None and flat and isinstance(flat[0], int):
+        if where.num_labels is not None and where.num_labels != len(named_ids):
+            raise UserError(
+                f"{where.key('num_labels')}: {where.num_labels} disagrees with the {len(named_ids)} classes "
+                f"{key} names ({', '.join(named_ids)}); drop num_labels"
+            )
+        where = Where(where.stage, None, len(named_ids), where.multi_label)
+        ids(values, named_ids, where, key)
+        if len(set(flat)) < 2:
+            raise UserError(f"{key}: every row has label {flat[0]!r}; a classifier needs at least 2 classes")
+        return list(named_ids)
     if declared is not None and len(set(declared)) != len(declared):
         twice = next(n for n, c in Counter(declared).items() if c > 1)
         raise UserError(f"{where.key('labels')}: {twice!r} is listed twice")

@@ -272,3 +272,20 @@ def test_classify_on_a_hub_layout_checkpoint_with_expert_lora(tmp_path, q_lora_r
     assert summary["train"]["steps"] == 3 and summary["eval"]["rows"] == 300
     saved = load_file(str(tmp_path / "run" / "classify" / "adapter" / adapters.EXPERTS_FILE))
     assert all(saved[f"layers.{i}.lora_down_B"].abs().max() > 0 for i in (1, 2))  # expert LoRA trained
+
+
+def test_integer_labels_take_the_names_a_dataset_gives_them(tmp_path):
+    """A Hub-style ClassLabel column (here in a Parquet file, as ag_news ships it) names the ids."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    Dataset.from_dict({"text": WORDS * 3, "label": [0, 1, 2, 1] * 3}, features=features).to_parquet(
+        tmp_path / "news.parquet"
+    )
+    r = recipe.load(
+        CLASSIFY,
+        [f"stages.classify.data.train={tmp_path / 'news.parquet'}", "stages.classify.data.eval=null"],
+    )
+    inputs = pipeline.plan(r).inputs["classify"]
+    assert inputs.names == names and inputs.train_split.ids[:4] == [0, 1, 2, 1]  # Sci/Tech has no row: kept

@@ -58,11 +58,14 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     (`validate`'s report). Writes nothing."""
     arguments = train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)
     arguments.setdefault("remove_unused_columns", False)  # the collator pads `input_ids`, keeps `labels`
+    common.check_precision(name, arguments, ctx)
     args = ctx.trainer_config(TrainingArguments, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
+    common.check_trainer(name, args, has_eval=d.eval is not None)
     where = labels.Where(name, stage.labels, stage.num_labels, stage.multi_label)
     reports: list[data.SplitReport] = []
     read: dict[str, tuple[data.SplitReport, list, list]] = {}
+    named_ids = None
     for which, spec, split, config, cap in (
         ("train", d.train, d.train_split, d.config, d.max_samples),
         ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
@@ -79,10 +82,12 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
             report.total, rows = len(rows), rows.select(range(cap))
         report.rows = len(rows)
         read[which] = (report, *labels.rows(rows, key=f"{key}.{which}"))
+        if which == "train":
+            named_ids = labels.class_names(rows)
     inputs = ClassifyInputs(args, None, report=reports)
     if "train" not in read:  # Hub data in validate: the label set is known once a run reads it
         return inputs
-    inputs.names = labels.names(read["train"][2], where, f"{key}.train")
+    inputs.names = labels.names(read["train"][2], where, f"{key}.train", named_ids)
     splits = {
         w: Split(items, labels.ids(values, inputs.names, where, f"{key}.{w}"))
         for w, (_, items, values) in read.items()

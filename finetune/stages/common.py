@@ -108,3 +108,77 @@ def finish(trainer: Trainer, out: Path, title: str, summary: dict[str, Any]) -> 
     if trainer.is_world_process_zero():
         rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", title)
         rundir.write_summary(out / "summary.json", summary)
+
+
+# Tracking integrations of `report_to` → the package that provides each (transformers' callbacks).
+_REPORTERS = {
+    "azure_ml": ("is_azureml_available", "azureml-core"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "codecarbon": ("is_codecarbon_available", "codecarbon"),
+    "comet_ml": ("is_comet_available", "comet_ml"),
+    "dagshub": ("is_dagshub_available", "dagshub"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "flyte": ("is_flyte_deck_standard_available", "flytekitplugins-deck-standard"),
+    "kubeflow": ("is_kubeflow_available", "kubeflow"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "neptune": ("is_neptune_available", "neptune"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "trackio": ("is_trackio_available", "trackio"),
+    "wandb": ("is_wandb_available", "wandb"),
+}
+
+
+def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
+    """bf16 the trainer would refuse (no GPU) or crash on (CPU autocast over a non-bf16 model)."""
+    import torch
+
+    from finetune.errors import UserError
+
+    if not arguments.get("bf16") or (ctx.cuda and not arguments.get("use_cpu")):
+        return
+    key = f"stages.{name}.train.bf16"
+    if not arguments.get("use_cpu"):
+        if torch.backends.mps.is_available():
+            return  # Apple GPUs: transformers decides
+        raise UserError(
+            f"{key}: bf16 needs a CUDA GPU and none is available; drop it (the CPU trains in model.dtype) "
+            "or set use_cpu: true with model.dtype: bfloat16"
+        )
+    if ctx.dtype != "bfloat16":
+        raise UserError(
+            f"{key}: bf16 autocast on the CPU (use_cpu: true) fails on a model.dtype {ctx.dtype} model; "
+            "drop bf16 (the CPU trains in model.dtype) or set model.dtype: bfloat16"
+        )
+
+
+def check_trainer(name: str, args: Any, has_eval: bool) -> None:
+    """Trainer settings that TRL's config accepts but `Trainer` itself refuses once a run has started."""
+    from transformers.integrations import integration_utils
+
+    from finetune.errors import UserError
+
+    train = f"stages.{name}.train"
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy != "no" and not has_eval:
+        raise UserError(
+            f"{train}.eval_strategy: {strategy!r} evaluates during training, but the stage has no eval data; "
+            f"set stages.{name}.data.eval or eval_strategy: 'no'"
+        )
+    if args.eval_on_start and not has_eval:
+        raise UserError(f"{train}.eval_on_start: the stage has no eval data; set stages.{name}.data.eval")
+    for reporter in [args.report_to] if isinstance(args.report_to, str) else args.report_to or []:
+        if reporter in ("none", "all"):
+            continue
+        if reporter not in integration_utils.INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(integration_utils.INTEGRATION_TO_CALLBACK))
+            raise UserError(
+                f"{train}.report_to: unknown integration {reporter!r} (known: none, all, {known})"
+            )
+        available, package = _REPORTERS.get(reporter, (None, reporter))
+        check = getattr(integration_utils, available, None) if available else None
+        if check is not None and not check():
+            raise UserError(
+                f"{train}.report_to: {reporter!r} is not installed (pip install {package}), "
+                "or drop it (metrics.jsonl and loss.png are written anyway)"
+            )

@@ -41,8 +41,11 @@ class RewardInputs:
 def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> RewardInputs:
     """The trainer config and the pairs (files exist, columns fit, not empty), measured in tokens as the
     trainer reads them: it drops a pair whose longer side exceeds `max_length`. Writes nothing."""
-    args = ctx.trainer_config(RewardConfig, name, train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda))
+    arguments = train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)
+    common.check_precision(name, arguments, ctx)
+    args = ctx.trainer_config(RewardConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
+    common.check_trainer(name, args, has_eval=d.eval is not None)
     reports: list[data.SplitReport] = []
     measured: list[tuple[data.SplitReport, Dataset]] = []
 
