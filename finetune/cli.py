@@ -89,11 +89,21 @@ def _print_table(summaries: dict[str, dict]) -> None:
         for name, s in summaries.items()
         if "heldout" in s
     ]
-    if not rows:
-        return
-    print(f"\n{'stage':<12}{'held-out metric':<18}{'before':>8}{'after':>8}")
-    for name, metric, before, after in rows:
-        print(f"{name:<12}{metric:<18}{before:>8.1%}{after:>8.1%}")
+    if rows:
+        print(f"\n{'stage':<12}{'held-out metric':<18}{'before':>8}{'after':>8}")
+        for name, metric, before, after in rows:
+            print(f"{name:<12}{metric:<18}{before:>8.1%}{after:>8.1%}")
+    # Every stage type's final eval figures, whatever they are (numbers at the top of `eval`).
+    figures = [
+        (name, key, value)
+        for name, s in summaries.items()
+        for key, value in (s.get("eval") or {}).items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and not key.startswith("eval_")
+    ]
+    if figures:
+        print(f"\n{'stage':<12}{'eval metric':<22}{'value':>10}")
+        for name, key, value in figures:
+            print(f"{name:<12}{key:<22}{value:>10.4g}")
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -35,7 +35,16 @@ def test_every_stage_type_is_a_plugin():
 
 def test_there_are_recipes():
     names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
-    assert {"quickstart.yaml", "tiny/sft.yaml", "deepseek-v2-lite/sft.yaml", "deepseek-v2/sft.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "tiny/sft.yaml",
+        "tiny/reward.yaml",
+        "tiny/classify.yaml",
+        "deepseek-v2-lite/sft.yaml",
+        "deepseek-v2-lite/reward.yaml",
+        "deepseek-v2-lite/classify.yaml",
+        "deepseek-v2/sft.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
@@ -55,10 +64,19 @@ def test_bundled_toy_data_matches_generator():
 
 
 # The Hub checkpoints the real-model recipes name, and the embedded shape each one has.
-REAL_SHAPES = {"deepseek-ai/DeepSeek-V2-Lite-Chat": "v2-lite", "deepseek-ai/DeepSeek-V2-Chat": "v2"}
+REAL_SHAPES = {
+    "deepseek-ai/DeepSeek-V2-Lite-Chat": "v2-lite",
+    "deepseek-ai/DeepSeek-V2-Lite": "v2-lite",
+    "deepseek-ai/DeepSeek-V2-Chat": "v2",
+}
+REAL_RECIPES = sorted(
+    p.relative_to(REPO / "recipes").as_posix()
+    for p in RECIPES
+    if p.parent.name in ("deepseek-v2-lite", "deepseek-v2")
+)
 
 
-@pytest.mark.parametrize("name", ["deepseek-v2-lite/sft.yaml", "deepseek-v2/sft.yaml"])
+@pytest.mark.parametrize("name", REAL_RECIPES)
 def test_real_model_recipes_fit_the_real_architecture(name):
     """Offline, `validate` cannot see a Hub model's modules; check the adapter against its exact shape."""
     r = recipe.load(REPO / "recipes" / name)
@@ -77,3 +95,11 @@ def test_bundled_preference_data_matches_generator():
     for row in toy.preferences(n_train=50, n_test=5)["train"]:
         word = row["chosen"][0]["content"].split()[-1]
         assert row["chosen"][1]["content"] == word[::-1] != row["rejected"][1]["content"]
+
+
+def test_bundled_classification_data_matches_generator():
+    for split, rows in toy.classes().items():
+        lines = (REPO / "recipes" / "data" / "classify" / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
+    assert {r["label"] for r in toy.classes()["test"]} == {"early", "middle", "late"}
+    assert all(r["text"][0] in toy.CLASSES[r["label"]] for r in toy.classes()["train"])

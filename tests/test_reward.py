@@ -68,7 +68,7 @@ def test_bad_pairs_are_one_line(tmp_path, capsys, row, message):
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({"data": {"train": "x.jsonl"}}, "missing key `stages.rm.type` (stage types: sft, reward)"),
+        ({"data": {"train": "x.jsonl"}}, "missing key `stages.rm.type` (stage types: sft, reward, classify)"),
         ({"type": "ppo", "data": {"train": "x.jsonl"}}, "`stages.rm.type`: no stage type 'ppo'"),
         ({"type": "reward", "data": {"train": "x.jsonl"}, "heldout": {}}, "unknown key `stages.rm.heldout`"),
         (
