@@ -269,6 +269,28 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
+def plot_curves(metrics: list[dict[str, Any]], keys: list[str], path: Path, title: str) -> bool:
+    """Each logged metric of `keys` against step (e.g. the total and per-reward means); False if none."""
+    series = {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None and "step" in m] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, points in series.items():
+        ax.plot(*zip(*points, strict=True), label=key, linewidth=2 if key == keys[0] else 1)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
 def plot_histogram(values: list[float], path: Path, title: str) -> None:
     """A histogram of `values` (e.g. reward margins) with the zero line marked."""
     import matplotlib

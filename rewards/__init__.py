@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from rewards.code import code_execution
-from rewards.exact import exact_match
+from rewards.exact import exact_match, similarity
 from rewards.format import format as format_reward
 from rewards.length import length as length_reward
 from rewards.math import math_accuracy
+from rewards.model import reward_model
 
 Reward = Callable[..., list[float | None]]
 
@@ -26,11 +27,16 @@ Reward = Callable[..., list[float | None]]
 # rewards.format and rewards.length.
 REGISTRY: dict[str, Reward] = {
     "exact_match": exact_match,
+    "similarity": similarity,
     "math_accuracy": math_accuracy,
     "format": format_reward,
     "length": length_reward,
     "code_execution": code_execution,
+    "reward_model": reward_model,
 }
+
+# What TRL passes to every reward besides the dataset's columns.
+TRAINER_COLUMNS = {"completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric"}
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +118,26 @@ def build(name: str, **arguments) -> BoundReward:
         except ValueError as e:
             raise ValueError(f"reward {name!r}: {e}") from None
     return BoundReward(fn, name, arguments)
+
+
+def needed_columns(reward: BoundReward) -> list[str]:
+    """The dataset columns a bound reward reads: its required positional parameters (exact_match's
+    `answer`) and the column its `column` argument names (math_accuracy, code_execution)."""
+    try:
+        parameters = inspect.signature(reward.fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    needed = [
+        p.name
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is inspect.Parameter.empty
+        and p.name not in TRAINER_COLUMNS
+    ]
+    column = {p.name: p for p in parameters}.get("column")
+    if column is not None and column.kind is inspect.Parameter.KEYWORD_ONLY:
+        needed.append(reward.arguments.get("column", column.default))
+    return needed
 
 
 def _row(columns: dict[str, Any], n: int, i: int) -> dict[str, Any]:

@@ -171,7 +171,28 @@ def attach(
             gate.weight.requires_grad_(True)
     # With gradient checkpointing and frozen embeddings, inputs must require grad for LoRA grads to flow.
     peft_model.enable_input_require_grads()
+    disable_covers_expert_lora(peft_model)
     return peft_model
+
+
+def disable_covers_expert_lora(model: PeftModel) -> None:
+    """Make `model.disable_adapter()` switch off the routed-expert LoRA too (PEFT does not know it): TRL
+    takes the adapter-disabled model as GRPO's reference policy, which must be the base model."""
+    peft_disable = type(model).disable_adapter.__get__(model)
+
+    @contextlib.contextmanager
+    def disable_adapter() -> Iterator[None]:
+        layers = list(expert_layers(model).values())
+        with peft_disable():
+            for layer in layers:
+                layer.lora_enabled = False
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer.lora_enabled = True
+
+    model.disable_adapter = disable_adapter  # type: ignore[method-assign]
 
 
 def keep_router_fp32(model: torch.nn.Module) -> None:
@@ -249,6 +270,9 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool 
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     load_extra_tensors(peft_model, folder, trainable=trainable)
     _lora_dtype_as_saved(peft_model, Path(folder))
+    disable_covers_expert_lora(peft_model)
+    if trainable:
+        peft_model.enable_input_require_grads()
     return peft_model
 
 

@@ -126,6 +126,7 @@ class NF4Experts(nn.Module):
         self.lora_alpha = 0.0
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
 
     @classmethod
     def from_experts(
@@ -366,12 +367,13 @@ class NF4Experts(nn.Module):
         host = None if grouped else counts.tolist()
 
         gate_up = _NF4GroupedLinear.apply(x, self, "gate_up", offsets, host)
-        if self.has_lora:
+        lora = self.has_lora and self.lora_enabled
+        if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
         y = _NF4GroupedLinear.apply(h, self, "down", offsets, host)
-        if self.has_lora:
+        if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
         # Weight and sum in fp32; gathering back through the inverse permutation and summing over K

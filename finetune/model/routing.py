@@ -10,7 +10,8 @@ sequence), padding included.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
@@ -48,11 +49,20 @@ class RouterMonitor:
     again during backward, outside the model's forward, and must not count twice.
     """
 
-    def __init__(self, model: torch.nn.Module, *, aux_loss_coef: float = 0.0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        aux_loss_coef: float = 0.0,
+        also: list[Callable[[], dict[str, Any]]] | None = None,
+    ):
+        """`also`: more per-log reports (routing replay's) merged into `report`."""
         self.aux_loss_coef = aux_loss_coef
+        self.also = also or []
         self.routers = routers(model)
         self.counts: dict[int, torch.Tensor] = {}
         self._aux: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []
         self._aux_logged: list[float] = []
         self._active = False
         top = _causal_lm(model)
@@ -76,8 +86,19 @@ class RouterMonitor:
             aux = self.aux_loss_coef * torch.stack(self._aux).sum()
             output.loss = output.loss + aux.to(output.loss.dtype)
             self._aux_logged.append(float(aux.detach()))
+        elif self._aux:  # a forward without labels (GRPO's log-probs): its trainer adds the term
+            self._pending += self._aux
         self._aux = []
         return output
+
+    def take_pending(self) -> torch.Tensor | None:
+        """The balance loss of the forwards that computed no loss themselves since the last call."""
+        if not self._pending:
+            return None
+        aux = self.aux_loss_coef * torch.stack(self._pending).sum()
+        self._pending = []
+        self._aux_logged.append(float(aux.detach()))
+        return aux
 
     def _router_hook(self, index: int):
         def hook(module: DeepseekV2TopkRouter, args, output):
@@ -97,9 +118,9 @@ class RouterMonitor:
 
         return hook
 
-    def report(self) -> dict[str, float | list[float]]:
+    def report(self) -> dict[str, Any]:
         """Per layer: fraction of routed slots per expert and max/mean; resets the counters."""
-        out: dict[str, float | list[float]] = {}
+        out: dict[str, Any] = {}
         for index, counts in sorted(self.counts.items()):
             fractions = (counts.float() / counts.sum().clamp(min=1)).tolist()
             mean = 1.0 / len(fractions)
@@ -109,4 +130,6 @@ class RouterMonitor:
             out["router_aux_loss"] = sum(self._aux_logged) / len(self._aux_logged)
         self.counts = {}
         self._aux_logged = []
+        for extra in self.also:
+            out.update(extra())
         return out

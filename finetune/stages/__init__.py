@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import classify, reward, sft
+from finetune.stages import classify, grpo, reward, sft
 
-REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward, "classify": classify}
+REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward, "classify": classify, "grpo": grpo}

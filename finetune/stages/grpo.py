@@ -1,0 +1,306 @@
+"""GRPO on TRL's GRPOTrainer: the policy is the 4-bit base + LoRA (fresh, or an earlier stage's adapter
+with `init_from`), the reference policy the same model with the adapter disabled (routed-expert LoRA
+included), rewards from the `rewards` package, and optional routing replay for the MoE layers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from pydantic import Field
+from trl import GRPOConfig, GRPOTrainer
+
+import rewards
+from finetune import data, rundir
+from finetune.errors import UserError
+from finetune.model import adapters, replay, routing
+from finetune.schema import DataConfig, Int, Strict, train_arguments
+from finetune.stages import common
+from finetune.stages.context import StageContext
+
+
+class Schema(Strict):
+    """`stages.<name>` of `type: grpo`: prompts (`prompt`, or `messages` whose last assistant turn becomes
+    the `answer` column) scored by `rewards`."""
+
+    type: Literal["grpo"]
+    data: DataConfig
+    rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
+    init_from: str | None = None  # an earlier sft / grpo stage whose adapter the policy continues
+    routing_replay: bool = False  # train on the experts each token was generated with
+    max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
+    samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+TRAINER_CONFIG = GRPOConfig
+POLICY_TYPES = ("sft", "grpo")  # stages whose causal-LM adapter a policy may continue
+
+
+@dataclass
+class GRPOInputs:
+    args: GRPOConfig
+    train: Dataset | None  # None: a Hub dataset not fetched (validate stays offline)
+    eval: Dataset | None
+    reward_funcs: list = field(default_factory=list)
+    report: list = field(default_factory=list)
+
+
+def _earlier(name: str, other: str, key: str, ctx: StageContext, allowed: tuple[str, ...]) -> None:
+    order = list(ctx.stages)
+    if other not in ctx.stages:
+        raise UserError(f"{key}: no stage {other!r} in this recipe (stages: {', '.join(order)})")
+    if order.index(other) >= order.index(name):
+        raise UserError(f"{key}: stage {other!r} runs after {name!r}; name an earlier stage")
+    if ctx.stages[other] not in allowed:
+        raise UserError(
+            f"{key}: stage {other!r} is a {ctx.stages[other]} stage; it must be {' or '.join(allowed)}"
+        )
+
+
+def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tuple[str, list[str]]]]:
+    """The reward functions (arguments bound and checked, failures named) and the columns each reads."""
+    funcs, needs = [], []
+    for i, spec in enumerate(stage.rewards):
+        key = f"stages.{name}.rewards[{i}]"
+        spec = dict(spec)
+        reward_name = spec.pop("name", None)
+        if not isinstance(reward_name, str):
+            raise UserError(
+                f"{key}: needs `name` (one of {', '.join(sorted(rewards.REGISTRY))}, or pkg.module:fn)"
+            )
+        on_error = spec.pop("on_error", "raise")
+        if on_error not in ("raise", "zero"):
+            raise UserError(f"{key}.on_error: {on_error!r}; use raise or zero")
+        if reward_name == "reward_model" and isinstance(spec.get("stage"), str):
+            _earlier(name, spec["stage"], f"{key}.stage", ctx, ("reward",))
+            spec["stage"] = str(ctx.output_dir / spec["stage"])
+        try:
+            bound = rewards.build(reward_name, **spec)
+        except ValueError as err:
+            raise UserError(f"{key}: {err}") from None
+        funcs.append(rewards.guarded(bound, on_error=on_error, name=reward_name))
+        needs.append((key, rewards.needed_columns(bound)))
+    return funcs, needs
+
+
+def prompt_rows(rows: Dataset, key: str) -> Dataset:
+    """`prompt` rows as they are; `messages` rows become their turns before the last assistant turn
+    (`prompt`) and that turn's text (`answer`, unless the rows have one)."""
+    columns = set(rows.column_names)
+    if "prompt" in columns:
+        return rows
+    if "messages" not in columns:
+        raise UserError(
+            f"{key}: a GRPO stage needs a `prompt` column (text or messages), or `messages` ending with the "
+            f"reference answer (found: {', '.join(sorted(columns))})"
+        )
+
+    def split(row: dict) -> dict:
+        messages = row["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise UserError(f"{key}: `messages` must end with an assistant turn (the reference answer)")
+        out = {"prompt": messages[:-1]}
+        if "answer" not in columns:
+            out["answer"] = messages[-1]["content"]
+        return out
+
+    return rows.map(split, remove_columns=["messages"])
+
+
+def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> GRPOInputs:
+    """Trainer config, rewards (names, arguments, the stages they name, the columns they read), prompts
+    and their token lengths. Writes nothing."""
+    arguments = train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)
+    common.check_precision(name, arguments, ctx)
+    args = ctx.trainer_config(GRPOConfig, name, arguments)
+    d, key = stage.data, f"stages.{name}.data"
+    common.check_trainer(name, args, has_eval=d.eval is not None)
+    if stage.init_from is not None:
+        _earlier(name, stage.init_from, f"stages.{name}.init_from", ctx, POLICY_TYPES)
+    funcs, needs = _rewards(name, stage, ctx)
+    if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
+        raise UserError(
+            f"stages.{name}.train.reward_weights: {len(args.reward_weights)} weights for {len(funcs)} rewards"
+        )
+    reports: list[data.SplitReport] = []
+    loaded: dict[str, Dataset | None] = {}
+    for which, spec, split, config, cap in (
+        ("train", d.train, d.train_split, d.config, d.max_samples),
+        ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
+    ):
+        if spec is None:
+            continue
+        report = data.SplitReport(which, data.shown(spec))
+        reports.append(report)
+        if not fetch and not data.is_local(spec):
+            report.note = "Hub dataset: loaded when a run starts"
+            continue
+        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
+        if cap is not None and cap < len(rows):
+            report.total, rows = len(rows), rows.select(range(cap))
+        report.rows = len(rows)
+        rows = prompt_rows(rows, f"{key}.{which}")
+        for reward_key, columns in needs:
+            missing = [c for c in columns if c not in rows.column_names]
+            if missing:
+                raise UserError(
+                    f"{reward_key}: reads column `{missing[0]}`, which {key}.{which} lacks "
+                    f"(columns: {', '.join(rows.column_names)})"
+                )
+        if ctx.source.kind == "hub" and not fetch:
+            report.note = (
+                f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
+            )
+        else:
+            rows = _measure(report, rows, ctx.tokenizer(), stage, name, args.max_completion_length)
+        loaded[which] = rows
+    return GRPOInputs(args, loaded.get("train"), loaded.get("eval"), funcs, reports)
+
+
+def _measure(
+    report: data.SplitReport, rows: Dataset, tokenizer: Any, stage: Schema, name: str, new_tokens: int
+) -> Dataset:
+    """Prompt token lengths (as TRL templates them); rows over `max_prompt_length` are dropped."""
+    from finetune.heldout import _prompt_text
+
+    lengths = [
+        len(tokenizer(_prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
+        for p in rows["prompt"]
+    ]
+    data.fill_lengths(report, lengths)
+    limit = stage.max_prompt_length
+    keep = [i for i, n in enumerate(lengths) if limit is None or n <= limit]
+    report.kept, report.cut = len(keep), len(lengths) - len(keep)
+    report.note = f"prompt tokens; each completion adds up to {new_tokens}"
+    setting = f"stages.{name}.max_prompt_length"
+    if not keep:
+        raise UserError(
+            f"{setting}: {limit} drops every prompt of {report.source} (p95 {report.p95}, max {report.max} "
+            f"tokens); set it to {data.suggest_max_length(report.p95 or 0, report.max or 0)}"
+        )
+    if report.cut > data.CUT_WARN_SHARE * len(lengths):
+        data.warn(f"{setting}: {limit} drops {report.cut} of {len(lengths)} {report.split} prompts")
+    return rows.select(keep) if report.cut else rows
+
+
+class Trainer(GRPOTrainer):
+    """TRL's GRPOTrainer plus what a DeepSeek MoE needs around it: the expert-balance loss of a
+    trainable router added to the GRPO loss, and a few sampled completions per log in samples.jsonl."""
+
+    def __init__(
+        self,
+        *args: Any,
+        router_monitor: routing.RouterMonitor,
+        samples: Path,
+        samples_per_log: int,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self._monitor, self._samples, self._samples_per_log = router_monitor, samples, samples_per_log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        aux = self._monitor.take_pending()
+        if aux is not None and model.training:
+            # The GRPO loss is already scaled for gradient accumulation (TRL does so itself); so is this.
+            loss = loss + aux.to(loss.dtype) / self.current_gradient_accumulation_steps
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Read before TRL's log: the deques hold the latest generation batch's completions.
+        rows = list(zip(self._logs["prompt"], self._logs["completion"], strict=False))[
+            -self._samples_per_log :
+        ]
+        names = list(self._logs["rewards"])
+        per_reward = {n: list(self._logs["rewards"][n])[-len(rows) :] for n in names} if rows else {}
+        super().log(logs, start_time)
+        if not rows or not self.accelerator.is_main_process or "loss" not in logs:
+            return
+        with open(self._samples, "a") as f:
+            for i, (prompt, completion) in enumerate(rows):
+                row = {"step": self.state.global_step, "prompt": prompt, "completion": completion}
+                row["rewards"] = {n: per_reward[n][i] for n in names}
+                f.write(json.dumps(row, default=str) + "\n")
+
+
+def run(
+    name: str,
+    stage: Schema,
+    inputs: GRPOInputs,
+    ctx: StageContext,
+    *,
+    resume_from: str | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train the policy; the summary holds the mean reward of the first and last logging windows."""
+    out = ctx.stage_dir(name)
+    tokenizer = ctx.tokenizer()
+    if model is None:
+        if stage.init_from is not None:
+            torch.manual_seed(ctx.seed)
+            model = adapters.load_adapter(
+                ctx.base_model(), ctx.output_dir / stage.init_from / "adapter", trainable=True
+            )
+        else:
+            model = ctx.adapted_model()
+    eos = tokenizer.eos_token_id
+    replayer = replay.RoutingReplay(
+        model, replay=stage.routing_replay, eos_token_ids=[eos] if eos is not None else []
+    )
+    monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef, also=[replayer.report])
+    samples = out / "samples.jsonl"
+    if resume_from is None:
+        samples.unlink(missing_ok=True)
+    try:
+        trainer, tokenizer, trained, adapter = common.fit(
+            Trainer,
+            model,
+            inputs,
+            tokenizer,
+            out,
+            monitor,
+            resume_from,
+            reward_funcs=inputs.reward_funcs,
+            router_monitor=monitor,
+            samples=samples,
+            samples_per_log=stage.samples_per_log,
+        )
+    finally:
+        monitor.remove()
+        replayer.remove()
+    metrics = rundir.read_metrics(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"stage": name, "type": "grpo", "train": trained, "adapter": str(adapter)}
+    summary["rewards"] = _reward_windows(metrics)
+    mismatch = [m["routing/mismatch"] for m in metrics if "routing/mismatch" in m]
+    if mismatch:
+        summary["routing"] = {
+            "replay": stage.routing_replay,
+            "mismatch": sum(mismatch) / len(mismatch),
+            "router_mismatch": sum(
+                m["routing/router_mismatch"] for m in metrics if "routing/router_mismatch" in m
+            )
+            / len(mismatch),
+        }
+    if trainer.is_world_process_zero():
+        keys = (
+            ["reward", *sorted(k for k in metrics[-1] if k.startswith("rewards/") and k.endswith("/mean"))]
+            if metrics
+            else []
+        )
+        rundir.plot_curves(metrics, keys, out / "reward.png", f"{ctx.name} / {name}: reward")
+    common.finish(trainer, out, f"{ctx.name} / {name}", summary)
+    return summary
+
+
+def _reward_windows(metrics: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:
+    """Mean reward of the first and the last `window` logging steps (the learning signal)."""
+    values = [m["reward"] for m in metrics if m.get("reward") is not None and "loss" in m]
+    if not values:
+        return {}
+    first, last = values[:window], values[-window:]
+    return {"first": sum(first) / len(first), "last": sum(last) / len(last), "logged_steps": len(values)}
