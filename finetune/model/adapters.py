@@ -183,7 +183,12 @@ def disable_covers_expert_lora(model: PeftModel) -> None:
     @contextlib.contextmanager
     def disable_adapter() -> Iterator[None]:
         layers = list(expert_layers(model).values())
-        with peft_disable():
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(peft_disable())
+            except ValueError:  # routed experts alone: PEFT has no layer of its own to disable
+                if not layers:
+                    raise
             for layer in layers:
                 layer.lora_enabled = False
             try:

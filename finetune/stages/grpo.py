@@ -202,6 +202,12 @@ class Trainer(GRPOTrainer):
     ):
         super().__init__(*args, **kwargs)
         self._monitor, self._samples, self._samples_per_log = router_monitor, samples, samples_per_log
+        # With beta > 0 TRL copies a PEFT adapter into a frozen "ref" adapter; that copy would miss the
+        # routed-expert LoRA (not PEFT's) and double the LoRA memory. The reference is the base model:
+        # without "ref", TRL disables the adapter, which `adapters.attach` extends to the expert LoRA.
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(peft_model, "peft_config", {}):
+            peft_model.delete_adapter("ref")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
