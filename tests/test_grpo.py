@@ -262,3 +262,18 @@ def test_prompts_without_a_prompt_or_messages_column(tmp_path, capsys):
     data["stages"]["grpo"]["data"]["train"] = str(write_jsonl(tmp_path / "p.jsonl", [{"question": "hi"}]))
     line = _stage_error(tmp_path, capsys, data)
     assert "needs a `prompt` column (text or messages), or `messages`" in line
+
+
+def test_pipeline_recipe_chains_sft_reward_and_grpo(tmp_path):
+    """recipes/tiny/pipeline.yaml end to end: the policy continues the SFT adapter and is scored by the
+    reward stage's model (finetune.predict), in one run folder."""
+    r = recipe.load(REPO / "recipes" / "tiny" / "pipeline.yaml", [f"output_dir={tmp_path / 'run'}"])
+    summaries = pipeline.run(r)
+    assert list(summaries) == ["sft", "reward", "grpo"]
+    assert summaries["reward"]["eval"]["pairwise_accuracy"] >= 0.9
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [m for m in metrics if "rewards/reward_model/mean" in m]
+    assert logged and all(m["kl"] > 0 for m in logged)  # beta > 0: KL to the adapter-disabled base
+    assert summaries["grpo"]["rewards"]["logged_steps"] == 6

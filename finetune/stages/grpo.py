@@ -200,14 +200,18 @@ class Trainer(GRPOTrainer):
         samples_per_log: int,
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        # With beta > 0 TRL copies a PEFT adapter into a frozen "ref" adapter at construction. That copy
+        # misses the routed-expert LoRA (not PEFT's), doubles the LoRA memory and fails on some adapters.
+        # Built with beta 0 there is none, and TRL's reference pass disables the adapter instead, which
+        # `adapters.attach` extends to the expert LoRA: the reference is the base model.
+        config = kwargs["args"]
+        beta, config.beta = config.beta, 0.0
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            config.beta = beta
+        self.beta = beta
         self._monitor, self._samples, self._samples_per_log = router_monitor, samples, samples_per_log
-        # With beta > 0 TRL copies a PEFT adapter into a frozen "ref" adapter; that copy would miss the
-        # routed-expert LoRA (not PEFT's) and double the LoRA memory. The reference is the base model:
-        # without "ref", TRL disables the adapter, which `adapters.attach` extends to the expert LoRA.
-        peft_model = self.accelerator.unwrap_model(self.model)
-        if "ref" in getattr(peft_model, "peft_config", {}):
-            peft_model.delete_adapter("ref")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
