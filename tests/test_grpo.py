@@ -277,3 +277,29 @@ def test_pipeline_recipe_chains_sft_reward_and_grpo(tmp_path):
     logged = [m for m in metrics if "rewards/reward_model/mean" in m]
     assert logged and all(m["kl"] > 0 for m in logged)  # beta > 0: KL to the adapter-disabled base
     assert summaries["grpo"]["rewards"]["logged_steps"] == 6
+
+
+def test_prompt_template_builds_conversations_from_columns(tmp_path, capsys):
+    rows = [{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}] * 8
+    data = _grpo(
+        tmp_path,
+        rewards=[{"name": "math_accuracy"}],
+        prompt_template="{question}\nAnswer as \\boxed{{n}}.",
+        system_prompt="You are careful.",
+    )
+    data["stages"]["grpo"]["data"]["train"] = str(write_jsonl(tmp_path / "gsm.jsonl", rows))
+    inputs = pipeline.plan(recipe.Recipe.model_validate(data)).inputs["grpo"]
+    assert inputs.train[0]["prompt"] == [
+        {"role": "system", "content": "You are careful."},
+        {"role": "user", "content": "What is 2+3?\nAnswer as \\boxed{n}."},
+    ]
+    assert inputs.train[0]["answer"].endswith("#### 5")
+    data["stages"]["grpo"]["prompt_template"] = "{quesion}"
+    line = _stage_error(tmp_path, capsys, data)
+    assert "stages.grpo.prompt_template: names column `quesion`, which stages.grpo.data.train lacks" in line
+    data["stages"]["grpo"]["prompt_template"] = "{question"
+    assert "stages.grpo.prompt_template:" in _stage_error(tmp_path, capsys, data)
+    del data["stages"]["grpo"]["prompt_template"]
+    data["stages"]["grpo"]["data"]["train"] = str(REVERSE / "test.jsonl")
+    line = _stage_error(tmp_path, capsys, data)
+    assert "stages.grpo.system_prompt: applies to prompts built by stages.grpo.prompt_template" in line

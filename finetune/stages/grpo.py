@@ -32,6 +32,10 @@ class Schema(Strict):
     rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
     init_from: str | None = None  # an earlier sft / grpo stage whose adapter the policy continues
     routing_replay: bool = False  # train on the experts each token was generated with
+    # Prompts from other columns: a Python format string over a row's columns (e.g. "{question}"), sent as
+    # the user turn of a conversation (after `system_prompt`, when given).
+    prompt_template: str | None = None
+    system_prompt: str | None = None
     max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
     samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
     train: dict[str, Any] = Field(default_factory=dict)
@@ -88,10 +92,17 @@ def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tu
     return funcs, needs
 
 
-def prompt_rows(rows: Dataset, key: str) -> Dataset:
-    """`prompt` rows as they are; `messages` rows become their turns before the last assistant turn
-    (`prompt`) and that turn's text (`answer`, unless the rows have one)."""
+def prompt_rows(rows: Dataset, key: str, stage: Schema, stage_key: str) -> Dataset:
+    """With `prompt_template`, a user turn rendered from each row's columns; otherwise `prompt` rows as
+    they are, and `messages` rows become their turns before the last assistant turn (`prompt`) and that
+    turn's text (`answer`, unless the rows have one)."""
     columns = set(rows.column_names)
+    if stage.prompt_template is not None:
+        return _templated(rows, key, stage, stage_key)
+    if stage.system_prompt is not None:
+        raise UserError(
+            f"{stage_key}.system_prompt: applies to prompts built by {stage_key}.prompt_template; set one"
+        )
     if "prompt" in columns:
         return rows
     if "messages" not in columns:
@@ -110,6 +121,32 @@ def prompt_rows(rows: Dataset, key: str) -> Dataset:
         return out
 
     return rows.map(split, remove_columns=["messages"])
+
+
+def _templated(rows: Dataset, key: str, stage: Schema, stage_key: str) -> Dataset:
+    import string
+
+    template = stage.prompt_template
+    assert template is not None
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise UserError(
+            f"{stage_key}.prompt_template: {err} (write a literal brace as {{{{ or }}}})"
+        ) from None
+    names = {f.split(".")[0].split("[")[0] for f in fields}
+    missing = sorted(n for n in names if n not in rows.column_names)
+    if missing or "" in names:
+        raise UserError(
+            f"{stage_key}.prompt_template: names column `{(missing or [''])[0]}`, which {key} lacks "
+            f"(columns: {', '.join(rows.column_names)})"
+        )
+    system = [{"role": "system", "content": stage.system_prompt}] if stage.system_prompt else []
+
+    def render(row: dict) -> dict:
+        return {"prompt": [*system, {"role": "user", "content": template.format(**row)}]}
+
+    return rows.map(render)
 
 
 def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> GRPOInputs:
@@ -144,7 +181,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
         if cap is not None and cap < len(rows):
             report.total, rows = len(rows), rows.select(range(cap))
         report.rows = len(rows)
-        rows = prompt_rows(rows, f"{key}.{which}")
+        rows = prompt_rows(rows, f"{key}.{which}", stage, f"stages.{name}")
         for reward_key, columns in needs:
             missing = [c for c in columns if c not in rows.column_names]
             if missing:
