@@ -1,8 +1,8 @@
 """Code reward: the completion's Python code block run against the row's tests in a separate process.
 
 `run_tests` is the sandboxed runner, also meant for the eval harness (pass@k over sampled programs). It is
-a best-effort guard against accidents (endless loops, memory bombs, stray files, network calls), not a
-security sandbox: see docs/rewards.md for what it does not stop.
+a best-effort guard against accidents (endless loops, fork and memory bombs, stray files, writes outside
+its folder, network calls), not a security sandbox: see docs/rewards.md for what it does not stop.
 """
 
 from __future__ import annotations
@@ -96,13 +96,14 @@ def _read_passes(fd: int, nonce: str, counted: set[int]) -> int:
 
 
 def run_tests(code: str, tests: Sequence[str] | str, *, timeout: float = 5.0, memory_mb: int = 512) -> float:
-    """The fraction of `tests` that pass after running `code`, both in a fresh `python -I` process.
+    """The fraction of `tests` that pass after running `code`, both in a fresh `python -I -B` process.
 
     The child gets a temporary working directory (removed afterwards), /dev/null as stdin, stdout and
-    stderr, a minimal environment, `memory_mb` of address space, files of at most 64 MB, no network and no
-    new processes (refused by an audit hook). After `timeout` seconds of wall-clock time its process group
-    is killed; tests that passed before a timeout or a crash still count. The code runs as module
-    `__solution__`, so an `if __name__ == "__main__":` block is skipped. Code that raises passes no test.
+    stderr, a minimal environment, `memory_mb` of address space, files of at most 64 MB, and no network, no
+    new processes and no file changes outside its directory (refused by an audit hook). After `timeout`
+    seconds of wall-clock time its process group is killed; tests that passed before a timeout or a crash
+    still count. The code runs as module `__solution__`, so an `if __name__ == "__main__":` block is
+    skipped. Code that raises passes no test.
 
     >>> run_tests("def f(x):\\n    return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])
     0.5
@@ -127,7 +128,7 @@ def run_tests(code: str, tests: Sequence[str] | str, *, timeout: float = 5.0, me
             job_file = Path(workdir, "job.json")
             job_file.write_text(json.dumps(job))
             process = subprocess.Popen(
-                [sys.executable, "-I", str(_CHILD), str(job_file)],
+                [sys.executable, "-I", "-B", str(_CHILD), str(job_file)],
                 cwd=workdir,
                 env=_environment(workdir),
                 stdin=subprocess.DEVNULL,

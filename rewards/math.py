@@ -18,6 +18,12 @@ def _timeout() -> int | None:
     return _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
+def _no_currency(text: str) -> str:
+    # `\\$` is a dollar sign (MATH's `\\$18.90`), not a math delimiter: math-verify reads a text with one as
+    # having no answer at all.
+    return text.replace("\\$", "")
+
+
 def parse_gold(gold) -> list:
     """A gold answer parsed by math-verify: GSM8K's `... #### 42`, text with `\\boxed{...}`, or a plain answer.
 
@@ -30,7 +36,7 @@ def parse_gold(gold) -> list:
     >>> parse_gold("\\\\sqrt{2}")[0]
     sqrt(2)
     """
-    text = str(gold).strip()
+    text = _no_currency(str(gold).strip())
     if "####" in text:
         text = text.rpartition("####")[2].strip().replace(",", "")
     elif "\\boxed" in text or "$" in text:
@@ -60,8 +66,7 @@ def math_accuracy(completions: list, *, column: str = "answer", **kwargs) -> lis
         if not gold_parsed:
             scores.append(None)
             continue
-        answer = parse(
-            final_answer(reply(completion)), extraction_config=_EXTRACTION, parsing_timeout=_timeout()
-        )
+        text = _no_currency(final_answer(reply(completion)))
+        answer = parse(text, extraction_config=_EXTRACTION, parsing_timeout=_timeout())
         scores.append(float(bool(answer) and verify(gold_parsed, answer, timeout_seconds=_timeout())))
     return scores
