@@ -11,7 +11,7 @@ from conftest import REPO, write_jsonl, write_recipe
 
 from finetune import pipeline, recipe
 from finetune.cli import main
-from finetune.stages import reward
+from finetune.stages import REGISTRY, reward
 
 
 def test_tiny_reward_recipe_learns_the_preferences(tmp_path):
@@ -68,7 +68,10 @@ def test_bad_pairs_are_one_line(tmp_path, capsys, row, message):
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({"data": {"train": "x.jsonl"}}, "missing key `stages.rm.type` (stage types: sft, reward, classify)"),
+        (
+            {"data": {"train": "x.jsonl"}},
+            f"missing key `stages.rm.type` (stage types: {', '.join(REGISTRY)})",
+        ),
         ({"type": "ppo", "data": {"train": "x.jsonl"}}, "`stages.rm.type`: no stage type 'ppo'"),
         ({"type": "reward", "data": {"train": "x.jsonl"}, "heldout": {}}, "unknown key `stages.rm.heldout`"),
         (
