@@ -68,6 +68,33 @@ def _parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
     )
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    text = "evaluate a model (and adapters) on benchmarks in eval/, or score outside predictions"
+    sub = verbs.add_parser(
+        "eval", help=text, description=text + "; `finetune eval fetch NAME` gets a full test set"
+    )
+    sub.add_argument(
+        "benchmarks", nargs="+", metavar="BENCH", help="benchmark names (eval/<name>.yaml) or spec files"
+    )
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("--recipe", help="load the model as this recipe does")
+    source.add_argument("--model", help="an embedded preset (tiny, tiny-v2), a checkpoint folder or a Hub id")
+    sub.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="RUN_DIR/STAGE, an adapter folder, or `base`; repeat to compare",
+    )
+    sub.add_argument("--limit", type=int, help="the first N items of each benchmark")
+    sub.add_argument("--data", help="a local file replacing the benchmark's data (same fields)")
+    sub.add_argument("--predictions", help="JSONL of {doc_id, output} to score instead of running a model")
+    sub.add_argument("--out", help="folder for results.json, samples_<bench>.jsonl, results.md, results.png")
+    sub.add_argument("--batch-size", type=int, default=16)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument(
+        "--from", dest="from_file", help="fetch: convert this local file instead of the Hub split"
+    )
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     text = "score rows with a trained classifier or reward model: one JSON row per input row, in order"
     sub = verbs.add_parser("predict", help=text, description=text)
     sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a finished classify or reward stage")
@@ -169,6 +196,51 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finetune.bench import fetch, harness
+
+    if args.benchmarks[0] == "fetch":
+        if len(args.benchmarks) != 2:
+            raise UserError("usage: finetune eval fetch NAME [--out FILE] [--from FILE]")
+        path = fetch.fetch(args.benchmarks[1], out=args.out, source=args.from_file)
+        print(f"wrote {path}; evaluate on it with: finetune eval {args.benchmarks[1]} --data {path} ...")
+        return 0
+    if args.out is None:
+        raise UserError("--out: give the folder for the results")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit: {args.limit}; give a number >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: {args.batch_size}; give a number >= 1")
+    if args.predictions is None and args.recipe is None and args.model is None:
+        raise UserError(
+            "give --recipe RECIPE or --model PRESET_OR_PATH (or --predictions FILE to score outputs)"
+        )
+    candidates = [harness.candidate(a) for a in args.adapter] or [harness.Candidate("base")]
+    config = {
+        "model_source": args.recipe or args.model,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    results = harness.evaluate(
+        args.benchmarks,
+        out=Path(args.out),
+        candidates=candidates,
+        load_base=None if args.predictions else (lambda: fetch.base_model(args.recipe, args.model)),
+        limit=args.limit,
+        data_file=args.data,
+        predictions_file=args.predictions,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        config=config,
+    )
+    print(harness.table(results), end="")
+    print(f"\nresults: {args.out}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from finetune.predict import predict_file
 
@@ -203,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "inspect": _inspect,
             "export": _export,
             "predict": _predict,
+            "eval": _eval,
         }
         return verbs[args.verb](args)
     except UserError as err:

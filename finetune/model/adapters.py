@@ -300,3 +300,23 @@ def _lora_dtype_as_saved(model: torch.nn.Module, folder: Path) -> None:
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, folder: str | Path | None) -> Iterator[torch.nn.Module]:
+    """`model` with the adapter in `folder` loaded for the block (None: the base model itself), and the
+    base model as it was afterwards: several adapters are evaluated on one loaded base."""
+    if folder is None:
+        yield model
+        return
+    routers = {i: g.weight.detach().clone() for i, g in routing.routers(model).items()}
+    peft_model = load_adapter(model, folder)
+    try:
+        yield peft_model
+    finally:
+        for layer in expert_layers(peft_model).values():
+            layer.remove_lora()
+        base = peft_model.unload()
+        with torch.no_grad():
+            for i, gate in routing.routers(base).items():
+                gate.weight.copy_(routers[i])

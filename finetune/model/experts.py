@@ -293,6 +293,16 @@ class NF4Experts(nn.Module):
         self.lora_r, self.lora_alpha, self.lora_scale = r, float(alpha), float(alpha) / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def remove_lora(self) -> None:
+        """Back to the plain experts (another adapter is loaded next)."""
+        for name in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for name in ("lora_slot", "lora_experts"):
+            self._buffers.pop(name, None)
+        self.lora_r, self.lora_alpha, self.lora_scale = 0, 0.0, 0.0
+        self.lora_dropout = nn.Identity()
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA factors plus `lora_experts` and `lora_alpha`, detached copies."""
         if not self.has_lora:

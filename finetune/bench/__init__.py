@@ -1,0 +1,1 @@
+"""The evaluation harness: benchmark specs (`eval/*.yaml`), their runner, scorers and result files."""
