@@ -128,9 +128,10 @@ def _print_table(summaries: dict[str, dict]) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool) and not key.startswith("eval_")
     ]
     if figures:
-        print(f"\n{'stage':<12}{'eval metric':<22}{'value':>10}")
+        width = max(22, *(len(key) + 2 for _, key, _ in figures))
+        print(f"\n{'stage':<12}{'eval metric':<{width}}{'value':>10}")
         for name, key, value in figures:
-            print(f"{name:<12}{key:<22}{value:>10.4g}")
+            print(f"{name:<12}{key:<{width}}{value:>10.4g}")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -146,7 +147,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.recipe}: ok — model: {where[checked.context.source.kind]} {checked.context.source.ref}")
     for name, stage in r.stages.items():
         train = checked.inputs[name].train
-        rows = (
+        rows = getattr(
+            checked.inputs[name], "summary", ""
+        ) or (  # a stage that trains nothing says what it does
             f"{len(train)} training rows" if train is not None else "Hub dataset (loaded when a run starts)"
         )
         print(f"  stage {name} ({stage.type}): {rows}")

@@ -90,8 +90,8 @@ class Recipe(Strict):
         return stages
 
 
-def trainer_config_class(stage_type: str) -> type:
-    """The TRL config dataclass whose fields `stages.<name>.train` may set."""
+def trainer_config_class(stage_type: str) -> type | None:
+    """The TRL config dataclass whose fields `stages.<name>.train` may set (None: the type trains nothing)."""
     from finetune.stages import REGISTRY
 
     return REGISTRY[stage_type].TRAINER_CONFIG
@@ -362,9 +362,9 @@ def _check_override_key(keys: list[str], data: dict[str, Any], text: str) -> Non
             stage = stages[name]
             node, i = stage_schema(stage.get("type") if isinstance(stage, dict) else None), i + 2
             continue
-        if key == "train" and keys[0] == "stages" and i == 2:
-            stage = data["stages"][keys[1]]
-            kind = stage.get("type") if isinstance(stage, dict) else None
+        stage = data["stages"].get(keys[1]) if keys[0] == "stages" and i == 2 else None
+        kind = stage.get("type") if isinstance(stage, dict) else None
+        if key == "train" and keys[0] == "stages" and i == 2 and trainer_config_class(_known_type(kind)):
             fields = _trainer_fields(_known_type(kind))
             arg = keys[i + 1] if i + 1 < len(keys) else None
             if arg is None:
@@ -399,6 +399,8 @@ def apply_override(data: dict[str, Any], text: str) -> None:
 
 def _check_train_args(recipe: Recipe, source: str) -> None:
     for name, stage in recipe.stages.items():
+        if trainer_config_class(stage.type) is None:  # a stage that trains nothing has no `train:`
+            continue
         fields = _trainer_fields(stage.type)
         for key, value in list(stage.train.items()):
             path = f"stages.{name}.train.{key}"

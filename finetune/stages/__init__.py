@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import classify, grpo, reward, sft
+from finetune.stages import classify, eval, grpo, reward, sft
 
-REGISTRY: dict[str, ModuleType] = {"sft": sft, "reward": reward, "classify": classify, "grpo": grpo}
+REGISTRY: dict[str, ModuleType] = {
+    "sft": sft,
+    "reward": reward,
+    "classify": classify,
+    "grpo": grpo,
+    "eval": eval,
+}

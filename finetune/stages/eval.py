@@ -1,0 +1,108 @@
+"""`type: eval`: benchmarks from `eval/` on the run's base model and on adapters of earlier stages, all on
+one loaded base (`finetune eval` with the run's model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from finetune.bench import harness
+from finetune.bench import run as bench_run
+from finetune.bench import spec as specs
+from finetune.errors import UserError
+from finetune.schema import Int, Strict
+from finetune.stages.context import StageContext
+
+
+class Schema(Strict):
+    """`stages.<name>` of `type: eval`."""
+
+    type: Literal["eval"]
+    benchmarks: list[str] = Field(min_length=1)  # names of eval/<name>.yaml, or spec files
+    compare: list[str] = Field(default_factory=lambda: ["base"])  # `base` and/or earlier stages
+    limit: Int | None = Field(None, gt=0)  # the first N items of each benchmark
+    batch_size: Int = Field(16, gt=0)
+
+
+TRAINER_CONFIG = None  # trains nothing: no `train:` section
+
+
+@dataclass
+class EvalInputs:
+    train: None = None
+    report: list = field(default_factory=list)
+    summary: str = ""  # what `validate` prints for the stage
+
+
+def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> EvalInputs:
+    """Every spec loads and its bundled data has the fields it names; `compare` names `base` or earlier
+    stages that save an adapter."""
+    counts = []
+    for bench in stage.benchmarks:
+        try:
+            counts.append(f"{bench} ({len(bench_run.rows(specs.load(bench), None, stage.limit))} items)")
+        except UserError as err:
+            raise UserError(f"stages.{name}.benchmarks: {err}") from None
+    order = list(ctx.stages)
+    for other in stage.compare:
+        if other == "base":
+            continue
+        key = f"stages.{name}.compare"
+        if other not in ctx.stages:
+            raise UserError(
+                f"{key}: no stage {other!r} in this recipe (use base or one of: {', '.join(order)})"
+            )
+        if order.index(other) >= order.index(name):
+            raise UserError(f"{key}: stage {other!r} runs after {name!r}; name an earlier stage")
+        if ctx.stages[other] == "eval":
+            raise UserError(f"{key}: stage {other!r} is an eval stage; it has no adapter")
+    return EvalInputs(summary=f"{', '.join(counts)} on {', '.join(stage.compare)}")
+
+
+def run(
+    name: str,
+    stage: Schema,
+    inputs: EvalInputs,
+    ctx: StageContext,
+    *,
+    resume_from: str | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    out = ctx.stage_dir(name)
+    candidates = [
+        harness.Candidate("base") if c == "base" else harness.candidate(str(ctx.output_dir / c))
+        for c in stage.compare
+    ]
+    for c, label in zip(candidates, stage.compare, strict=True):
+        c.label = label
+    base = model if model is not None else ctx.base_model()
+    results = harness.evaluate(
+        stage.benchmarks,
+        out=out,
+        candidates=candidates,
+        load_base=lambda: (base, ctx.tokenizer()),
+        limit=stage.limit,
+        batch_size=stage.batch_size,
+        seed=ctx.seed,
+        config={"recipe": ctx.name, "stage": name, "limit": stage.limit},
+    )
+    summary = {
+        "stage": name,
+        "type": "eval",
+        "results": {label: r["results"] for label, r in results.items()},
+        # Flat figures (`<model> <benchmark> <metric>`) for the table `finetune run` prints.
+        "eval": {
+            f"{label} {bench} {key.split(',')[0]}": value
+            for label, r in results.items()
+            for bench, metrics in r["results"].items()
+            for key, value in metrics.items()
+            if key != "alias" and "_stderr," not in key
+        },
+    }
+    from finetune import rundir
+
+    rundir.write_summary(out / "summary.json", summary)
+    return summary
