@@ -17,7 +17,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file, save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.model import routing
 from finetune.model.experts import NF4Experts, unquantized_experts_to_plain
 
@@ -273,12 +273,32 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool 
         unquantized_experts_to_plain(model)
     with exact_targets():
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    _check_all_loaded(peft_model, Path(folder))
     load_extra_tensors(peft_model, folder, trainable=trainable)
     _lora_dtype_as_saved(peft_model, Path(folder))
     disable_covers_expert_lora(peft_model)
     if trainable:
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def _check_all_loaded(model: PeftModel, folder: Path) -> None:
+    """Every tensor of the adapter file landed in the model. PEFT only warns when an adapter names modules
+    the model lacks (an adapter of another architecture), and the model then runs as if untrained."""
+    from peft.utils import get_peft_model_state_dict
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    from finetune.model.adapter_files import header
+
+    have = set(get_peft_model_state_dict(model))
+    missing = sorted(k for k in header(path) if k not in have)
+    if missing:
+        raise UserError(
+            f"{folder}: the adapter does not fit the model: {len(missing)} of its tensors have no module in it "
+            f"(first: {missing[0]}); it was trained on another architecture"
+        )
 
 
 def _lora_dtype_as_saved(model: torch.nn.Module, folder: Path) -> None:
@@ -310,7 +330,10 @@ def applied(model: torch.nn.Module, folder: str | Path | None) -> Iterator[torch
         yield model
         return
     routers = {i: g.weight.detach().clone() for i, g in routing.routers(model).items()}
-    peft_model = load_adapter(model, folder)
+    try:
+        peft_model = load_adapter(model, folder)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"{folder}: the adapter does not fit the model ({first_line(err)})") from None
     try:
         yield peft_model
     finally:
