@@ -328,3 +328,108 @@ def test_mean_stderr_matches_the_sample_formula():
     mean = sum(values) / 4
     assert score.mean_stderr(values) == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 3 / 4))
     assert harness.candidate("base").folder is None
+
+
+@pytest.mark.parametrize(
+    ("bench", "field", "metric"),
+    [
+        ("gsm8k", "answer", "exact_match,gsm8k"),
+        ("math500", "solution", "math_verify,boxed"),
+        ("humaneval", "canonical_solution", "pass@1,none"),
+    ],
+)
+def test_gold_solutions_score_one_on_the_bundled_samples(tmp_path, bench, field, metric):
+    """The bundled real rows, their own gold solutions as predictions: every one is right."""
+    rows = [
+        json.loads(line)
+        for line in (REPO / "eval" / "data" / bench / "sample.jsonl").read_text().splitlines()
+    ]
+    rows = rows[:40]
+    predictions = write_jsonl(
+        tmp_path / "p.jsonl", [{"doc_id": i, "output": r[field]} for i, r in enumerate(rows)]
+    )
+    out = tmp_path / "out"
+    assert main(["eval", bench, "--predictions", str(predictions), "--limit", "40", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["results"][bench][metric] == 1.0
+
+
+def test_wrong_answers_score_zero(tmp_path):
+    rows = [
+        json.loads(line)
+        for line in (REPO / "eval" / "data" / "gsm8k" / "sample.jsonl").read_text().splitlines()
+    ][:5]
+    wrong = [
+        {"doc_id": i, "output": r["answer"].rsplit("####", 1)[0] + "#### 123456"} for i, r in enumerate(rows)
+    ]
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "eval",
+                "gsm8k",
+                "--predictions",
+                str(write_jsonl(tmp_path / "w.jsonl", wrong)),
+                "--limit",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "results.json").read_text())["results"]["gsm8k"]["exact_match,gsm8k"] == 0.0
+
+
+@pytest.mark.parametrize("bench", ["mmlu", "arc_challenge"])
+def test_multiple_choice_benchmarks_run_on_the_tiny_model(tmp_path, bench):
+    out = tmp_path / "out"
+    assert main(["eval", bench, "--model", "tiny", "--limit", "4", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"][bench]
+    assert set(results) >= {"acc,none", "acc_norm,none", "acc_stderr,none"}
+    samples = [json.loads(x) for x in (out / f"samples_{bench}.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["loglikelihoods"]) >= 3 for s in samples)
+
+
+def test_same_accuracy_as_lm_evaluation_harness(tmp_path):
+    """One multiple-choice task through our harness and through lm-eval's HFLM on the same loaded tiny
+    model: the same acc and acc_norm (and standard errors)."""
+    pytest.importorskip("lm_eval")
+    import random
+
+    from finetune.bench import lm_eval_bridge
+    from finetune.model.load import load_model, load_tokenizer, resolve_source
+
+    words = [
+        json.loads(line)["messages"][0]["content"].split()[-1] for line in REVERSE.read_text().splitlines()
+    ][:30]
+    rng = random.Random(0)
+    rows = []
+    for w in words:
+        options = [w[::-1], w, "".join(sorted(w)), w[1:] + w[0]]
+        rng.shuffle(options)
+        rows.append({"question": f"reverse: {w}", "choices": options, "answer": options.index(w[::-1])})
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (tmp_path / "ours.yaml").write_text(
+        f'name: tiny_mc\nkind: multiple_choice\ndata: {{sample: {data}}}\nprompt: "{{question}}\\nAnswer:"\n'
+        "choices: choices\ngold: answer\n"
+    )
+    source = resolve_source("tiny", None)
+    model, tokenizer = load_model(source, dtype="float32"), load_tokenizer(source)
+    theirs = lm_eval_bridge.evaluate(["tiny_mc"], model, tokenizer, include_path=str(tmp_path))["results"][
+        "tiny_mc"
+    ]
+    results = harness.evaluate(
+        [str(tmp_path / "ours.yaml")],
+        out=tmp_path / "out",
+        candidates=[harness.Candidate("base")],
+        load_base=lambda: (model, tokenizer),
+    )
+    ours = results["base"]["results"]["tiny_mc"]
+    for key in ("acc,none", "acc_norm,none", "acc_stderr,none"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key

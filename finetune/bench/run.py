@@ -180,10 +180,8 @@ def score_generations(
                 passes[k].append(score.pass_at_k(len(scores), int(sum(scores)), k))
             value = scores[0]
         elif spec.score == "math_verify":
-            scores = [
-                score.math_verify(o if a is None else a, target) or 0.0
-                for o, a in zip(outs, answers, strict=True)
-            ]
+            # math-verify reads the whole output (a \boxed{} answer first, else the last expression).
+            scores = [score.math_verify(o, target) or 0.0 for o in outs]
             value = scores[0]
         else:
             scores = [score.exact_match(a, gold, spec.normalize) for a in answers]
