@@ -241,13 +241,12 @@ def test_bad_eval_input_is_one_line(tmp_path, capsys):
     )
     assert "--data: the rows lack field 'messages' that benchmark reverse names" in line
     assert "give --recipe RECIPE or --model" in _fails(capsys, ["eval", "reverse", "--out", out])
-    assert (
-        "only generate benchmarks score outputs"
-        in _fails(
-            capsys, ["eval", "mmlu", "--predictions", str(tmp_path / "u.jsonl"), "--limit", "2", "--out", out]
-        )
-        or True
-    )  # mmlu's data may not be bundled on a fresh clone without eval/data; see test below
+    line = _fails(
+        capsys, ["eval", "mmlu", "--predictions", str(tmp_path / "u.jsonl"), "--limit", "2", "--out", out]
+    )
+    assert "--predictions: benchmark mmlu is multiple_choice; only generate benchmarks score outputs" in line
+    line = _fails(capsys, ["eval", "hellaswag", "--model", "tiny", "--out", out])
+    assert "benchmark hellaswag bundles no sample; get its data with `finetune eval fetch hellaswag`" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -28,7 +28,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` results for `tasks` (task names, or ones defined in `include_path`)."""
     if not available():
-        raise UserError("lm-evaluation-harness is not installed: pip install 'finetune[eval]' (or pip install lm-eval)")
+        raise UserError(
+            "lm-evaluation-harness is not installed: pip install 'finetune[eval]' (or pip install lm-eval)"
+        )
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
