@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "eval", help=text, description=text + "; `finetune eval fetch NAME` gets a full test set"
     )
     sub.add_argument(
-        "benchmarks", nargs="+", metavar="BENCH", help="benchmark names (eval/<name>.yaml) or spec files"
+        "benchmarks", nargs="*", metavar="BENCH", help="benchmark names (eval/<name>.yaml) or spec files"
     )
     source = sub.add_mutually_exclusive_group()
     source.add_argument("--recipe", help="load the model as this recipe does")
@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--from", dest="from_file", help="fetch: convert this local file instead of the Hub split"
     )
+    sub.add_argument(
+        "--lm-eval-task",
+        dest="lm_eval",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="an lm-evaluation-harness task run on the same model (the [eval] extra); repeat",
+    )
+    sub.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs")
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     text = "score rows with a trained classifier or reward model: one JSON row per input row, in order"
     sub = verbs.add_parser("predict", help=text, description=text)
@@ -204,7 +213,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from finetune.bench import fetch, harness
 
-    if args.benchmarks[0] == "fetch":
+    if not args.benchmarks and not args.lm_eval:
+        raise UserError(
+            "name a benchmark (known: see eval/*.yaml) or an lm-eval task with --lm-eval-task TASK"
+        )
+    if args.benchmarks and args.benchmarks[0] == "fetch":
         if len(args.benchmarks) != 2:
             raise UserError("usage: finetune eval fetch NAME [--out FILE] [--from FILE]")
         path = fetch.fetch(args.benchmarks[1], out=args.out, source=args.from_file)
@@ -238,6 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         config=config,
+        lm_eval_tasks=args.lm_eval,
+        lm_eval_include=args.lm_eval_include,
     )
     print(harness.table(results), end="")
     print(f"\nresults: {args.out}")

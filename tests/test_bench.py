@@ -432,3 +432,19 @@ def test_same_accuracy_as_lm_evaluation_harness(tmp_path):
     ours = results["base"]["results"]["tiny_mc"]
     for key in ("acc,none", "acc_norm,none", "acc_stderr,none"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
+    # The same task through the CLI: lm-eval's task on the model our loader built, beside our results.
+    out = tmp_path / "cli"
+    argv = [
+        "eval",
+        "--lm-eval-task",
+        "tiny_mc",
+        "--lm-eval-include",
+        str(tmp_path),
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    cli = json.loads((out / "results.json").read_text())["results"]["lm_eval:tiny_mc"]
+    assert cli["acc,none"] == pytest.approx(theirs["acc,none"], abs=1e-12)

@@ -59,8 +59,11 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     config: dict[str, Any] | None = None,
+    lm_eval_tasks: list[str] | None = None,
+    lm_eval_include: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every benchmark for every candidate; returns {label: lm-eval-shaped results} and writes them."""
+    """Every benchmark (and lm-evaluation-harness task) for every candidate; returns {label: lm-eval-shaped
+    results} and writes them."""
     loaded = [specs.load(n) for n in names]  # every spec checked before any model loads
     rows = {s.name: run.rows(s, data_file, limit) for s in loaded}
     if predictions_file is not None:
@@ -85,7 +88,17 @@ def evaluate(
         with adapters.applied(model, None if c.classifier else c.folder) as current:
             for s in mine:
                 outcomes[s.name] = _one(s, rows[s.name], current, tokenizer, c, batch_size, seed)
-        results[c.label] = _results(mine, outcomes, rows, config or {}, c.label)
+            if lm_eval_tasks and not c.classifier:
+                outcomes.update(
+                    _lm_eval(lm_eval_tasks, current, tokenizer, lm_eval_include, limit, batch_size)
+                )
+        results[c.label] = _results(
+            mine,
+            outcomes,
+            {**rows, **{k: [None] * o.n for k, o in outcomes.items() if k not in rows}},
+            config or {},
+            c.label,
+        )
     for s in loaded:
         if not any(s.name in r["results"] for r in results.values()):
             need = (
@@ -119,6 +132,23 @@ def _one(
         )
         return run.score_choices(s, items, texts, lls, choices, golds)
     return _classification(s, items, texts, c, batch_size)
+
+
+def _lm_eval(
+    tasks: list[str], model: Any, tokenizer: Any, include: str | None, limit: int | None, batch_size: int
+) -> dict[str, run.Outcome]:
+    """lm-evaluation-harness tasks on the loaded model, as outcomes of ours (its metric keys kept)."""
+    from finetune.bench import lm_eval_bridge
+
+    got = lm_eval_bridge.evaluate(
+        tasks, model, tokenizer, include_path=include, limit=limit, batch_size=batch_size
+    )
+    out = {}
+    for task, metrics in got["results"].items():
+        outcome = run.Outcome(n=int(got.get("n-samples", {}).get(task, {}).get("effective", 0)))
+        outcome.metrics = {k: float(v) for k, v in metrics.items() if "," in k and isinstance(v, int | float)}
+        out[f"lm_eval:{task}"] = outcome
+    return out
 
 
 def _classification(
