@@ -448,3 +448,35 @@ def test_same_accuracy_as_lm_evaluation_harness(tmp_path):
     assert main(argv) == 0
     cli = json.loads((out / "results.json").read_text())["results"]["lm_eval:tiny_mc"]
     assert cli["acc,none"] == pytest.approx(theirs["acc,none"], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"benchmarks": ["nope"]}, "stages.ev.benchmarks: unknown benchmark 'nope'; known:"),
+        (
+            {"benchmarks": ["reverse"], "compare": ["base", "ghost"]},
+            "stages.ev.compare: no stage 'ghost' in this recipe",
+        ),
+        (
+            {"benchmarks": ["reverse"], "compare": ["later"]},
+            "stages.ev.compare: stage 'later' runs after 'ev'",
+        ),
+        ({"benchmarks": ["reverse"], "train": {"max_steps": 1}}, "unknown key `stages.ev.train`"),
+    ],
+)
+def test_bad_eval_stages(tmp_path, capsys, stage, message):
+    from conftest import write_recipe
+
+    data = {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"preset": "tiny", "dtype": "float32"},
+        "stages": {
+            "ev": {"type": "eval", **stage},
+            "later": {"type": "sft", "data": {"train": str(REVERSE)}, "train": {"max_steps": 1}},
+        },
+    }
+    path = write_recipe(tmp_path / "r.yaml", data)
+    assert message in _fails(capsys, ["validate", str(path)])
+    assert not (tmp_path / "run").exists()

@@ -35,3 +35,8 @@ def test_tiny_sft_recipe_runs_and_learns(tmp_path):
     # 98-100 % measured for seeds 42, 1, 7 (AMD EPYC, AVX512-BF16); room left for other CPUs' rounding.
     assert held["after"]["exact_match"] >= 0.9, held["after"]
     assert (out / "recipe.yaml").is_file() and (out / "sft" / "adapter" / "adapter_config.json").is_file()
+    # The eval stage (the harness on eval/reverse.yaml): the base model and the SFT adapter side by side.
+    evaluated = json.loads((out / "eval" / "summary.json").read_text())["results"]
+    assert evaluated["base"]["reverse"]["exact_match,none"] == 0.0
+    assert evaluated["sft"]["reverse"]["exact_match,none"] >= 0.9
+    assert "base reverse exact_match" in result.stdout and (out / "eval" / "results.md").is_file()
