@@ -480,3 +480,17 @@ def test_bad_eval_stages(tmp_path, capsys, stage, message):
     path = write_recipe(tmp_path / "r.yaml", data)
     assert message in _fails(capsys, ["validate", str(path)])
     assert not (tmp_path / "run").exists()
+
+
+def test_fetch_converts_a_local_file_and_names_the_hub_failure(tmp_path, capsys):
+    source = REPO / "eval" / "data" / "gsm8k" / "sample.jsonl"
+    out = tmp_path / "full.jsonl"
+    assert main(["eval", "fetch", "gsm8k", "--from", str(source), "--out", str(out)]) == 0
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [
+        json.loads(x) for x in source.read_text().splitlines()
+    ]
+    line = _fails(
+        capsys, ["eval", "fetch", "gsm8k", "--out", str(tmp_path / "hub.jsonl")]
+    )  # tests are offline
+    assert "benchmark gsm8k: cannot load openai/gsm8k (main, test) from the Hub" in line
+    assert "unknown benchmark 'nope'" in _fails(capsys, ["eval", "fetch", "nope"])
