@@ -63,26 +63,15 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
     where = labels.Where(name, stage.labels, stage.num_labels, stage.multi_label)
-    reports: list[data.SplitReport] = []
+    splits = common.read_splits(d, key, fetch=fetch)
+    reports = [report for report, _ in splits]
     read: dict[str, tuple[data.SplitReport, list, list]] = {}
     named_ids = None
-    for which, spec, split, config, cap in (
-        ("train", d.train, d.train_split, d.config, d.max_samples),
-        ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
-    ):
-        if spec is None:
+    for report, rows in splits:
+        if rows is None:
             continue
-        report = data.SplitReport(which, data.shown(spec))
-        reports.append(report)
-        if not fetch and not data.is_local(spec):
-            report.note = "Hub dataset: loaded when a run starts"
-            continue
-        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
-        if cap is not None and cap < len(rows):
-            report.total, rows = len(rows), rows.select(range(cap))
-        report.rows = len(rows)
-        read[which] = (report, *labels.rows(rows, key=f"{key}.{which}"))
-        if which == "train":
+        read[report.split] = (report, *labels.rows(rows, key=f"{key}.{report.split}"))
+        if report.split == "train":
             named_ids = labels.class_names(rows)
     inputs = ClassifyInputs(args, None, report=reports)
     if "train" not in read:  # Hub data in validate: the label set is known once a run reads it
@@ -94,11 +83,10 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     }
     inputs.train_split, inputs.eval_split = splits["train"], splits.get("eval")
     labels.class_weights(stage.class_weights, inputs.names, inputs.train_split.ids, where)
-    if ctx.source.kind == "hub" and not fetch:
+    skipped = common.tokenizer_unfetched(ctx, fetch)
+    if skipped:
         for report, _, _ in read.values():
-            report.note = (
-                f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
-            )
+            report.note = skipped
         return inputs
     encode(inputs, stage, ctx.tokenizer(), f"stages.{name}.max_length")
     return inputs

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import rundir
+from finetune import data, rundir
 from finetune.model import adapters, routing
 
 
@@ -182,3 +182,33 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
                 f"{train}.report_to: {reporter!r} is not installed (pip install {package}), "
                 "or drop it (metrics.jsonl and loss.png are written anyway)"
             )
+
+
+def read_splits(d: Any, key: str, *, fetch: bool) -> list[tuple[data.SplitReport, Any]]:
+    """The stage's train split (capped at `max_samples`) and eval split, each with the report `validate`
+    prints; rows are None for a Hub dataset that `validate` (fetch=False) does not load."""
+    out = []
+    for which, spec, split, config, cap in (
+        ("train", d.train, d.train_split, d.config, d.max_samples),
+        ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
+    ):
+        if spec is None:
+            continue
+        report = data.SplitReport(which, data.shown(spec))
+        if not fetch and not data.is_local(spec):
+            report.note = "Hub dataset: loaded when a run starts"
+            out.append((report, None))
+            continue
+        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
+        if cap is not None and cap < len(rows):
+            report.total, rows = len(rows), rows.select(range(cap))
+        report.rows = len(rows)
+        out.append((report, rows))
+    return out
+
+
+def tokenizer_unfetched(ctx: Any, fetch: bool) -> str | None:
+    """Why `validate` counts no tokens (a Hub model's tokenizer is only fetched by a run), or None."""
+    if ctx.source.kind == "hub" and not fetch:
+        return f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
+    return None

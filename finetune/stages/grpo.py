@@ -164,23 +164,12 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
         raise UserError(
             f"stages.{name}.train.reward_weights: {len(args.reward_weights)} weights for {len(funcs)} rewards"
         )
-    reports: list[data.SplitReport] = []
+    splits = common.read_splits(d, key, fetch=fetch)
     loaded: dict[str, Dataset | None] = {}
-    for which, spec, split, config, cap in (
-        ("train", d.train, d.train_split, d.config, d.max_samples),
-        ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
-    ):
-        if spec is None:
+    for report, rows in splits:
+        if rows is None:
             continue
-        report = data.SplitReport(which, data.shown(spec))
-        reports.append(report)
-        if not fetch and not data.is_local(spec):
-            report.note = "Hub dataset: loaded when a run starts"
-            continue
-        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
-        if cap is not None and cap < len(rows):
-            report.total, rows = len(rows), rows.select(range(cap))
-        report.rows = len(rows)
+        which = report.split
         rows = prompt_rows(rows, f"{key}.{which}", stage, f"stages.{name}")
         for reward_key, columns in needs:
             missing = [c for c in columns if c not in rows.column_names]
@@ -189,14 +178,13 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
                     f"{reward_key}: reads column `{missing[0]}`, which {key}.{which} lacks "
                     f"(columns: {', '.join(rows.column_names)})"
                 )
-        if ctx.source.kind == "hub" and not fetch:
-            report.note = (
-                f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
-            )
+        skipped = common.tokenizer_unfetched(ctx, fetch)
+        if skipped:
+            report.note = skipped
         else:
             rows = _measure(report, rows, ctx.tokenizer(), stage, name, args.max_completion_length)
         loaded[which] = rows
-    return GRPOInputs(args, loaded.get("train"), loaded.get("eval"), funcs, reports)
+    return GRPOInputs(args, loaded.get("train"), loaded.get("eval"), funcs, [r for r, _ in splits])
 
 
 def _measure(

@@ -46,32 +46,19 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(RewardConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
-    reports: list[data.SplitReport] = []
-    measured: list[tuple[data.SplitReport, Dataset]] = []
-
-    def load(spec: str | None, which: str, split: str, config: str | None, cap: int | None) -> Dataset | None:
-        if spec is None:
-            return None
-        report = data.SplitReport(which, data.shown(spec))
-        reports.append(report)
-        if not fetch and not data.is_local(spec):
-            report.note = "Hub dataset: loaded when a run starts"
-            return None
-        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
-        if cap is not None and cap < len(rows):
-            report.total, rows = len(rows), rows.select(range(cap))
-        report.rows = len(rows)
-        pairs = data.preference_format(rows, key=f"{key}.{which}")
-        measured.append((report, pairs))
-        return pairs
-
-    train = load(d.train, "train", d.train_split, d.config, d.max_samples)
-    evaluation = load(d.eval, "eval", d.eval_split, d.eval_config or d.config, None)
+    splits = common.read_splits(d, key, fetch=fetch)
+    pairs_of = {
+        r.split: data.preference_format(rows, key=f"{key}.{r.split}")
+        for r, rows in splits
+        if rows is not None
+    }
+    measured = [(r, pairs_of[r.split]) for r, rows in splits if rows is not None]
+    train, evaluation = pairs_of.get("train"), pairs_of.get("eval")
+    reports = [r for r, _ in splits]
     for report, pairs in measured:
-        if ctx.source.kind == "hub" and not fetch:
-            report.note = (
-                f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
-            )
+        skipped = common.tokenizer_unfetched(ctx, fetch)
+        if skipped:
+            report.note = skipped
             continue
         _measure(report, pairs, ctx.tokenizer(), args.max_length, f"{key}.{report.split}", name)
     return RewardInputs(args, train, evaluation, reports)
