@@ -494,3 +494,33 @@ def test_fetch_converts_a_local_file_and_names_the_hub_failure(tmp_path, capsys)
     )  # tests are offline
     assert "benchmark gsm8k: cannot load openai/gsm8k (main, test) from the Hub" in line
     assert "unknown benchmark 'nope'" in _fails(capsys, ["eval", "fetch", "nope"])
+
+
+def test_sampled_generation_is_deterministic_under_the_seed(tmp_path):
+    """n samples per item at temperature 1: the same seed gives the same outputs, another seed others."""
+    spec_file = tmp_path / "sampled.yaml"
+    spec_file.write_text(
+        f"name: sampled\nkind: generate\ndata: {{sample: {REVERSE}}}\nprompt: '{{messages[0][content]}}'\n"
+        "target: '{messages[1][content]}'\nchat: true\nmax_new_tokens: 6\nsamples: 3\ntemperature: 1.0\n"
+    )
+
+    def outputs(seed: int, name: str) -> list:
+        out = tmp_path / name
+        argv = [
+            "eval",
+            str(spec_file),
+            "--model",
+            "tiny",
+            "--limit",
+            "4",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 0
+        return [json.loads(x)["output"] for x in (out / "samples_sampled.jsonl").read_text().splitlines()]
+
+    first, again, other = outputs(0, "a"), outputs(0, "b"), outputs(1, "c")
+    assert first == again and first != other
+    assert all(len(o) == 3 for o in first)

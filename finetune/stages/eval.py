@@ -102,7 +102,10 @@ def run(
             if key != "alias" and "_stderr," not in key
         },
     }
+    import os
+
     from finetune import rundir
 
-    rundir.write_summary(out / "summary.json", summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank evaluates; one writes
+        rundir.write_summary(out / "summary.json", summary)
     return summary
