@@ -271,11 +271,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
+    from finetune.distributed import is_primary
 
     r = recipe.load(args.recipe, args.overrides)
     summaries = pipeline.run(r, resume=args.resume)
-    _print_table(summaries)
-    print(f"\nrun directory: {r.output_dir}")
+    if is_primary():  # under torchrun, one process reports
+        _print_table(summaries)
+        print(f"\nrun directory: {r.output_dir}")
     return 0
 
 

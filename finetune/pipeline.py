@@ -14,6 +14,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Exper
 
 from finetune import recipe as recipe_mod
 from finetune import rundir
+from finetune.distributed import is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model.load import Source, model_skeleton, resolve_source
@@ -134,7 +135,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
         raise UserError(f"output_dir: cannot create {out} ({err.strerror or err})") from None
     summaries = {}
     # Under torchrun every rank runs this: the first one holds the lock and writes the shared files.
-    primary = int(os.environ.get("RANK", "0")) == 0
+    primary = is_primary()
     with rundir.locked(out) if primary else contextlib.nullcontext():
         previous = _previous_recipe(recipe, out) if resume else None
         if primary:

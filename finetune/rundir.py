@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from finetune.distributed import is_primary
 from finetune.errors import UserError, first_line
 
 if TYPE_CHECKING:
@@ -220,11 +221,13 @@ class MetricsLogger(TrainerCallback):
             kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
             kept.append({"step": step, "resumed_from": Path(resumed_from).name})
             rows = "".join(json.dumps(row) + "\n" for row in kept)
-        write_text(path, rows)
+        if is_primary():  # other ranks would truncate it after rank 0 has begun writing
+            write_text(path, rows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # Every rank computes the extra fields (they are sums over ranks); rank 0 writes the row.
+        more = self.extra() if self.extra and logs else {}
         if state.is_world_process_zero and logs:
-            more = self.extra() if self.extra else {}
             row = {"step": state.global_step, "epoch": state.epoch, **logs, **more}
             try:
                 with open(self.path, "a") as f:

@@ -211,4 +211,26 @@ def train_arguments(stage: Any, *, dtype: str, cuda: bool) -> dict[str, Any]:
         "fp16": dtype == "float16" and cuda,
         "dataloader_pin_memory": cuda,
     }
-    return {**TRAIN_DEFAULTS, **precision, **stage.train}
+    return split_global_batch({**TRAIN_DEFAULTS, **precision, **stage.train}, stage)
+
+
+def split_global_batch(arguments: dict[str, Any], stage: Any) -> dict[str, Any]:
+    """The recipe's batch (per_device_train_batch_size × gradient_accumulation_steps) is the global batch
+    whatever the number of processes: under N processes the accumulation steps, else the per-device
+    batch, are divided by N, so a recipe trains the same way on 1 or N GPUs."""
+    from finetune.distributed import world_size
+    from finetune.errors import UserError
+
+    n = world_size()
+    if n == 1:
+        return arguments
+    per_device = arguments.get("per_device_train_batch_size", 8)
+    accumulation = arguments.get("gradient_accumulation_steps", 1)
+    if accumulation % n == 0:
+        return {**arguments, "gradient_accumulation_steps": accumulation // n}
+    if per_device % n == 0:
+        return {**arguments, "per_device_train_batch_size": per_device // n}
+    raise UserError(
+        f"stages: the global batch ({per_device} × {accumulation} accumulation steps) does not split over "
+        f"{n} processes; make per_device_train_batch_size or gradient_accumulation_steps a multiple of {n}"
+    )

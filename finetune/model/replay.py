@@ -163,7 +163,14 @@ class RoutingReplay:
         return hook
 
     def report(self) -> dict[str, float]:
-        """Shares of recorded tokens since the last report whose experts differ from the rollout's."""
+        """Shares of recorded tokens since the last report whose experts differ from the rollout's (summed
+        over processes)."""
+        from finetune.distributed import all_reduce_sum
+
+        counts = all_reduce_sum(
+            torch.tensor([self.tokens, self.mismatch, self.router_mismatch], dtype=torch.float64)
+        )
+        self.tokens, self.mismatch, self.router_mismatch = (int(v) for v in counts.tolist())
         if not self.tokens:
             return {}
         out = {

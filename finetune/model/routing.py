@@ -121,7 +121,10 @@ class RouterMonitor:
     def report(self) -> dict[str, Any]:
         """Per layer: fraction of routed slots per expert and max/mean; resets the counters."""
         out: dict[str, Any] = {}
+        from finetune.distributed import all_reduce_sum
+
         for index, counts in sorted(self.counts.items()):
+            counts = all_reduce_sum(counts.clone())  # every process's tokens
             fractions = (counts.float() / counts.sum().clamp(min=1)).tolist()
             mean = 1.0 / len(fractions)
             out[f"expert_load/layer{index}"] = [round(f, 5) for f in fractions]

@@ -72,6 +72,10 @@ def run(
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     out = ctx.stage_dir(name)
+    from finetune.distributed import is_primary
+
+    if not is_primary():  # under torchrun one process evaluates (not yet sharded over processes)
+        return {"stage": name, "type": "eval", "results": {}}
     candidates = [
         harness.Candidate("base") if c == "base" else harness.candidate(str(ctx.output_dir / c))
         for c in stage.compare
@@ -102,10 +106,7 @@ def run(
             if key != "alias" and "_stderr," not in key
         },
     }
-    import os
-
     from finetune import rundir
 
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank evaluates; one writes
-        rundir.write_summary(out / "summary.json", summary)
+    rundir.write_summary(out / "summary.json", summary)
     return summary

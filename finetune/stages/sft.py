@@ -11,6 +11,7 @@ from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout
+from finetune.distributed import is_primary
 from finetune.model import routing
 from finetune.schema import DataConfig, HeldoutConfig, Strict, train_arguments
 from finetune.stages import common
@@ -134,7 +135,7 @@ def run(
     model = model if model is not None else ctx.adapted_model()
 
     def check_heldout(when: str) -> dict | None:
-        if inputs.heldout is None:
+        if inputs.heldout is None or not is_primary():  # one process generates; others go on training
             return None
         h = stage.heldout
         return heldout.exact_match(
