@@ -31,3 +31,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         else:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+def initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shard(items: list) -> list:
+    """This process's share of `items` (every N-th, from its rank)."""
+    return items[rank() :: world_size()] if initialized() else items
+
+
+def unshard(local: list, total: int) -> list:
+    """The inverse of `shard`: every process's results, in the original order, on every process."""
+    if not initialized():
+        return local
+    parts: list = [None] * world_size()
+    torch.distributed.all_gather_object(parts, local)
+    out: list = [None] * total
+    for r, part in enumerate(parts):
+        out[r :: world_size()] = part
+    return out
+
+
+def barrier() -> None:
+    """Wait for every process (rank 0 finishing its writes before the others read them)."""
+    if initialized():
+        torch.distributed.barrier()

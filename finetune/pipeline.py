@@ -14,7 +14,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Exper
 
 from finetune import recipe as recipe_mod
 from finetune import rundir
-from finetune.distributed import is_primary
+from finetune.distributed import barrier, is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model.load import Source, model_skeleton, resolve_source
@@ -167,6 +167,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
                 checked.context,
                 resume_from=str(checkpoint) if checkpoint else None,
             )
+            barrier()  # the next stage may read what rank 0 wrote (an adapter to continue or evaluate)
     return summaries
 
 

@@ -84,10 +84,23 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
         assert (load in r1) == (load in r2)
         if load in r1:
             assert r2[load] == pytest.approx(r1[load], abs=1e-4)
-    # One process reports and writes the eval stage.
+    # The eval stage shards its items over the two processes and gathers them in order: the same outputs
+    # and figures as one process; one process reports and writes.
     assert result.stdout.count("run directory:") == 1
-    summary = json.loads((two / "eval" / "summary.json").read_text())
-    assert set(summary["results"]) == {"base", "sft"}
+    summaries = [json.loads((d / "eval" / "summary.json").read_text()) for d in (one, two)]
+    assert summaries[1]["results"] == summaries[0]["results"] and set(summaries[1]["results"]) == {
+        "base",
+        "sft",
+    }
+    for model in ("base", "sft"):
+        outputs = [
+            [
+                json.loads(x)["output"]
+                for x in (d / "eval" / model / "samples_reverse.jsonl").read_text().splitlines()
+            ]
+            for d in (one, two)
+        ]
+        assert outputs[1] == outputs[0] and len(outputs[0]) == 8
 
 
 def test_the_global_batch_splits_over_processes(monkeypatch):

@@ -111,14 +111,31 @@ def evaluate(
     return results
 
 
+def _sharded(fn, items: list, *args: Any, **kwargs: Any) -> Any:
+    """`fn` over this process's share of `items`, the results gathered in order (several processes)."""
+    from finetune import distributed
+
+    return distributed.unshard(fn(distributed.shard(items), *args, **kwargs), len(items))
+
+
 def _one(
     s: Any, items: list[dict], model: Any, tokenizer: Any, c: Candidate, batch_size: int, seed: int
 ) -> run.Outcome:
     texts = run.prompts(s, items)
     if isinstance(s, specs.Generate):
-        outputs, tokens, seconds = run.generate(model, tokenizer, texts, s, batch_size=batch_size, seed=seed)
+        timing: list = []
+
+        def generate(shard: list[str]) -> list:
+            outputs, tokens, seconds = run.generate(
+                model, tokenizer, shard, s, batch_size=batch_size, seed=seed
+            )
+            timing.append((tokens, seconds))
+            return outputs
+
+        outputs = _sharded(generate, texts)
         outcome = run.score_generations(s, items, texts, outputs)
-        outcome.tokens_per_s = tokens / seconds if seconds else None
+        tokens, seconds = timing[0]
+        outcome.tokens_per_s = tokens / seconds if seconds else None  # this process's rate
         return outcome
     if isinstance(s, specs.MultipleChoice):
         choices, golds = run.choice_lists(s, items)

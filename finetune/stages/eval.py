@@ -72,10 +72,6 @@ def run(
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     out = ctx.stage_dir(name)
-    from finetune.distributed import is_primary
-
-    if not is_primary():  # under torchrun one process evaluates (not yet sharded over processes)
-        return {"stage": name, "type": "eval", "results": {}}
     candidates = [
         harness.Candidate("base") if c == "base" else harness.candidate(str(ctx.output_dir / c))
         for c in stage.compare
@@ -107,6 +103,8 @@ def run(
         },
     }
     from finetune import rundir
+    from finetune.distributed import is_primary
 
-    rundir.write_summary(out / "summary.json", summary)
+    if is_primary():  # every process evaluated its share of the items; one writes
+        rundir.write_summary(out / "summary.json", summary)
     return summary
