@@ -49,8 +49,10 @@ def _recipe(tmp_path, out) -> str:
     return str(write_recipe(tmp_path / f"{out.name}.yaml", data))
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cache: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    if cache is not None:  # an empty cache: both processes build the embedded model at once
+        env["FINETUNE_CACHE"] = cache
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -119,3 +121,42 @@ def test_the_global_batch_splits_over_processes(monkeypatch):
         schema.split_global_batch(
             {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2}, stage
         )
+
+
+def test_grpo_with_two_processes_writes_once_and_sums_the_routing_counts(tmp_path):
+    """TRL spreads the generations over the processes; the replay records and replays each process's
+    own rollouts, its token counts are summed, and rank 0 alone writes metrics and samples."""
+    out = tmp_path / "grpo"
+    data = {
+        "name": "g2",
+        "output_dir": str(out),
+        "seed": 1,
+        "model": {"preset": "tiny", "dtype": "float32"},
+        "adapter": {"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"]},
+        "stages": {
+            "grpo": {
+                "type": "grpo",
+                "data": {"train": str(REPO / "recipes" / "data" / "reverse" / "test.jsonl")},
+                "rewards": [{"name": "similarity"}],
+                "routing_replay": True,
+                "train": {
+                    "max_steps": 3,
+                    "per_device_train_batch_size": 16,  # global: 8 per process, 4 prompts × 4 generations
+                    "num_generations": 4,
+                    "max_completion_length": 6,
+                    "logging_steps": 1,
+                    "use_cpu": True,
+                    "beta": 0.04,
+                },
+            }
+        },
+    }
+    recipe = str(write_recipe(tmp_path / "g2.yaml", data))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*launch, "-m", "finetune", "run", recipe], cache=str(tmp_path / "cache"))
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "reward" in r]
+    assert len(logged) == 3 and all(r["routing/mismatch"] == 0.0 for r in logged)
+    # 16 completions of up to 6 new tokens after ~15 prompt tokens, from both processes together.
+    assert all(r["routing/replayed_tokens"] > 16 * 15 for r in logged)
+    assert len((out / "grpo" / "samples.jsonl").read_text().splitlines()) == 3 * 4

@@ -151,14 +151,30 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root / "embedded", prefix=f".{preset}-"))
     hf_logging.disable_progress_bar()  # a few-MB write needs no bar
     try:
-        model.save_pretrained(tmp)
+        # Under torchrun transformers writes the weights on rank 0 only; the other ranks wait for its folder.
+        model.save_pretrained(tmp, is_main_process=True)
     finally:
         hf_logging.enable_progress_bar()
+    if not (tmp / "config.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _wait_for(folder)
     build_tokenizer().save_pretrained(tmp)
     try:
         tmp.rename(folder)
     except OSError:  # another process won the race; its folder is identical
         shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _wait_for(folder: Path, seconds: float = 600.0) -> Path:
+    """The embedded checkpoint another process is writing, once it has been renamed into place."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not (folder / "config.json").is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"model.preset: {folder} did not appear (the process writing it stopped?)")
+        time.sleep(0.2)
     return folder
 
 
