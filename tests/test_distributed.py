@@ -160,3 +160,23 @@ def test_grpo_with_two_processes_writes_once_and_sums_the_routing_counts(tmp_pat
     # 16 completions of up to 6 new tokens after ~15 prompt tokens, from both processes together.
     assert all(r["routing/replayed_tokens"] > 16 * 15 for r in logged)
     assert len((out / "grpo" / "samples.jsonl").read_text().splitlines()) == 3 * 4
+
+
+@pytest.mark.parametrize("kind", ["reward", "classify"])
+def test_reward_and_classify_with_two_processes(tmp_path, kind):
+    out = tmp_path / kind
+    overrides = [
+        f"output_dir={out}",
+        f"stages.{kind}.train.max_steps=2",
+        f"stages.{kind}.train.logging_steps=1",
+        f"stages.{kind}.train.use_cpu=true",
+    ]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = _run(
+        [*launch, "-m", "finetune", "run", str(REPO / "recipes" / "tiny" / f"{kind}.yaml"), *overrides]
+    )
+    assert result.stdout.count("run directory:") == 1
+    rows = [json.loads(x) for x in (out / kind / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 2]  # two logged steps and the final row, written once
+    summary = json.loads((out / kind / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["eval"]  # the held-out figures, from rank 0
