@@ -289,3 +289,13 @@ def test_integer_labels_take_the_names_a_dataset_gives_them(tmp_path):
     )
     inputs = pipeline.plan(r).inputs["classify"]
     assert inputs.names == names and inputs.train_split.ids[:4] == [0, 1, 2, 1]  # Sci/Tech has no row: kept
+
+
+def test_max_length_keeps_the_first_tokens_and_is_reported(tmp_path, capsys):
+    rows = [{"text": w * 3, "label": y} for w, y in zip(WORDS, "abab", strict=True)]  # 12 letters + EOS
+    r = recipe.Recipe.model_validate(_stage_recipe(tmp_path, rows, max_length=5))
+    inputs = pipeline.plan(r).inputs["cls"]
+    assert all(len(ids) == 5 for ids in inputs.train["input_ids"])
+    report = inputs.report[0]
+    assert (report.rows, report.cut, report.max) == (4, 4, 13)
+    assert "stages.cls.max_length: 5 cuts 4 of 4 train rows" in capsys.readouterr().err

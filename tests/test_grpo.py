@@ -303,3 +303,15 @@ def test_prompt_template_builds_conversations_from_columns(tmp_path, capsys):
     data["stages"]["grpo"]["data"]["train"] = str(REVERSE / "test.jsonl")
     line = _stage_error(tmp_path, capsys, data)
     assert "stages.grpo.system_prompt: applies to prompts built by stages.grpo.prompt_template" in line
+
+
+def test_max_prompt_length_drops_the_longer_prompts(tmp_path, capsys):
+    rows = [{"prompt": "reverse: abcd", "answer": "dcba"}] * 3 + [
+        {"prompt": "reverse: " + "x" * 40, "answer": "x"}
+    ]
+    data = _grpo(tmp_path, max_prompt_length=20)
+    data["stages"]["grpo"]["data"]["train"] = str(write_jsonl(tmp_path / "p.jsonl", rows))
+    inputs = pipeline.plan(recipe.Recipe.model_validate(data)).inputs["grpo"]
+    assert len(inputs.train) == 3 and all(len(p) < 20 for p in inputs.train["prompt"])
+    assert (inputs.report[0].kept, inputs.report[0].cut) == (3, 1)
+    assert "stages.grpo.max_prompt_length: 20 drops 1 of 4 train prompts" in capsys.readouterr().err
