@@ -1,0 +1,91 @@
+"""Generation speed on DeepSeek-V2-Lite shapes (random weights built on the GPU): stock stack vs NF4
+experts, as the evaluation harness and GRPO generate (transformers `generate`, greedy, EOS ignored).
+
+Variants as in benchmarks/moe_qlora.py (`stock`: bf16 experts through grouped_mm; `nf4-experts`), both
+with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
+(prompt 64, 64 new tokens, after one warm-up call), peak GPU memory, and the KV-cache bytes per token
+read from the cache `generate` returns.
+
+    PYTHONUNBUFFERED=1 python benchmarks/generate.py --out generate.json [--batches 1,32,128] [--layers 27]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from moe_qlora import build  # benchmarks/ is on sys.path when this script runs
+
+
+def cache_bytes_per_token(cache, tokens: int, batch: int) -> float:
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / (tokens * batch)
+
+
+@torch.no_grad()
+def measure(variant: str, layers: int, batches: list[int], prompt: int, new: int) -> list[dict]:
+    model = build(variant, layers, torch.bfloat16)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    rows = []
+    for batch in batches:
+        ids = torch.randint(0, 100_000, (batch, prompt), device="cuda")
+
+        def run(model=model, ids=ids):
+            return model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,  # EOS ignored: every sequence generates `new` tokens
+                do_sample=False,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+
+        run()  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = run()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "variant": variant,
+                "batch": batch,
+                "new_tokens_per_s": round(batch * new / seconds, 1),
+                "seconds": round(seconds, 3),
+                "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                "kv_bytes_per_token": cache_bytes_per_token(out.past_key_values, prompt + new - 1, batch),
+            }
+        )
+        print(json.dumps(rows[-1]))
+        del out
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="generate.json")
+    parser.add_argument("--layers", type=int, default=27)
+    parser.add_argument("--batches", default="1,32,128")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--variants", default="stock,nf4-experts")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for variant in args.variants.split(","):
+        results["runs"] += measure(variant, args.layers, batches, args.prompt, args.new)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
