@@ -224,9 +224,9 @@ def _results(loaded: list, outcomes: dict, rows: dict, config: dict, label: str)
 def _write(out: Path, results: dict[str, dict[str, Any]]) -> None:
     """One folder per model (results.json, samples_<bench>.jsonl), or the files in `out` for one model;
     `results.md` and `results.png` with every model side by side. Under torchrun, rank 0 writes."""
-    import os
+    from finetune.distributed import is_primary
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_primary():
         return
     out.mkdir(parents=True, exist_ok=True)
     single = len(results) == 1

@@ -41,6 +41,21 @@ class StageContext:
         except (ValueError, TypeError) as err:
             raise UserError(f"stages.{stage}.train: {first_line(err)}") from None
 
+    def earlier_stage(
+        self, name: str, other: str, key: str, allowed: tuple[str, ...], listed: str = "stages: "
+    ) -> None:
+        """`other`, named at `key` by stage `name`, is a stage of this recipe that runs before it and has
+        one of the `allowed` types (`init_from`, a reward model's `stage:`, an eval stage's `compare`)."""
+        order = list(self.stages)
+        if other not in self.stages:
+            raise UserError(f"{key}: no stage {other!r} in this recipe ({listed}{', '.join(order)})")
+        if order.index(other) >= order.index(name):
+            raise UserError(f"{key}: stage {other!r} runs after {name!r}; name an earlier stage")
+        if self.stages[other] not in allowed:
+            raise UserError(
+                f"{key}: stage {other!r} is a {self.stages[other]} stage; it must be {' or '.join(allowed)}"
+            )
+
     def stage_dir(self, stage: str) -> Path:
         path = self.output_dir / stage
         path.mkdir(parents=True, exist_ok=True)

@@ -46,19 +46,12 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
             counts.append(f"{bench} ({len(bench_run.rows(specs.load(bench), None, stage.limit))} items)")
         except UserError as err:
             raise UserError(f"stages.{name}.benchmarks: {err}") from None
-    order = list(ctx.stages)
+    from finetune.stages import REGISTRY  # not at import: the registry imports this module
+
+    trained = tuple(t for t in REGISTRY if t != "eval")  # every stage type that saves an adapter
     for other in stage.compare:
-        if other == "base":
-            continue
-        key = f"stages.{name}.compare"
-        if other not in ctx.stages:
-            raise UserError(
-                f"{key}: no stage {other!r} in this recipe (use base or one of: {', '.join(order)})"
-            )
-        if order.index(other) >= order.index(name):
-            raise UserError(f"{key}: stage {other!r} runs after {name!r}; name an earlier stage")
-        if ctx.stages[other] == "eval":
-            raise UserError(f"{key}: stage {other!r} is an eval stage; it has no adapter")
+        if other != "base":
+            ctx.earlier_stage(name, other, f"stages.{name}.compare", trained, listed="use base or one of: ")
     return EvalInputs(summary=f"{', '.join(counts)} on {', '.join(stage.compare)}")
 
 

@@ -54,18 +54,6 @@ class GRPOInputs:
     report: list = field(default_factory=list)
 
 
-def _earlier(name: str, other: str, key: str, ctx: StageContext, allowed: tuple[str, ...]) -> None:
-    order = list(ctx.stages)
-    if other not in ctx.stages:
-        raise UserError(f"{key}: no stage {other!r} in this recipe (stages: {', '.join(order)})")
-    if order.index(other) >= order.index(name):
-        raise UserError(f"{key}: stage {other!r} runs after {name!r}; name an earlier stage")
-    if ctx.stages[other] not in allowed:
-        raise UserError(
-            f"{key}: stage {other!r} is a {ctx.stages[other]} stage; it must be {' or '.join(allowed)}"
-        )
-
-
 def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tuple[str, list[str]]]]:
     """The reward functions (arguments bound and checked, failures named) and the columns each reads."""
     funcs, needs = [], []
@@ -81,7 +69,7 @@ def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tu
         if on_error not in ("raise", "zero"):
             raise UserError(f"{key}.on_error: {on_error!r}; use raise or zero")
         if reward_name == "reward_model" and isinstance(spec.get("stage"), str):
-            _earlier(name, spec["stage"], f"{key}.stage", ctx, ("reward",))
+            ctx.earlier_stage(name, spec["stage"], f"{key}.stage", ("reward",))
             spec["stage"] = str(ctx.output_dir / spec["stage"])
         try:
             bound = rewards.build(reward_name, **spec)
@@ -158,7 +146,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
     if stage.init_from is not None:
-        _earlier(name, stage.init_from, f"stages.{name}.init_from", ctx, POLICY_TYPES)
+        ctx.earlier_stage(name, stage.init_from, f"stages.{name}.init_from", POLICY_TYPES)
     funcs, needs = _rewards(name, stage, ctx)
     if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
         raise UserError(
