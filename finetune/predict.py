@@ -146,11 +146,7 @@ def items_of(kind: str, rows: Sequence[dict[str, Any]], key: str) -> tuple[str, 
         return "classify", [r[column] for r in rows]
     try:
         if {"chosen", "rejected"} <= columns:
-            items = []
-            for r in rows:
-                prompt = r.get("prompt")
-                items += [scoring.join(prompt, r[s]) if prompt else r[s] for s in ("chosen", "rejected")]
-            return "pairs", items
+            return "pairs", scoring.pair_items(rows)
         if {"prompt", "completion"} <= columns:
             return "single", [scoring.join(r["prompt"], r["completion"]) for r in rows]
     except ValueError as err:

@@ -3,7 +3,7 @@ evaluation and for `finetune predict` alike (so the two agree to the last digit)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,16 @@ def join(prompt: str | list[dict], completion: str | list[dict]) -> str | list[d
     if isinstance(prompt, list) != isinstance(completion, list):
         raise ValueError("a prompt and its completion must both be texts or both message lists")
     return prompt + completion  # type: ignore[operator]
+
+
+def pair_items(rows: Iterable[dict]) -> list[str | list[dict]]:
+    """Each pair's chosen then rejected sequence, its explicit `prompt` (when any) in front, as TRL's
+    RewardTrainer joins them: what the reward stage's eval and `finetune predict` both score."""
+    out: list[str | list[dict]] = []
+    for row in rows:
+        prompt = row.get("prompt")
+        out += [join(prompt, row[side]) if prompt else row[side] for side in ("chosen", "rejected")]
+    return out
 
 
 @torch.no_grad()

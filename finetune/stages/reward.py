@@ -94,12 +94,7 @@ def _measure(
 def pair_sequences(pairs: Dataset, tokenizer: Any, max_length: int | None) -> list[list[int]]:
     """Every pair's chosen then rejected sequence (`prompt` prepended when explicit), as `scoring.encode`
     reads them; predict scores the same sequences."""
-    out = []
-    for row in pairs:
-        prompt = row.get("prompt")
-        for side in (row["chosen"], row["rejected"]):
-            out.append(scoring.encode(tokenizer, scoring.join(prompt, side) if prompt else side, max_length))
-    return out
+    return [scoring.encode(tokenizer, item, max_length) for item in scoring.pair_items(pairs)]
 
 
 def margins(
