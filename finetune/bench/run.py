@@ -33,8 +33,7 @@ def rows(spec: Any, source: str | None, limit: int | None) -> list[dict[str, Any
         raise UserError(
             f"benchmark {spec.name} bundles no sample; get its data with `finetune eval fetch {spec.name}`"
         )
-    items = data.load_rows(source, key=where).to_list()
-    items = items[:limit] if limit else items
+    items = data.load_rows(source, key=where, max_samples=limit).to_list()
     for template in _templates(spec):
         try:
             render(template, items[0])
