@@ -114,6 +114,14 @@ def _dequant(
 
 
 @triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b; DOT_FP32 multiplies in fp32 (the interpreter's bf16 dot is wrong), inputs already rounded."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr,
     y_ptr,
@@ -146,6 +154,7 @@ def _fwd_kernel(
     HAS_SLOT: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -187,14 +196,14 @@ def _fwd_kernel(
             packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
             w_base, cols, n_mask, k0, K, BLOCK_N, BLOCK_K, QB, QB2, DQ, ALIGNED,
         )  # fmt: skip
-        acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
+        acc = _mm(x, tl.trans(w.to(dt)), acc, PRECISION, DOT_FP32)
         if HAS_LORA:
             a = tl.load(
                 a_ptr + slot64 * R * K + r_idx[:, None] * K + ks[None, :],
                 mask=lora_on & r_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            hid = tl.dot(x, tl.trans(a.to(dt)), hid, input_precision=PRECISION)
+            hid = _mm(x, tl.trans(a.to(dt)), hid, PRECISION, DOT_FP32)
     if HAS_LORA:
         hid_s = (hid * lora_scale).to(dt)
         if pid_n == 0:
@@ -206,7 +215,7 @@ def _fwd_kernel(
             mask=lora_on & n_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(hid_s, tl.trans(b.to(dt)), acc, input_precision=PRECISION)
+        acc = _mm(hid_s, tl.trans(b.to(dt)), acc, PRECISION, DOT_FP32)
     tl.store(
         y_ptr + rows64[:, None] * stride_ym + cols[None, :],
         acc.to(y_ptr.dtype.element_ty),
@@ -247,6 +256,7 @@ def _dx_kernel(
     HAS_SLOT: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -289,14 +299,14 @@ def _dx_kernel(
             packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
             w_base, ns, n_mask, k0, K, BLOCK_N, BLOCK_K, QB, QB2, DQ, ALIGNED,
         )  # fmt: skip
-        acc = tl.dot(dy, w.to(dt), acc, input_precision=PRECISION)
+        acc = _mm(dy, w.to(dt), acc, PRECISION, DOT_FP32)
         if HAS_LORA:
             b = tl.load(
                 b_ptr + slot64 * N * R + ns[:, None] * R + r_idx[None, :],
                 mask=lora_on & n_mask[:, None] & r_mask[None, :],
                 other=0.0,
             )
-            hid = tl.dot(dy, b.to(dt), hid, input_precision=PRECISION)
+            hid = _mm(dy, b.to(dt), hid, PRECISION, DOT_FP32)
     if HAS_LORA:
         hid_s = (hid * lora_scale).to(dt)
         if pid_k == 0:
@@ -308,7 +318,7 @@ def _dx_kernel(
             mask=lora_on & r_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(hid_s, a.to(dt), acc, input_precision=PRECISION)
+        acc = _mm(hid_s, a.to(dt), acc, PRECISION, DOT_FP32)
     tl.store(
         dx_ptr + rows64[:, None] * stride_dxm + ks[None, :],
         acc.to(dx_ptr.dtype.element_ty),
@@ -530,17 +540,18 @@ def nf4_grouped_mm(
         R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
+    interpret = x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     out_tile = "BLOCK_K" if transpose else "BLOCK_N"
 
     def grid(cfg):  # type: ignore[no-untyped-def]
         return ((triton.cdiv(m, cfg["BLOCK_M"]) + e) * triton.cdiv(out_cols, cfg[out_tile]),)
 
-    if x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpret:
         kernel = _dx_tuned if transpose else _fwd_tuned
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta, DOT_FP32=False)
     else:
         kernel = _dx_kernel if transpose else _fwd_kernel
-        kernel[grid(_INTERPRET_CONFIG)](*args, **meta, **_INTERPRET_CONFIG)
+        kernel[grid(_INTERPRET_CONFIG)](*args, **meta, DOT_FP32=x.dtype != torch.float32, **_INTERPRET_CONFIG)
     return y, hidden
 
 
