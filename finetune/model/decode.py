@@ -1,0 +1,140 @@
+"""Routed experts for a few tokens at a time (decoding), with no data-dependent shapes.
+
+`NF4Experts.forward` dequantizes all of a layer's experts per call: right for training, where every
+expert gets rows, wasteful for a decode step of one token that reads 6 of 64. Here each (token, expert)
+pair dequantizes just its expert's weight, from a gather of the packed bytes, and runs a batched
+matmul; every shape follows from the number of pairs alone, so `torch.compile` fuses the dequantization
+into one kernel and CUDA graphs can replay the step. bitsandbytes has no kernel for a gathered subset of
+a quantized tensor, hence the NF4 decoding in plain torch (checked bit-exact against `dequantize_4bit`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_scales(
+    absmax: torch.Tensor,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
+) -> torch.Tensor:
+    """fp32 scale of every 64-value block: `absmax` itself, or decoded from its double quantization.
+
+    `nested` = (absmax2, code2, offset, nested blocksize) when the absmax is itself 8-bit quantized.
+    """
+    if nested is None:
+        return absmax.float()
+    absmax2, code2, offset, nested_blocksize = nested
+    blocks = torch.arange(absmax.numel(), device=absmax.device) // nested_blocksize
+    return code2[absmax.long()] * absmax2[blocks] + offset
+
+
+def gathered_weights(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    shape: tuple[int, int, int],
+    ids: torch.Tensor,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The [len(ids), N, K] weights of experts `ids` from an NF4 tensor of `shape` [E, N, K].
+
+    bitsandbytes packs two values a byte, the first in the high nibble, and scales blocks of
+    `blocksize` consecutive values of the flattened tensor; N*K must be a multiple of `blocksize`.
+    """
+    num_experts, n, k = shape
+    per_expert = n * k
+    nibbles = packed.view(num_experts, per_expert // 2)[ids]
+    values = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).view(
+        len(ids), per_expert // blocksize, blocksize
+    )
+    block = scales.view(num_experts, per_expert // blocksize)[ids]
+    weights = code[values.long()] * block.unsqueeze(-1)
+    return weights.view(len(ids), n, k).to(dtype)
+
+
+def pair_products(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [P, K], weights [P, N, K] -> [P, N]: row p times its own matrix."""
+    return torch.bmm(weights, x.unsqueeze(-1)).squeeze(-1)
+
+
+def lora_pairs(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    slot: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`scale * (x_p @ A.T) @ B.T` with each pair's expert factors; zero for experts without LoRA."""
+    slots = slot[ids]
+    has = (slots >= 0).to(x.dtype).unsqueeze(-1)
+    slots = slots.clamp(min=0)
+    low = pair_products(x, a[slots].to(x.dtype)) * (scale * has)
+    return pair_products(low, b[slots].to(x.dtype))
+
+
+def expert_weights(module: torch.nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """[len(ids), N, K] weights `name` ("gate_up" or "down") of experts `ids` of an `NF4Experts`."""
+    dtype = module.compute_dtype
+    plain = getattr(module, f"{name}_proj", None)
+    if isinstance(plain, torch.Tensor):  # PlainExperts: the 16-bit tensors themselves
+        return plain[ids].to(dtype)
+    shape = module._shapes[name]
+    if (shape[1] * shape[2]) % module.blocksize:  # blocks straddle experts: no per-expert slices
+        return module.dequantize(name)[ids]
+    nested = None
+    if name in module._nested_blocksize:
+        nested = (
+            getattr(module, f"{name}_absmax2"),
+            getattr(module, f"{name}_code2"),
+            getattr(module, f"{name}_offset"),
+            module._nested_blocksize[name],
+        )
+    scales = block_scales(getattr(module, f"{name}_absmax"), nested)
+    return gathered_weights(
+        getattr(module, f"{name}_packed"),
+        scales,
+        getattr(module, f"{name}_code"),
+        shape,
+        ids,
+        module.blocksize,
+        dtype,
+    )
+
+
+def few_token_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """`NF4Experts.forward` computed pair by pair: each token times the weights of the experts it picked."""
+    num_tokens, top_k = top_k_index.shape
+    ids = top_k_index.reshape(-1)
+    x = hidden_states.to(module.compute_dtype).repeat_interleave(top_k, dim=0)
+    lora = module.has_lora and module.lora_enabled
+    gate_up = pair_products(x, expert_weights(module, "gate_up", ids))
+    if lora:
+        gate_up = gate_up + lora_pairs(
+            module.lora_dropout(x),
+            ids,
+            module.lora_slot,
+            module.lora_gate_up_A,
+            module.lora_gate_up_B,
+            module.lora_scale,
+        )
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = module.act_fn(gate) * up
+    y = pair_products(h, expert_weights(module, "down", ids))
+    if lora:
+        y = y + lora_pairs(
+            module.lora_dropout(h),
+            ids,
+            module.lora_slot,
+            module.lora_down_A,
+            module.lora_down_B,
+            module.lora_scale,
+        )
+    y = y.float() * top_k_weights.reshape(-1, 1).float()
+    return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
