@@ -53,10 +53,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def lora(module: NF4Experts) -> dict[str, torch.nn.Parameter]:
+    """The LoRA factors; the other parameters are the frozen NF4 storage."""
+    return {n: p for n, p in module.named_parameters() if n.startswith("lora_")}
+
+
+def stored(module: NF4Experts) -> dict[str, torch.Tensor]:
+    """The quantized storage: frozen parameters (what FSDP2 shards) and the scalar buffers."""
+    return {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if "lora" not in n}
+
+
 def randomize_lora(module: NF4Experts, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in lora(module).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
@@ -95,18 +105,27 @@ def test_bf16_compute_and_single_expert_routing(experts):
     assert rel(out, ref) < 0.02
 
 
-def test_to_moves_buffers_but_never_casts_them(experts):
+def test_to_moves_the_storage_but_never_casts_it(experts):
     x, index, weights = routing(12, seed=3)
     module = nf4(experts)
-    dtypes = {n: b.dtype for n, b in module.named_buffers()}
+    dtypes = {n: b.dtype for n, b in stored(module).items()}
     assert dtypes["gate_up_packed"] == torch.uint8 and dtypes["gate_up_absmax2"] == torch.float32
+    # Everything with a dimension is a frozen parameter (FSDP2 shards parameters only); the scalar offset a buffer.
+    params = dict(module.named_parameters())
+    assert set(params) == {
+        f"{w}_{p}" for w in ("gate_up", "down") for p in ("packed", "absmax", "code", "absmax2", "code2")
+    }
+    assert not any(p.requires_grad for p in params.values())
+    assert set(dict(module.named_buffers())) == {"gate_up_offset", "down_offset"}
     with torch.no_grad():
         before = module(x, index, weights)
         module.to(torch.bfloat16).to("cpu").half().float()
         after = module(x, index, weights)
-    assert {n: b.dtype for n, b in module.named_buffers()} == dtypes
+    assert {n: b.dtype for n, b in stored(module).items()} == dtypes
+    assert all(p is params[n] for n, p in module.named_parameters())  # the same Parameter objects
     assert torch.equal(before, after)
-    # Buffers are saved and restored with the module.
+    # The storage is saved and restored with the module, under the same keys as when it was all buffers.
+    assert set(module.state_dict()) == set(dtypes)
     clone = nf4(experts, blocksize=128, double_quant=False)
     with pytest.raises(RuntimeError):
         clone.load_state_dict(module.state_dict())
@@ -120,7 +139,7 @@ def test_no_double_quant_and_other_blocksize(experts):
     with torch.no_grad():
         ref = experts(x, index, weights)
         plain = nf4(experts, blocksize=128, double_quant=False)
-        assert "gate_up_absmax2" not in dict(plain.named_buffers())
+        assert "gate_up_absmax2" not in stored(plain)
         assert plain.gate_up_absmax.dtype == torch.float32
         assert rel(plain.dequantize("down"), experts.down_proj) < 0.1
         assert rel(plain(x, index, weights), ref) < 0.25
@@ -147,7 +166,7 @@ def test_quantize_experts_on_the_model(q_lora_rank):
     assert all(torch.equal(after[k], v) for k, v in before.items())  # routers, shared experts, the rest
     assert any(".mlp.gate.weight" in k for k in before) and any(".shared_experts." in k for k in before)
     assert expert_bytes(model) / n_params <= 0.6
-    assert not any(".experts." in n for n, _ in model.named_parameters())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
 
     with torch.no_grad():
         out = model(ids).logits
@@ -183,7 +202,7 @@ def test_zero_b_lora_is_the_identity(experts, subset):
     n = E if subset is None else 2
     assert module.lora_gate_up_A.shape == (n, 8, H) and module.lora_gate_up_B.shape == (n, 2 * INTER, 8)
     assert module.lora_down_A.shape == (n, 8, INTER) and module.lora_down_B.shape == (n, H, 8)
-    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert all(p.dtype == torch.float32 for p in lora(module).values())
     assert module.lora_scale == 2.0 and module.lora_experts.tolist() == ([0, 3] if subset else list(range(E)))
     # PEFT's nn.Linear init: kaiming_uniform(a=sqrt(5)) gives |A| <= 1/sqrt(fan_in), B zero.
     assert module.lora_gate_up_A.abs().max() <= 1 / math.sqrt(H)
@@ -201,10 +220,10 @@ def test_lora_training_touches_only_lora(experts, grouped):
     target = torch.randn(32, H, generator=torch.Generator().manual_seed(7))
     module = nf4(experts, grouped)
     module.add_lora(8, 16)
-    packed = {n: b.clone() for n, b in module.named_buffers()}
-    lora = {n: p.detach().clone() for n, p in module.named_parameters()}
-    assert sorted(lora) == ["lora_down_A", "lora_down_B", "lora_gate_up_A", "lora_gate_up_B"]
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    packed = {n: b.clone() for n, b in stored(module).items()}
+    factors = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert sorted(factors) == ["lora_down_A", "lora_down_B", "lora_gate_up_A", "lora_gate_up_B"]
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)  # the frozen storage gets no gradient: never stepped
     losses = []
     for step in range(4):
         xr = x.clone().requires_grad_()
@@ -212,16 +231,16 @@ def test_lora_training_touches_only_lora(experts, grouped):
         opt.zero_grad()
         loss.backward()
         assert xr.grad is not None and xr.grad.abs().sum() > 0
-        grads = {n: p.grad for n, p in module.named_parameters()}
+        grads = {n: p.grad for n, p in lora(module).items()}
         assert all(g is not None for g in grads.values())
         # With B = 0 at the first step, only B gets a gradient (dL/dA goes through B).
         assert all(g.abs().sum() > 0 for n, g in grads.items() if step > 0 or n.endswith("_B"))
-        assert all(b.grad is None for b in module.buffers())
+        assert all(b.grad is None for b in stored(module).values())
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert all(not torch.equal(p, lora[n]) for n, p in module.named_parameters())
-    assert all(torch.equal(b, packed[n]) for n, b in module.named_buffers())
+    assert all(not torch.equal(p, factors[n]) for n, p in lora(module).items())
+    assert all(torch.equal(b, packed[n]) for n, b in stored(module).items())
 
 
 @pytest.mark.parametrize("grouped", PATHS)
@@ -292,7 +311,7 @@ def test_checkpoint_gives_the_same_gradients(experts, dropout):
         else:
             out = module(xr, index, weights)
         out.pow(2).sum().backward()
-        return [xr.grad] + [p.grad.clone() for p in module.parameters()]
+        return [xr.grad] + [p.grad.clone() for p in lora(module).values()]
 
     plain, ckpt = grads(False), grads(True)
     for a, b in zip(plain, ckpt, strict=True):

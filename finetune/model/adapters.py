@@ -244,8 +244,10 @@ def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable:
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if own:
                 layer.load_lora_state_dict(own)
-                for p in layer.parameters() if trainable is not None else ():
-                    p.requires_grad_(trainable)
+                # The LoRA factors only: the NF4 base weights are frozen (integer) parameters.
+                for name, p in layer.named_parameters() if trainable is not None else ():
+                    if name.startswith("lora_"):
+                        p.requires_grad_(trainable)
     path = Path(folder) / ROUTER_FILE
     if path.is_file():
         tensors = load_file(str(path))

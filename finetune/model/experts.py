@@ -17,8 +17,11 @@ from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
 _WEIGHTS = ("gate_up", "down")
-# QuantState tensors kept as buffers, per weight; the nested ones exist only with double quantization.
+# Packed data and QuantState tensors, per weight; the nested ones exist only with double quantization.
 _QUANT_PARTS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
+# Stored as frozen parameters, so FSDP2 shards them (it shards parameters only); the scalar double-quant
+# `offset` has no dimension to shard and stays a buffer.
+_SHARDED_PARTS = ("packed", "absmax", "code", "absmax2", "code2")
 _LORA_PARTS = ("A", "B")
 # Keys of `NF4Experts.lora_state_dict()`, as saved per layer in `routed_experts.safetensors`.
 LORA_STATE_KEYS = (*(f"lora_{w}_{p}" for w in _WEIGHTS for p in _LORA_PARTS), "lora_experts", "lora_alpha")
@@ -92,8 +95,9 @@ class _NF4GroupedLinear(torch.autograd.Function):
 class NF4Experts(nn.Module):
     """Drop-in for `DeepseekV2Experts` holding `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] in NF4.
 
-    The packed data and all QuantState tensors are buffers (moved by `.to(device)`, never cast by
-    `.to(dtype)`); the base weights are frozen, LoRA factors added by `add_lora` are the only parameters.
+    The packed data and the QuantState tensors are frozen parameters (`requires_grad=False`, so FSDP2
+    shards them) but for the scalar `offset`, a buffer; all follow `.to(device)` and none is ever cast by
+    `.to(dtype)`. LoRA factors added by `add_lora` are the only trainable parameters.
     """
 
     def __init__(
@@ -191,17 +195,18 @@ class NF4Experts(nn.Module):
             compress_statistics=self.double_quant,
             quant_type="nf4",
         )
-        self.register_buffer(f"{name}_packed", packed)
-        self.register_buffer(f"{name}_absmax", state.absmax)
-        self.register_buffer(f"{name}_code", state.code)  # the 16 NF4 levels, for a complete QuantState
+        parts = {"packed": packed, "absmax": state.absmax, "code": state.code}  # code: the 16 NF4 levels
         if state.nested:
-            self.register_buffer(f"{name}_absmax2", state.state2.absmax)
-            self.register_buffer(f"{name}_code2", state.state2.code)
-            self.register_buffer(f"{name}_offset", state.offset)
+            parts |= {"absmax2": state.state2.absmax, "code2": state.state2.code, "offset": state.offset}
             self._nested_blocksize[name] = state.state2.blocksize
+        for part, tensor in parts.items():
+            if part in _SHARDED_PARTS:
+                self.register_parameter(f"{name}_{part}", nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(f"{name}_{part}", tensor)
 
     def quant_state(self, name: str, dtype: torch.dtype | None = None) -> bnbf.QuantState:
-        """The bitsandbytes QuantState of `gate_up` or `down`, rebuilt from the buffers (so on their device)."""
+        """The bitsandbytes QuantState of `gate_up` or `down`, rebuilt from the stored tensors (on their device)."""
         nested = None
         if name in self._nested_blocksize:
             nested = bnbf.QuantState(
@@ -225,31 +230,43 @@ class NF4Experts(nn.Module):
         """The whole [E, N, K] weight `gate_up` or `down` in `dtype` (default: compute_dtype)."""
         return bnbf.dequantize_4bit(getattr(self, f"{name}_packed"), self.quant_state(name, dtype))
 
-    def _quant_buffer_names(self) -> list[str]:
-        return [f"{w}_{p}" for w in _WEIGHTS for p in _QUANT_PARTS if f"{w}_{p}" in self._buffers]
+    def _quant_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor | None], torch.Tensor]]:
+        """Name → (the dict holding it: `_parameters` or `_buffers`, the tensor) of the quantization tensors."""
+        out = {}
+        for n in (f"{w}_{p}" for w in _WEIGHTS for p in _QUANT_PARTS):
+            for held in (self._parameters, self._buffers):
+                if held.get(n) is not None:
+                    out[n] = (held, held[n])
+        return out
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # The quantization tensors follow device moves but never dtype casts: model.to(torch.bfloat16)
         # would round the fp32 absmax/code tables and corrupt every weight. A uint8 probe reveals the
         # target device without triggering a cast.
-        held = {n: self._buffers[n] for n in self._quant_buffer_names()}
-        for n in held:
-            self._buffers[n] = None
+        held = self._quant_tensors()
+        for n, (where, _) in held.items():
+            where[n] = None
         try:
             super()._apply(fn, recurse)
         finally:
-            for n, t in held.items():
+            for n, (where, t) in held.items():
                 device = fn(torch.empty(0, dtype=torch.uint8, device=t.device)).device
-                self._buffers[n] = t.to(device)
+                if isinstance(t, nn.Parameter) and t.device != device:
+                    t.data = t.data.to(device)  # the same Parameter object, as nn.Module._apply keeps it
+                elif not isinstance(t, nn.Parameter):
+                    t = t.to(device)
+                where[n] = t
         return self
 
     def storage(self) -> list[tuple[str, int, int, str]]:
-        """(weight, logical parameters, stored bytes, format) of the base weights, for inspect reports."""
+        """(weight, logical parameters, stored bytes, format) of the base weights, for inspect reports.
+
+        Sharded (FSDP2) tensors count whole: the bytes are those of the full model, not of one rank."""
         rows = []
         for w in _WEIGHTS:
             nbytes = sum(
-                self._buffers[n].numel() * self._buffers[n].element_size()
-                for n in self._quant_buffer_names()
+                t.numel() * t.element_size()
+                for n, (_, t) in self._quant_tensors().items()
                 if n.startswith(f"{w}_")
             )
             rows.append((f"{w}_proj", math.prod(self._shapes[w]), nbytes, "nf4"))
@@ -271,7 +288,7 @@ class NF4Experts(nn.Module):
             raise ValueError(
                 f"LoRA experts must be a non-empty subset of 0..{self.num_experts - 1}, got {experts}"
             )
-        device = next(iter(self.buffers())).device
+        device = next(iter(self.parameters())).device  # the base weights' (frozen parameters)
         # Sorted ids keep slot order equal to expert order, so the expert-sorted rows of LoRA experts
         # are already grouped by slot.
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
@@ -405,8 +422,8 @@ class NF4Experts(nn.Module):
 class PlainExperts(NF4Experts):
     """The 16-bit twin of `NF4Experts` (`quantization: none`), so routed-expert LoRA runs the same code.
 
-    It holds the original fused tensors as frozen buffers under their original names (`gate_up_proj`,
-    `down_proj`), so state-dict keys match `DeepseekV2Experts`; no copy is made.
+    It holds the original fused tensors as frozen parameters under their original names (`gate_up_proj`,
+    `down_proj`), so state-dict keys match `DeepseekV2Experts` and FSDP2 shards them; no copy is made.
     """
 
     @classmethod
@@ -414,16 +431,16 @@ class PlainExperts(NF4Experts):
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         num_experts, two_i, hidden = gate_up.shape
         module = cls(num_experts, hidden, two_i // 2, experts.act_fn, compute_dtype=gate_up.dtype)
-        module.register_buffer("gate_up_proj", gate_up)
-        module.register_buffer("down_proj", down)
+        module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        module.down_proj = nn.Parameter(down, requires_grad=False)
         return module
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         weight = getattr(self, f"{name}_proj")
         return weight.to(dtype or weight.dtype)
 
-    def _quant_buffer_names(self) -> list[str]:
-        return []  # plain weights follow dtype casts like any buffer
+    def _quant_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor | None], torch.Tensor]]:
+        return {}  # plain weights follow dtype casts like any parameter
 
     def storage(self) -> list[tuple[str, int, int, str]]:
         return [
@@ -451,7 +468,7 @@ def unquantized_experts_to_plain(model: nn.Module) -> int:
 
 
 def expert_bytes(module: nn.Module) -> int:
-    """Bytes held by the routed experts in `module`: NF4 buffers, or the 16-bit fused parameters."""
+    """Bytes held by the routed experts in `module`: NF4 storage, or the 16-bit fused parameters."""
     total = 0
     for m in module.modules():
         if isinstance(m, NF4Experts):

@@ -94,8 +94,9 @@ def report(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         row = rows[kind_of(name)]
         if is_param and tensor.requires_grad:
             row["trainable_params"] += tensor.numel()
-        if not is_param and any(name.startswith(prefix) for prefix in custom):
-            continue  # packed weights, counted by the module's storage()
+        own_lora = is_param and name.split(".")[-1].startswith("lora_")
+        if not own_lora and any(name.startswith(prefix) for prefix in custom):
+            continue  # packed weights (frozen parameters, buffers), counted by the module's storage()
         if is_param or tensor.dtype == torch.uint8:
             row["params"] += _logical_numel(tensor)
             row["dtypes"].add(_dtype_name(tensor))
