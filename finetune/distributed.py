@@ -16,6 +16,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def fsdp_launch() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (accelerate exports ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
 def is_primary() -> bool:
     """The process that writes the run folder and prints."""
     return rank() == 0

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, rundir
+from finetune import data, distributed, rundir
 from finetune.model import adapters, routing
 
 
@@ -159,6 +159,18 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     from finetune.errors import UserError
 
     train = f"stages.{name}.train"
+    if distributed.fsdp_launch() or getattr(args, "fsdp", None):
+        # The held-out check and the adapter save run on rank 0 alone, which FSDP's collective gathers
+        # would hang; finetune.model.fsdp.shard() is the tested sharding for a loop of one's own.
+        raise UserError(
+            f"{train}: the stages do not train under FSDP yet (docs/recipes.md, Several GPUs); launch with "
+            "recipes/accelerate/ddp.yaml or torchrun, which keep the whole 4-bit model on every GPU"
+        )
+    if distributed.world_size() > 1 and args.world_size == 1:
+        raise UserError(
+            f"{train}: {distributed.world_size()} processes were launched but each would train alone "
+            f"(no GPU and use_cpu not set); set {train}.use_cpu: true to train them together on the CPU"
+        )
     strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
     if strategy != "no" and not has_eval:
         raise UserError(
