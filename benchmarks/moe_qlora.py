@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 
 import bitsandbytes as bnb
@@ -51,8 +52,8 @@ def quantize_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
     torch.cuda.empty_cache()
 
 
-def build(variant: str, layers: int, dtype: torch.dtype) -> torch.nn.Module:
-    cfg = preset_config("v2-lite")
+def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite") -> torch.nn.Module:
+    cfg = preset_config(preset)
     cfg.num_hidden_layers = layers
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -75,10 +76,10 @@ def build(variant: str, layers: int, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def measure(variant: str, layers: int, steps: int, batch: int, seq: int) -> dict:
+def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str = "v2-lite") -> dict:
     dtype = torch.bfloat16
     torch.cuda.reset_peak_memory_stats()
-    model = build(variant, layers, dtype)
+    model = build(variant, layers, dtype, preset)
     weights = report(model)
     weight_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,7 +101,10 @@ def measure(variant: str, layers: int, steps: int, batch: int, seq: int) -> dict
     step_s = sum(times) / len(times)
     result = {
         "variant": variant,
+        "preset": preset,
         "layers": layers,
+        "batch": batch,
+        "seq": seq,
         "step_s": round(step_s, 4),
         "tokens_per_s": round(batch * seq / step_s),
         "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
@@ -124,10 +128,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--variants", default="stock,nf4-experts,nf4-experts+lora")
+    parser.add_argument("--preset", default="v2-lite", help="v2 for DeepSeek-V2 (236B) shapes; cut --layers")
+    parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
     for variant in args.variants.split(","):
-        row = measure(variant, args.layers, args.steps, args.batch, args.seq)
+        row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
         print(json.dumps(row))
         results["runs"].append(row)
         with open(args.out, "w") as f:

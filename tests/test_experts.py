@@ -341,3 +341,27 @@ def test_model_training_with_gradient_checkpointing():
     assert all(".experts.lora_" in n for n in trainable)
     for n in plain:
         torch.testing.assert_close(plain[n], ckpt[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_tensors_past_the_kernel_limit_quantize_in_slices_to_the_same_bytes(monkeypatch, double_quant):
+    # DeepSeek-V2's gate_up has 2.5 B values, past bitsandbytes' 32-bit indexing; a small limit here
+    # sends small tensors through the same slicing.
+    import bitsandbytes.functional as bnbf
+
+    from finetune.model import experts as experts_module
+
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(4, 64, 64), torch.randn(4, 64, 32)
+    whole = NF4Experts.from_weights(gate_up, down, torch.nn.SiLU(), double_quant=double_quant)
+    monkeypatch.setattr(experts_module, "_KERNEL_NUMEL_LIMIT", 5000)
+    assert [end - start for start, end in experts_module._slices(gate_up.numel(), 64)] == [2496] * 6 + [1408]
+    sliced = NF4Experts.from_weights(gate_up, down, torch.nn.SiLU(), double_quant=double_quant)
+    assert sliced.state_dict().keys() == whole.state_dict().keys()
+    for key, tensor in whole.state_dict().items():
+        assert torch.equal(sliced.state_dict()[key], tensor), key
+    for name in ("gate_up", "down"):
+        reference = bnbf.dequantize_4bit(
+            getattr(whole, f"{name}_packed"), whole.quant_state(name, torch.float32)
+        )
+        assert torch.equal(sliced.dequantize(name, torch.float32), reference)

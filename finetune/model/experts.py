@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
+from finetune.model import decode
+
 _WEIGHTS = ("gate_up", "down")
 # Packed data and QuantState tensors, per weight; the nested ones exist only with double quantization.
 _QUANT_PARTS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
@@ -25,6 +27,76 @@ _SHARDED_PARTS = ("packed", "absmax", "code", "absmax2", "code2")
 _LORA_PARTS = ("A", "B")
 # Keys of `NF4Experts.lora_state_dict()`, as saved per layer in `routed_experts.safetensors`.
 LORA_STATE_KEYS = (*(f"lora_{w}_{p}" for w in _WEIGHTS for p in _LORA_PARTS), "lora_experts", "lora_alpha")
+
+
+# bitsandbytes' 4-bit kernels index elements with 32-bit integers: DeepSeek-V2's fused gate_up
+# (160 x 3072 x 5120 = 2.5 B values) fails in them ("invalid argument"). Larger tensors go through
+# them in slices of whole blocks; the result is the same bytes as one call.
+_KERNEL_NUMEL_LIMIT = 2**31 - 1
+
+
+def _slices(numel: int, blocksize: int) -> list[tuple[int, int]]:
+    step = (_KERNEL_NUMEL_LIMIT // 2 // blocksize) * blocksize  # well inside the limit, whole blocks
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
+def _quantize(
+    weight: torch.Tensor, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, bnbf.QuantState]:
+    """`bnbf.quantize_4bit(weight, ...)` (NF4), for tensors of any size."""
+    if weight.numel() <= _KERNEL_NUMEL_LIMIT:
+        return bnbf.quantize_4bit(
+            weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+        )
+    if weight.numel() % blocksize:
+        raise ValueError(
+            f"cannot quantize {tuple(weight.shape)} in slices: size not a multiple of {blocksize}"
+        )
+    flat = weight.view(-1)
+    packed, absmax = [], []
+    for start, end in _slices(flat.numel(), blocksize):
+        p, st = bnbf.quantize_4bit(
+            flat[start:end], blocksize=blocksize, compress_statistics=False, quant_type="nf4"
+        )
+        packed.append(p)
+        absmax.append(st.absmax)
+    full = torch.cat(absmax)
+    state = bnbf.QuantState(
+        absmax=full,
+        shape=weight.shape,
+        code=st.code,
+        blocksize=blocksize,
+        quant_type="nf4",
+        dtype=weight.dtype,
+    )
+    if double_quant:  # as bitsandbytes does it: the block scales, centred, in 8 bits per 256
+        offset = full.mean()
+        qabsmax, state2 = bnbf.quantize_blockwise(full - offset, blocksize=256)
+        state.absmax, state.offset, state.state2, state.nested = qabsmax, offset, state2, True
+    return torch.cat(packed), state
+
+
+def _dequantize(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
+    """`bnbf.dequantize_4bit(packed, state)`, for tensors of any size."""
+    numel = math.prod(state.shape)
+    if numel <= _KERNEL_NUMEL_LIMIT:
+        return bnbf.dequantize_4bit(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(absmax, state.state2) + state.offset
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    flat, size = out.view(-1), state.blocksize
+    for start, end in _slices(numel, size):
+        part = bnbf.QuantState(
+            absmax=absmax[start // size : end // size],
+            shape=torch.Size([end - start]),
+            code=state.code,
+            blocksize=size,
+            quant_type="nf4",
+            dtype=state.dtype,
+        )
+        flat[start:end] = bnbf.dequantize_4bit(packed[start // 2 : end // 2], part)
+    return out
 
 
 def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
@@ -189,12 +261,7 @@ class NF4Experts(nn.Module):
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             weight = weight.float()
         # One call for the whole 3D tensor: blocks run over the flattened weight, as in Linear4bit.
-        packed, state = bnbf.quantize_4bit(
-            weight.contiguous(),
-            blocksize=self.blocksize,
-            compress_statistics=self.double_quant,
-            quant_type="nf4",
-        )
+        packed, state = _quantize(weight.contiguous(), self.blocksize, self.double_quant)
         parts = {"packed": packed, "absmax": state.absmax, "code": state.code}  # code: the 16 NF4 levels
         if state.nested:
             parts |= {"absmax2": state.state2.absmax, "code2": state.state2.code, "offset": state.offset}
@@ -228,7 +295,7 @@ class NF4Experts(nn.Module):
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole [E, N, K] weight `gate_up` or `down` in `dtype` (default: compute_dtype)."""
-        return bnbf.dequantize_4bit(getattr(self, f"{name}_packed"), self.quant_state(name, dtype))
+        return _dequantize(getattr(self, f"{name}_packed"), self.quant_state(name, dtype))
 
     def _quant_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor | None], torch.Tensor]]:
         """Name → (the dict holding it: `_parameters` or `_buffers`, the tensor) of the quantization tensors."""
@@ -383,11 +450,16 @@ class NF4Experts(nn.Module):
     ) -> torch.Tensor:
         """hidden_states [T, H], top_k_index [T, K] in [0, E), top_k_weights [T, K] -> [T, H]."""
         num_tokens, top_k = top_k_index.shape
+        if torch.compiler.is_compiling() and num_tokens * top_k <= self.num_experts:
+            # A compiled decode step: dequantize just the picked experts, fused into one kernel.
+            return decode.few_token_forward(self, hidden_states, top_k_index, top_k_weights)
         ids = top_k_index.reshape(-1)
         # Stable sort: rows of one expert stay in token order, so results are deterministic.
         sorted_ids, perm = torch.sort(ids, stable=True)
-        counts = torch.bincount(sorted_ids, minlength=self.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
+        # Group ends by binary search rather than bincount: the shape is fixed, so it compiles.
+        experts = torch.arange(1, self.num_experts + 1, device=ids.device)
+        offsets = torch.searchsorted(sorted_ids, experts).to(torch.int32)
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
         x = hidden_states.to(self.compute_dtype)[perm // top_k]
 
         grouped = self._grouped(x, (self.hidden_dim, self.intermediate_dim))
