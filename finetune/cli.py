@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=16)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument(
+        "--kernels",
+        choices=["auto", "off"],
+        help="fast generation (static cache, compiled decode step) on CUDA; default: the recipe's "
+        "model.kernels, else auto",
+    )
+    sub.add_argument(
         "--from", dest="from_file", help="fetch: convert this local file instead of the Hub split"
     )
     sub.add_argument(
@@ -253,6 +259,7 @@ def _eval(args: argparse.Namespace) -> int:
         config=config,
         lm_eval_tasks=args.lm_eval,
         lm_eval_include=args.lm_eval_include,
+        kernels=args.kernels or fetch.recipe_kernels(args.recipe),
     )
     print(harness.table(results), end="")
     print(f"\nresults: {args.out}")

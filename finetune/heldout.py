@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from finetune.model import generation
 
 
 def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
@@ -23,6 +27,7 @@ def exact_match(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     desc: str = "held-out check",
+    kernels: str = "auto",
 ) -> dict:
     """Fraction of prompts whose greedy completion equals the target (whitespace-stripped)."""
     was_training = model.training
@@ -31,6 +36,8 @@ def exact_match(
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     outputs: list[str] = []
+    fast = contextlib.ExitStack()
+    extra = fast.enter_context(generation.compiled_decoding(model, generation.enabled(kernels, model)))
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = prompts[start : start + batch_size]
@@ -43,10 +50,12 @@ def exact_match(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **extra,
             )
             new = generated[:, batch["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
+        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     hits = [out.strip() == ref.strip() for out, ref in zip(outputs, targets, strict=True)]

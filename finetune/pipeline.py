@@ -100,6 +100,7 @@ def context(recipe: Recipe, source: Source) -> StageContext:
             seed=m.seed,
         ),
         aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
+        kernels=m.kernels,
         stages={name: stage.type for name, stage in recipe.stages.items()},
         adapter_kwargs=dict(
             r=a.r,

@@ -115,6 +115,8 @@ class ModelConfig(Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str | None = None
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+    # auto: generation (eval, held-out checks) with a static cache and a compiled decode step on CUDA
+    kernels: Literal["auto", "off"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -44,6 +44,15 @@ def fetch(name: str, *, out: str | None = None, source: str | None = None) -> Pa
     return path
 
 
+def recipe_kernels(recipe_path: str | None) -> str:
+    """`model.kernels` of the recipe, or the default without one."""
+    if recipe_path is None:
+        return "auto"
+    from finetune import recipe
+
+    return recipe.load(recipe_path).model.kernels
+
+
 def base_model(recipe_path: str | None, model: str | None) -> tuple[Any, Any]:
     """The base model and tokenizer: as a recipe loads them, or from a preset / folder / Hub id with the
     toolkit's defaults (NF4, bf16 on a GPU, fp32 on the CPU)."""

@@ -61,6 +61,7 @@ def evaluate(
     config: dict[str, Any] | None = None,
     lm_eval_tasks: list[str] | None = None,
     lm_eval_include: str | None = None,
+    kernels: str = "auto",
 ) -> dict[str, dict[str, Any]]:
     """Every benchmark (and lm-evaluation-harness task) for every candidate; returns {label: lm-eval-shaped
     results} and writes them."""
@@ -87,7 +88,7 @@ def evaluate(
         outcomes = {}
         with adapters.applied(model, None if c.classifier else c.folder) as current:
             for s in mine:
-                outcomes[s.name] = _one(s, rows[s.name], current, tokenizer, c, batch_size, seed)
+                outcomes[s.name] = _one(s, rows[s.name], current, tokenizer, c, batch_size, seed, kernels)
             if lm_eval_tasks and not c.classifier:
                 outcomes.update(
                     _lm_eval(lm_eval_tasks, current, tokenizer, lm_eval_include, limit, batch_size)
@@ -119,7 +120,14 @@ def _sharded(fn, items: list, *args: Any, **kwargs: Any) -> Any:
 
 
 def _one(
-    s: Any, items: list[dict], model: Any, tokenizer: Any, c: Candidate, batch_size: int, seed: int
+    s: Any,
+    items: list[dict],
+    model: Any,
+    tokenizer: Any,
+    c: Candidate,
+    batch_size: int,
+    seed: int,
+    kernels: str,
 ) -> run.Outcome:
     texts = run.prompts(s, items)
     if isinstance(s, specs.Generate):
@@ -127,7 +135,7 @@ def _one(
 
         def generate(shard: list[str]) -> list:
             outputs, tokens, seconds = run.generate(
-                model, tokenizer, shard, s, batch_size=batch_size, seed=seed
+                model, tokenizer, shard, s, batch_size=batch_size, seed=seed, kernels=kernels
             )
             timing.append((tokens, seconds))
             return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,10 +98,13 @@ def generate(
     *,
     batch_size: int,
     seed: int,
+    kernels: str = "auto",
 ) -> tuple[list[list[str]], int, float]:
     """`spec.samples` outputs per prompt (greedy when temperature is 0), cut at the stop sequences, in
-    batches padded on the left; (outputs, new tokens, seconds)."""
+    batches padded on the left; (outputs, new tokens, seconds). `kernels`: see `model.kernels`."""
     from tqdm.auto import tqdm
+
+    from finetune.model import generation
 
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
@@ -109,6 +113,8 @@ def generate(
     torch.manual_seed(seed)
     out: list[list[str]] = []
     new_tokens, seconds = 0, 0.0
+    fast = contextlib.ExitStack()
+    extra = fast.enter_context(generation.compiled_decoding(model, generation.enabled(kernels, model)))
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=f"{spec.name}: generate", leave=False):
             chunk = texts[start : start + batch_size]
@@ -132,6 +138,7 @@ def generate(
                 top_k=None,
                 num_return_sequences=spec.samples,
                 pad_token_id=tokenizer.pad_token_id,
+                **extra,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -143,6 +150,7 @@ def generate(
             cut = [_cut(t, spec.stop) for t in decoded]
             out += [cut[i : i + spec.samples] for i in range(0, len(cut), spec.samples)]
     finally:
+        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return out, new_tokens, seconds

@@ -80,6 +80,7 @@ def run(
         limit=stage.limit,
         batch_size=stage.batch_size,
         seed=ctx.seed,
+        kernels=ctx.kernels,
         config={"recipe": ctx.name, "stage": name, "limit": stage.limit},
     )
     summary = {

@@ -145,6 +145,7 @@ def run(
             max_new_tokens=h.max_new_tokens,
             batch_size=h.batch_size,
             desc=f"held-out check ({when})",
+            kernels=ctx.kernels,
         )
 
     before = check_heldout("before")

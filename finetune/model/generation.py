@@ -1,0 +1,55 @@
+"""Fast decoding (`model.kernels`): a static KV cache and a compiled decode step replayed as a CUDA graph.
+
+Plain `generate` runs a V2-Lite decode step in 80-100 ms whatever the batch: launches and Python, not
+the GPU (docs/benchmarks.md). transformers compiles the step itself when the cache is static, but it
+refuses for bitsandbytes models (`hf_quantizer.is_compileable` is False) and TRL sets
+`disable_compile`. bitsandbytes' 4-bit ops are torch custom ops that compile, and `NF4Experts` has no
+data-dependent shape on this path (`decode.few_token_forward` for small steps), so inside
+`compiled_decoding` the check is answered yes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import CompileConfig
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
+
+KERNELS = ("auto", "off")
+
+
+def enabled(kernels: str, model: torch.nn.Module) -> bool:
+    """`model.kernels` resolved: auto is on where the model runs on CUDA, off elsewhere."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels == "auto" and next(model.parameters()).device.type == "cuda"
+
+
+def _top(model: torch.nn.Module) -> DeepseekV2PreTrainedModel:
+    return next(m for m in model.modules() if isinstance(m, DeepseekV2PreTrainedModel))
+
+
+@contextlib.contextmanager
+def compiled_decoding(
+    model: torch.nn.Module, on: bool, *, compile_config: CompileConfig | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
+
+    `compile_config` defaults to transformers' (inductor, CUDA graphs); tests pass a cheaper backend.
+    """
+    if not on:
+        yield {}
+        return
+    top = _top(model)
+    top._valid_auto_compile_criteria = lambda *args, **kwargs: True
+    previous = top.generation_config.compile_config
+    if compile_config is not None:
+        top.generation_config.compile_config = compile_config
+    try:
+        yield {"cache_implementation": "static"}
+    finally:
+        del top._valid_auto_compile_criteria
+        top.generation_config.compile_config = previous

@@ -1,0 +1,111 @@
+"""`model.kernels`: generation with a static cache and a compiled decode step gives the plain tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from finetune.model import generation
+from finetune.model.load import load_model, resolve_source
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(resolve_source("tiny", None), dtype="float32").eval()
+
+
+def test_kernels_auto_is_off_on_the_cpu_and_off_is_off(model):
+    assert not generation.enabled("auto", model)
+    assert not generation.enabled("off", model)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        generation.enabled("on", model)
+
+
+def test_compiled_decoding_compiles_the_step_and_keeps_the_tokens(model):
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding, as the harness pads
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    plain = model.generate(**kwargs)
+    config = CompileConfig(backend=counting_backend, mode=None, fullgraph=True)
+    with generation.compiled_decoding(model, True, compile_config=config) as extra:
+        assert extra == {"cache_implementation": "static"}
+        fast = model.generate(**kwargs, **extra)
+    assert graphs, "the decode step was not compiled"
+    assert torch.equal(fast, plain)
+    # Afterwards generate is as before: no static cache, nothing compiled.
+    graphs.clear()
+    assert torch.equal(model.generate(**kwargs), plain) and not graphs
+    with generation.compiled_decoding(model, False) as extra:
+        assert extra == {}
+
+
+def _recorded(monkeypatch) -> list[str]:
+    """The `kernels` values generation was asked to resolve (the real resolution still runs)."""
+    seen: list[str] = []
+    real = generation.enabled
+
+    def enabled(kernels, model):
+        seen.append(kernels)
+        return real(kernels, model)
+
+    monkeypatch.setattr(generation, "enabled", enabled)
+    return seen
+
+
+def test_the_kernels_setting_reaches_eval_generation(monkeypatch, tmp_path):
+    from conftest import base_recipe, write_recipe
+
+    from finetune.cli import main
+
+    seen = _recorded(monkeypatch)
+    args = ["eval", "reverse", "--model", "tiny", "--limit", "2", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--kernels", "off"]) == 0
+    data = base_recipe(tmp_path)
+    data["model"]["kernels"] = "off"
+    r = write_recipe(tmp_path / "r.yaml", data)
+    args = ["eval", "reverse", "--recipe", str(r), "--limit", "2", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    assert seen == ["auto", "off", "off"]
+
+
+def test_the_recipe_key_is_checked_and_reaches_the_stages(tmp_path):
+    from conftest import base_recipe, write_recipe
+
+    from finetune import pipeline, recipe
+    from finetune.errors import UserError
+
+    data = base_recipe(tmp_path)
+    assert pipeline.context(recipe.load(write_recipe(tmp_path / "r.yaml", data)), None).kernels == "auto"
+    data["model"]["kernels"] = "off"
+    assert pipeline.context(recipe.load(write_recipe(tmp_path / "r.yaml", data)), None).kernels == "off"
+    data["model"]["kernels"] = "fast"
+    with pytest.raises(UserError, match=r"model\.kernels"):
+        recipe.load(write_recipe(tmp_path / "r.yaml", data))
+
+
+def test_heldout_generation_resolves_its_kernels_argument(monkeypatch, model):
+    from finetune import heldout
+    from finetune.model.load import load_tokenizer
+
+    seen = _recorded(monkeypatch)
+    tokenizer = load_tokenizer(resolve_source("tiny", None))
+    out = heldout.exact_match(
+        model, tokenizer, ["abc"], ["cba"], max_new_tokens=2, batch_size=1, kernels="off"
+    )
+    assert out["n"] == 1 and seen == ["off"]
