@@ -97,10 +97,15 @@ def test_fsdp2_shards_the_nf4_experts_and_matches_one_process(tmp_path):
     proc = subprocess.Popen(
         [*launch, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    # Meanwhile, the reference: one process, the whole batch.
+    # Meanwhile, the reference: one process, the whole batch (on one thread, as each rank; restored after,
+    # since later tests compare in-process runs with subprocess runs at the default thread count).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = _build(tmp_path / "ref")
-    ref_logits = _step(model, _ids())
+    try:
+        model = _build(tmp_path / "ref")
+        ref_logits = _step(model, _ids())
+    finally:
+        torch.set_num_threads(threads)
     ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
