@@ -109,3 +109,23 @@ def test_heldout_generation_resolves_its_kernels_argument(monkeypatch, model):
         model, tokenizer, ["abc"], ["cba"], max_new_tokens=2, batch_size=1, kernels="off"
     )
     assert out["n"] == 1 and seen == ["off"]
+
+
+def test_compiled_decoding_lifts_the_input_grads_hook_and_puts_it_back(model):
+    # The hook calls requires_grad_ on the embeddings' output, a graph break in every decode step.
+    model.enable_input_require_grads()
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    config = CompileConfig(backend=counting_backend, mode=None, fullgraph=True)  # a break would raise
+    try:
+        with generation.compiled_decoding(model, True, compile_config=config) as extra:
+            assert not model._require_grads_hooks
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **extra)
+        assert graphs and model._require_grads_hooks
+    finally:
+        model.disable_input_require_grads()

@@ -19,6 +19,7 @@ from transformers import CompileConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
 
 KERNELS = ("auto", "off")
+_RECOMPILE_LIMIT = 64
 
 
 def enabled(kernels: str, model: torch.nn.Module) -> bool:
@@ -48,8 +49,21 @@ def compiled_decoding(
     previous = top.generation_config.compile_config
     if compile_config is not None:
         top.generation_config.compile_config = compile_config
+    # Every batch size and cache length is a recompilation of the step's frames (transformers' kwarg
+    # deprecation wrapper is one frame shared by four module classes); past torch's default of 8 the
+    # step silently runs uncompiled, as batch 128 did after 1 and 32 on the H200.
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+    # Gradient checkpointing's hook on the embeddings calls requires_grad_, which dynamo cannot trace:
+    # it cut every decode step in two graphs. Nothing needs gradients while generating.
+    grads_hook = bool(getattr(top, "_require_grads_hooks", None))
+    if grads_hook:
+        top.disable_input_require_grads()
     try:
         yield {"cache_implementation": "static"}
     finally:
         del top._valid_auto_compile_criteria
         top.generation_config.compile_config = previous
+        torch._dynamo.config.recompile_limit = limit
+        if grads_hook:
+            top.enable_input_require_grads()
