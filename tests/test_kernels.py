@@ -45,7 +45,9 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    # Prepended, not replaced: an installation on PYTHONPATH (the H200 host's) must stay importable.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
     )
