@@ -113,28 +113,17 @@ def few_token_forward(
     num_tokens, top_k = top_k_index.shape
     ids = top_k_index.reshape(-1)
     x = hidden_states.to(module.compute_dtype).repeat_interleave(top_k, dim=0)
-    lora = module.has_lora and module.lora_enabled
-    gate_up = pair_products(x, expert_weights(module, "gate_up", ids))
-    if lora:
-        gate_up = gate_up + lora_pairs(
-            module.lora_dropout(x),
-            ids,
-            module.lora_slot,
-            module.lora_gate_up_A,
-            module.lora_gate_up_B,
-            module.lora_scale,
-        )
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = module.act_fn(gate) * up
-    y = pair_products(h, expert_weights(module, "down", ids))
-    if lora:
-        y = y + lora_pairs(
-            module.lora_dropout(h),
-            ids,
-            module.lora_slot,
-            module.lora_down_A,
-            module.lora_down_B,
-            module.lora_scale,
-        )
+
+    def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+        out = pair_products(inputs, expert_weights(module, name, ids))
+        if module.has_lora and module.lora_enabled:
+            a, b = getattr(module, f"lora_{name}_A"), getattr(module, f"lora_{name}_B")
+            out = out + lora_pairs(
+                module.lora_dropout(inputs), ids, module.lora_slot, a, b, module.lora_scale
+            )
+        return out
+
+    gate, up = project("gate_up", x).chunk(2, dim=-1)
+    y = project("down", module.act_fn(gate) * up)
     y = y.float() * top_k_weights.reshape(-1, 1).float()
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
