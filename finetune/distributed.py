@@ -16,9 +16,28 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# Set by the user to train under FSDP2 with torchrun (on the CPU: accelerate ignores an FSDP config there),
+# and by `own_fsdp` once the stages have taken over accelerate's FSDP launch.
+FSDP_ENV = "FINETUNE_FSDP"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def fsdp_launch() -> bool:
-    """Launched by `accelerate launch` with an FSDP config (accelerate exports ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    """Launched for FSDP2: `accelerate launch` with an FSDP config (accelerate exports ACCELERATE_USE_FSDP)
+    or FINETUNE_FSDP=1 (torchrun, on GPUs or CPU processes)."""
+    return _flag("ACCELERATE_USE_FSDP") or _flag(FSDP_ENV)
+
+
+def own_fsdp() -> None:
+    """The stages shard the model themselves (`finetune.model.fsdp.shard`) and hand the Trainer a model
+    it must neither wrap in DDP nor shard again: accelerate is told no FSDP (its FSDP2 path would wrap the
+    PEFT model a second time), and FINETUNE_FSDP keeps `fsdp_launch()` true for the later stages."""
+    if fsdp_launch():
+        os.environ[FSDP_ENV] = "1"
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
 
 
 def is_primary() -> bool:

@@ -28,8 +28,12 @@ def exact_match(
     batch_size: int = 32,
     desc: str = "held-out check",
     kernels: str = "auto",
+    synced: bool = False,
 ) -> dict:
-    """Fraction of prompts whose greedy completion equals the target (whitespace-stripped)."""
+    """Fraction of prompts whose greedy completion equals the target (whitespace-stripped).
+
+    `synced`: every process calls this on the same prompts with an FSDP-sharded model; generation keeps
+    them in step (transformers' `synced_gpus`) until all are done, and fast decoding is off."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -37,7 +41,10 @@ def exact_match(
     device = next(model.parameters()).device
     outputs: list[str] = []
     fast = contextlib.ExitStack()
-    extra = fast.enter_context(generation.compiled_decoding(model, generation.enabled(kernels, model)))
+    on = generation.enabled(kernels, model) and not synced
+    extra = fast.enter_context(generation.compiled_decoding(model, on))
+    if synced:
+        extra = {**extra, "synced_gpus": True}
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = prompts[start : start + batch_size]

@@ -213,7 +213,11 @@ def train_arguments(stage: Any, *, dtype: str, cuda: bool) -> dict[str, Any]:
         "fp16": dtype == "float16" and cuda,
         "dataloader_pin_memory": cuda,
     }
-    return split_global_batch({**TRAIN_DEFAULTS, **precision, **stage.train}, stage)
+    from finetune.distributed import fsdp_launch
+
+    # Checkpoints are not written under FSDP (their routed-expert LoRA is saved by rank 0 alone).
+    defaults = {**TRAIN_DEFAULTS, "save_strategy": "no"} if fsdp_launch() else TRAIN_DEFAULTS
+    return split_global_batch({**defaults, **precision, **stage.train}, stage)
 
 
 def split_global_batch(arguments: dict[str, Any], stage: Any) -> dict[str, Any]:

@@ -217,17 +217,28 @@ def keep_full_copies_dtype(model: torch.nn.Module) -> None:
                 param.data = param.data.to(original.dtype)
 
 
-def extra_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def extra_tensors(
+    model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """What PEFT does not save: the routed-expert LoRA (`EXPERTS_FILE`) and a trained router
-    (`ROUTER_FILE`), keyed `layers.<i>.<name>`; adapter folders and trainer checkpoints both carry them."""
+    (`ROUTER_FILE`), keyed `layers.<i>.<name>`; adapter folders and trainer checkpoints both carry them.
+
+    `state`: whole values of the parameters by name (see `save_adapter`), used where it has them."""
+    names = {id(m): n for n, m in model.named_modules()} if state is not None else {}
+
+    def whole(module: torch.nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+        if state is not None:
+            value = state.get(f"{names[id(module)]}.{key}", value)
+        return value.detach().contiguous().cpu()
+
     experts = {
-        f"layers.{index}.{key}": value.detach().contiguous().cpu()
+        f"layers.{index}.{key}": whole(layer, key, value)
         for index, layer in expert_layers(model).items()
         if layer.has_lora
         for key, value in layer.lora_state_dict().items()
     }
     routers = {
-        f"layers.{index}.weight": gate.weight.detach().contiguous().cpu()
+        f"layers.{index}.weight": whole(gate, "weight", gate.weight)
         for index, gate in routing.routers(model).items()
         if gate.weight.requires_grad
     }
@@ -259,10 +270,13 @@ def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable:
                         gate.weight.requires_grad_(trainable)
 
 
-def save_adapter(model: PeftModel, folder: str | Path) -> None:
-    """The PEFT folder, plus the routed-expert LoRA and a trained router beside it."""
-    model.save_pretrained(str(folder))
-    experts, routers = extra_tensors(model)
+def save_adapter(model: PeftModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The PEFT folder, plus the routed-expert LoRA and a trained router beside it.
+
+    `state`: the trainable parameters whole, by name (`fsdp.full_trainable_state`), for a model whose own
+    parameters are FSDP shards; saved instead of the model's values."""
+    model.save_pretrained(str(folder), **({"state_dict": state} if state is not None else {}))
+    experts, routers = extra_tensors(model, state)
     if experts:
         save_file(experts, str(Path(folder) / EXPERTS_FILE))
     if routers:

@@ -68,7 +68,25 @@ def shard(
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **common)
     # The root's own parameters (embeddings, norm, head) are gathered for the whole step anyway.
     fully_shard(root, reshard_after_forward=False, **common)
+    if hasattr(root, "generate"):  # `generate` reads the head and embeddings outside the root's forward
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(root, "generate")
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `shard` (or any `fully_shard`) was applied to a module of `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of `model`, whole and on the CPU, keyed by its name as `state_dict` names
+    it. A collective under FSDP: every rank must call it, in the same order (each DTensor is all-gathered);
+    the frozen 4-bit storage is not gathered."""
+    return {name: full_tensor(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def local_bytes(model: nn.Module, names: tuple[str, ...] = ()) -> int:

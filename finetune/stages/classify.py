@@ -62,6 +62,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(TrainingArguments, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
+    common.check_fsdp(name, "classify", args, ctx)
     where = labels.Where(name, stage.labels, stage.num_labels, stage.multi_label)
     splits = common.read_splits(d, key, fetch=fetch)
     reports = [report for report, _ in splits]

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from finetune import data, distributed, rundir
-from finetune.model import adapters, routing
+from finetune.model import adapters, fsdp, routing
 
 
 def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
@@ -37,7 +37,23 @@ def fit(
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
     save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder).
 
-    `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`)."""
+    `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
+
+    Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
+    the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
+    manages its own distribution (transformers' flag for a model sharded at load time), so accelerate
+    neither wraps it in DDP nor shards it again, and every rank takes part in the save."""
+    sharded = distributed.fsdp_launch()
+    if sharded:
+        from finetune.errors import UserError
+
+        if resume_from is not None:
+            raise UserError(
+                f"{resume_from}: a run does not resume under FSDP (its checkpoints are off); run it again "
+                "without --resume, or resume it with recipes/accelerate/ddp.yaml"
+            )
+        distributed.own_fsdp()
+        model.is_distributed_loading_by_transformers = True
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
@@ -48,6 +64,8 @@ def fit(
         **trainer_kwargs,
     )
     tokenizer = prepare(trainer, resume_from)
+    if sharded:
+        fsdp.shard(trainer.model)
     trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
@@ -92,11 +110,13 @@ def train(trainer: Trainer, out: Path, resume_from: str | None) -> dict[str, Any
 
 def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | None = None) -> Path:
     """`<stage>/adapter/` on rank 0, never half-written, with the tokenizer and chat template trained with
-    (and the head's description, when given)."""
+    (and the head's description, when given). An FSDP-sharded model's trainable parameters are gathered
+    whole first, on every rank (a collective), and rank 0 writes them."""
     folder = out / "adapter"
+    state = fsdp.full_trainable_state(trainer.model) if fsdp.is_sharded(trainer.model) else None
     if trainer.is_world_process_zero():
         with rundir.replaced_folder(folder) as tmp:
-            adapters.save_adapter(trainer.model, tmp)
+            adapters.save_adapter(trainer.model, tmp, state)
             tokenizer.save_pretrained(str(tmp))
             if head is not None:
                 (tmp / adapters.HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n")
@@ -152,6 +172,46 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
         )
 
 
+# Stage types that train under an FSDP launch (`fit` shards the model; every rank saves and checks).
+FSDP_TYPES = ("sft",)
+
+
+def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
+    """What an FSDP launch (`distributed.fsdp_launch`) cannot train; nothing without one."""
+    from finetune.errors import UserError
+
+    train = f"stages.{name}.train"
+    if getattr(args, "fsdp", None):
+        raise UserError(
+            f"{train}.fsdp: drop it; FSDP2 is chosen by the launch (recipes/accelerate/fsdp.yaml, or "
+            "FINETUNE_FSDP=1 under torchrun), and the stage shards the model itself (docs/recipes.md)"
+        )
+    if not distributed.fsdp_launch():
+        return
+    ddp = "launch it with recipes/accelerate/ddp.yaml (the whole 4-bit model on every GPU)"
+    if kind not in FSDP_TYPES:
+        raise UserError(
+            f"stages.{name}: a type: {kind} stage does not train under FSDP yet (only "
+            f"{', '.join(FSDP_TYPES)}: docs/recipes.md, Several GPUs); {ddp}"
+        )
+    if ctx.model_kwargs.get("quantization", "nf4") != "nf4":
+        raise UserError(
+            f"model.quantization: {ctx.model_kwargs.get('quantization')!r} is not sharded under FSDP (only "
+            f"nf4 is tested); use nf4 or {ddp}"
+        )
+    strategy = getattr(args.save_strategy, "value", args.save_strategy)
+    if strategy != "no":
+        raise UserError(
+            f"{train}.save_strategy: {strategy!r}: checkpoints are not written under FSDP (they default to "
+            "'no' there); set save_strategy: 'no', or " + ddp
+        )
+    if distributed.world_size() == 1:
+        raise UserError(
+            f"stages.{name}: an FSDP launch of one process shards nothing; launch 2 or more processes, or "
+            "run without FSDP (plain `finetune run`)"
+        )
+
+
 def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     """Trainer settings that TRL's config accepts but `Trainer` itself refuses once a run has started."""
     from transformers.integrations import integration_utils
@@ -159,13 +219,6 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     from finetune.errors import UserError
 
     train = f"stages.{name}.train"
-    if distributed.fsdp_launch() or getattr(args, "fsdp", None):
-        # The held-out check and the adapter save run on rank 0 alone, which FSDP's collective gathers
-        # would hang; finetune.model.fsdp.shard() is the tested sharding for a loop of one's own.
-        raise UserError(
-            f"{train}: the stages do not train under FSDP yet (docs/recipes.md, Several GPUs); launch with "
-            "recipes/accelerate/ddp.yaml or torchrun, which keep the whole 4-bit model on every GPU"
-        )
     if distributed.world_size() > 1 and args.world_size == 1:
         raise UserError(
             f"{train}: {distributed.world_size()} processes were launched but each would train alone "

@@ -145,6 +145,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(GRPOConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
+    common.check_fsdp(name, "grpo", args, ctx)
     if stage.init_from is not None:
         ctx.earlier_stage(name, stage.init_from, f"stages.{name}.init_from", POLICY_TYPES)
     funcs, needs = _rewards(name, stage, ctx)

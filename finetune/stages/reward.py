@@ -46,6 +46,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(RewardConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
+    common.check_fsdp(name, "reward", args, ctx)
     splits = common.read_splits(d, key, fetch=fetch)
     pairs_of = {
         r.split: data.preference_format(rows, key=f"{key}.{r.split}")

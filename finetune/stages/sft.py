@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout
 from finetune.distributed import is_primary
-from finetune.model import routing
+from finetune.model import fsdp, routing
 from finetune.schema import DataConfig, HeldoutConfig, Strict, train_arguments
 from finetune.stages import common
 from finetune.stages.context import StageContext
@@ -54,6 +54,7 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     args = ctx.trainer_config(SFTConfig, name, arguments)
     d = stage.data
     common.check_trainer(name, args, has_eval=d.eval is not None)
+    common.check_fsdp(name, "sft", args, ctx)
     key = f"stages.{name}.data"
     # `config` names the Hub config of the train data, and of eval/held-out data unless `eval_config` does.
     eval_config, eval_config_key = (
@@ -135,7 +136,11 @@ def run(
     model = model if model is not None else ctx.adapted_model()
 
     def check_heldout(when: str) -> dict | None:
-        if inputs.heldout is None or not is_primary():  # one process generates; others go on training
+        # One process generates and the others go on, unless the model is FSDP-sharded (after training
+        # under an FSDP launch): then every rank generates the same prompts in step, as each forward
+        # all-gathers the layers, and rank 0 reports.
+        sharded = fsdp.is_sharded(model)
+        if inputs.heldout is None or not (is_primary() or sharded):
             return None
         h = stage.heldout
         return heldout.exact_match(
@@ -146,6 +151,7 @@ def run(
             batch_size=h.batch_size,
             desc=f"held-out check ({when})",
             kernels=ctx.kernels,
+            synced=sharded,
         )
 
     before = check_heldout("before")
