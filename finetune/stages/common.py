@@ -173,7 +173,7 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
 
 
 # Stage types that train under an FSDP launch (`fit` shards the model; every rank saves and checks).
-FSDP_TYPES = ("sft",)
+FSDP_TYPES = ("sft", "reward", "classify")
 
 
 def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
