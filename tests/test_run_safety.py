@@ -107,7 +107,7 @@ def test_full_disk_while_saving_then_resume(capsys, tmp_path, monkeypatch):
     assert not (stage / "adapter").exists() and not (stage / "summary.json").exists()
     monkeypatch.setattr(torch, "save", real_save)
 
-    def full_disk(model, folder):
+    def full_disk(model, folder, *_):
         (Path(folder) / "README.md").write_text("half an adapter")
         raise OSError(
             errno.ENOSPC, "No space left on device", str(Path(folder) / "adapter_model.safetensors")
