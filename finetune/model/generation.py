@@ -23,10 +23,14 @@ _RECOMPILE_LIMIT = 64
 
 
 def enabled(kernels: str, model: torch.nn.Module) -> bool:
-    """`model.kernels` resolved: auto is on where the model runs on CUDA, off elsewhere."""
+    """`model.kernels` resolved: auto is on where the model runs on CUDA, off elsewhere and for an
+    FSDP-sharded model (its all-gather hooks run in every step, untested under compilation)."""
+    from finetune.model import fsdp
+
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return kernels == "auto" and next(model.parameters()).device.type == "cuda"
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return kernels == "auto" and on_cuda and not fsdp.is_sharded(model)
 
 
 def _top(model: torch.nn.Module) -> DeepseekV2PreTrainedModel:
