@@ -160,8 +160,9 @@ def _sft_recipe(tmp: Path, out: Path) -> Path:
                 "heldout": {"data": str(data / "test.jsonl"), "max_samples": 4, "max_new_tokens": 8},
                 "train": {
                     "max_steps": 4,
-                    "per_device_train_batch_size": 8,
-                    "gradient_accumulation_steps": 2,  # 16 rows a step: one micro-batch each on 2 ranks
+                    "per_device_train_batch_size": 4,
+                    # 16 rows a step: 2 micro-batches each on 2 ranks (gradients accumulate on the shards)
+                    "gradient_accumulation_steps": 4,
                     "learning_rate": 3e-3,
                     "max_grad_norm": 0.5,  # clipping on the sharded gradients
                     "logging_steps": 2,
@@ -206,15 +207,21 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     assert out.count("run directory:") == 1
 
     # The same 4 optimizer steps on the same 16-row batches, gradients clipped (norm ~1.8 > 0.5). TRL
-    # keeps a 4-bit model's LoRA in bf16, so the two runs agree to bf16 rounding: tolerance
-    # 2e-3 × max(1, |largest value|); measured 4.9e-4 (MLA LoRA, factors ≤ 0.18) and 9.8e-4 (routed-expert
-    # LoRA), one bf16 ulp.
+    # keeps a 4-bit model's LoRA and its gradients in bf16, so splitting an accumulation window over ranks
+    # sums the micro-batch gradients in another order, and Adam turns a near-zero gradient's rounding into
+    # up to a learning-rate step (3e-3). Measured: 15 of 42,706 values (MLA and routed-expert LoRA) differ
+    # by more than 1e-3, at most 3.0e-3; DDP (ddp.yaml) of this recipe differs from one process in the same
+    # values by the same amounts, and from FSDP by ≤ 4.9e-4 (one bf16 ulp).
+    beyond, total = 0, 0
     for name in ("adapter_model.safetensors", "routed_experts.safetensors"):
         a, b = load_file(str(one / "sft" / "adapter" / name)), load_file(str(two / "sft" / "adapter" / name))
         assert a.keys() == b.keys() and a, name
         for key in a:
             assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
-            assert (a[key].float() - b[key].float()).abs().max() <= 2e-3 * max(1.0, float(a[key].abs().max()))
+            diff = (a[key].float() - b[key].float()).abs()
+            assert diff.max() <= 5e-3 * max(1.0, float(a[key].abs().max())), key
+            beyond, total = beyond + int((diff > 1e-3).sum()), total + diff.numel()
+    assert total > 40_000 and beyond <= total // 1000, (beyond, total)
     summaries = [json.loads((d / "sft" / "summary.json").read_text()) for d in (one, two)]
     for s in summaries:
         assert s["heldout"]["before"]["n"] == s["heldout"]["after"]["n"] == 4

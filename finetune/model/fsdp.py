@@ -19,6 +19,9 @@ would corrupt them. The model runs in the dtype it was loaded in (`model.dtype`)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -73,6 +76,22 @@ def shard(
 
         register_fsdp_forward_method(root, "generate")
     return model
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's `no_sync`: backward passes inside accumulate whole (unsharded) gradients on each rank, and
+    the first backward after it reduce-scatters them (the micro-batches of one accumulation window)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
 
 
 def is_sharded(model: nn.Module) -> bool:

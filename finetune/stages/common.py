@@ -66,6 +66,9 @@ def fit(
     tokenizer = prepare(trainer, resume_from)
     if sharded:
         fsdp.shard(trainer.model)
+        # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
+        # which ours has not: FSDP2's, over every unit of the model.
+        trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
     trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
