@@ -179,7 +179,7 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     """`finetune run` under `accelerate launch --config_file recipes/accelerate/fsdp.yaml` (2 gloo CPU
     processes; accelerate itself ignores FSDP on the CPU, the stage does not): the stage shards the model
     (NF4 experts included), trains, evaluates, runs the held-out check on both ranks and saves the gathered
-    adapter once; the adapter equals a 1-process run's and loads back on one process."""
+    adapter once; the adapter agrees with a 1-process run's and loads back on one process."""
     from safetensors.torch import load_file
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -226,7 +226,7 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     for s in summaries:
         assert s["heldout"]["before"]["n"] == s["heldout"]["after"]["n"] == 4
         assert "eval_loss" in s["eval"]
-    # Measured: eval loss 4.63198 and 4.63202; the same greedy held-out outputs.
+    # Measured: eval loss 4.63196 and 4.63194; the same greedy held-out outputs.
     assert abs(summaries[0]["eval"]["eval_loss"] - summaries[1]["eval"]["eval_loss"]) <= 1e-3
     assert summaries[0]["heldout"]["after"]["examples"] == summaries[1]["heldout"]["after"]["examples"]
     rows = [
@@ -235,7 +235,7 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]  # written once, not per rank
     logged = [(a, b) for a, b in zip(*rows, strict=True) if "grad_norm" in a]
     assert len(logged) == 2
-    for a, b in logged:  # measured: losses to 2e-5, gradient norms 1.820 / 1.828 (bf16 LoRA)
+    for a, b in logged:  # measured: losses to 3e-5, gradient norms 1.820 / 1.828 (bf16 LoRA)
         assert (
             abs(a["loss"] - b["loss"]) <= 1e-3
             and abs(a["grad_norm"] - b["grad_norm"]) <= 0.02 * a["grad_norm"]
