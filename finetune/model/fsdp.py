@@ -40,6 +40,35 @@ def linear4bit_weights(model: nn.Module) -> set[nn.Parameter]:
     return {m.weight for m in model.modules() if isinstance(m, Linear4bit)}
 
 
+class _FrozenIntegerParameters:
+    """`torch.nn` as FSDP2's parameter module sees it, except that `Parameter(t)` of an integer tensor
+    is created frozen instead of failing."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(nn, name)
+
+    @staticmethod
+    def Parameter(data: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+        return nn.Parameter(
+            data, requires_grad=requires_grad and (data.is_floating_point() or data.is_complex())
+        )
+
+
+@contextlib.contextmanager
+def _integer_parameters_allowed() -> Iterator[None]:
+    # torch 2.11's FSDP2 wraps each shard as `nn.Parameter(shard)` (requires_grad=True) and only then
+    # copies the original's requires_grad: "only Tensors of floating point dtype can require gradients"
+    # for the NF4 experts' uint8 storage (measured with torch 2.11; 2.14 passes requires_grad through).
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    saved = _fsdp_param.nn
+    _fsdp_param.nn = _FrozenIntegerParameters()
+    try:
+        yield
+    finally:
+        _fsdp_param.nn = saved
+
+
 def shard(
     model: nn.Module,
     *,
@@ -67,10 +96,11 @@ def shard(
         mesh = init_device_mesh("cuda" if on_cuda else "cpu", (dist.get_world_size(),))
     ignored = set() if shard_linear4bit else linear4bit_weights(root)
     common = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(), "ignored_params": ignored or None}
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **common)
-    # The root's own parameters (embeddings, norm, head) are gathered for the whole step anyway.
-    fully_shard(root, reshard_after_forward=False, **common)
+    with _integer_parameters_allowed():
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **common)
+        # The root's own parameters (embeddings, norm, head) are gathered for the whole step anyway.
+        fully_shard(root, reshard_after_forward=False, **common)
     if hasattr(root, "generate"):  # `generate` reads the head and embeddings outside the root's forward
         from torch.distributed.fsdp import register_fsdp_forward_method
 
