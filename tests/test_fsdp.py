@@ -141,6 +141,19 @@ def test_fsdp2_shards_the_nf4_experts_and_matches_one_process(tmp_path):
             assert (grads[name] - ref).abs().max().item() <= 1e-5 * scale, name
 
 
+def _two_and_one(sharded: list[str], single: list[str], sharded_env: dict, env: dict) -> None:
+    """Runs the 2-process command and the 1-process one side by side; both must succeed, and the run
+    folder is announced once (by rank 0)."""
+    two = subprocess.Popen(
+        sharded, env=sharded_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    one = subprocess.run(single, env=env, capture_output=True, text=True, timeout=300)
+    out, err = two.communicate(timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, err[-3000:]
+    assert out.count("run directory:") == 1
+
+
 def _sft_recipe(tmp: Path, out: Path) -> Path:
     """Tiny NF4 SFT, LoRA on MLA and the routed experts; 4 steps of a 16-row global batch, an eval split
     and a held-out check (both run on every rank under FSDP)."""
@@ -187,24 +200,12 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     config = REPO / "recipes" / "accelerate" / "fsdp.yaml"
     launch = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2"]
-    sharded = subprocess.Popen(
+    _two_and_one(
         [*launch, "-m", "finetune", "run", str(_sft_recipe(tmp_path, two))],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    single = subprocess.run(
         [sys.executable, "-m", "finetune", "run", str(_sft_recipe(tmp_path, one))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env,
+        env,
     )
-    out, err = sharded.communicate(timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert sharded.returncode == 0, err[-3000:]
-    assert out.count("run directory:") == 1
 
     # The same 4 optimizer steps on the same 16-row batches, gradients clipped (norm ~1.8 > 0.5). TRL
     # keeps a 4-bit model's LoRA and its gradients in bf16, so splitting an accumulation window over ranks
@@ -270,24 +271,12 @@ def test_reward_and_classify_train_under_fsdp(tmp_path, kind):
     overrides = [f"{train}.max_steps=2", f"{train}.logging_steps=1", f"{train}.use_cpu=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    sharded = subprocess.Popen(
+    _two_and_one(
         [*launch, "-m", "finetune", "run", recipe, f"output_dir={two}", *overrides],
-        env={**env, "FINETUNE_FSDP": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    single = subprocess.run(
         [sys.executable, "-m", "finetune", "run", recipe, f"output_dir={one}", *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        {**env, "FINETUNE_FSDP": "1"},
+        env,
     )
-    out, err = sharded.communicate(timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert sharded.returncode == 0, err[-3000:]
-    assert out.count("run directory:") == 1
 
     # Measured: max difference 4.1e-5 (reward) and 2.3e-9 (classify) on LoRA factors and head ≤ 0.26.
     a = load_file(str(one / kind / "adapter" / "adapter_model.safetensors"))
