@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -40,29 +38,29 @@ def exact_match(
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     outputs: list[str] = []
-    fast = contextlib.ExitStack()
-    on = generation.enabled(kernels, model) and not synced
-    extra = fast.enter_context(generation.compiled_decoding(model, on))
-    if synced:
-        extra = {**extra, "synced_gpus": True}
+    # A sharded model never decodes compiled (`generation.enabled`), so `extra` is empty when synced.
+    synced_gpus = {"synced_gpus": True} if synced else {}
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            chunk = prompts[start : start + batch_size]
-            texts = [_prompt_text(tokenizer, p) for p in chunk]
-            # Chat templates already carry their special tokens; raw text prompts get BOS as in training.
-            plain = all(isinstance(p, str) for p in chunk)
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                **extra,
-            )
-            new = generated[:, batch["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        with generation.compiled_decoding(model, generation.enabled(kernels, model)) as extra:
+            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+                chunk = prompts[start : start + batch_size]
+                texts = [_prompt_text(tokenizer, p) for p in chunk]
+                # Chat templates already carry their special tokens; raw text prompts get BOS as in training.
+                plain = all(isinstance(p, str) for p in chunk)
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(
+                    device
+                )
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **extra,
+                    **synced_gpus,
+                )
+                new = generated[:, batch["input_ids"].shape[1] :]
+                outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
-        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     hits = [out.strip() == ref.strip() for out, ref in zip(outputs, targets, strict=True)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,44 +112,42 @@ def generate(
     torch.manual_seed(seed)
     out: list[list[str]] = []
     new_tokens, seconds = 0, 0.0
-    fast = contextlib.ExitStack()
-    extra = fast.enter_context(generation.compiled_decoding(model, generation.enabled(kernels, model)))
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"{spec.name}: generate", leave=False):
-            chunk = texts[start : start + batch_size]
-            if spec.chat:
-                chunk = [
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-                    )
-                    for t in chunk
-                ]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not spec.chat).to(
-                device
-            )
-            began = time.perf_counter()
-            generated = model.generate(
-                **batch,
-                max_new_tokens=spec.max_new_tokens,
-                do_sample=spec.temperature > 0,
-                temperature=spec.temperature if spec.temperature > 0 else None,
-                top_p=None,
-                top_k=None,
-                num_return_sequences=spec.samples,
-                pad_token_id=tokenizer.pad_token_id,
-                **extra,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - began
-            new = generated[:, batch["input_ids"].shape[1] :]
-            pad = tokenizer.pad_token_id
-            new_tokens += int((new != pad).sum()) if pad is not None else new.numel()
-            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-            cut = [_cut(t, spec.stop) for t in decoded]
-            out += [cut[i : i + spec.samples] for i in range(0, len(cut), spec.samples)]
+        with generation.compiled_decoding(model, generation.enabled(kernels, model)) as extra:
+            for start in tqdm(range(0, len(texts), batch_size), desc=f"{spec.name}: generate", leave=False):
+                chunk = texts[start : start + batch_size]
+                if spec.chat:
+                    chunk = [
+                        tokenizer.apply_chat_template(
+                            [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                        )
+                        for t in chunk
+                    ]
+                batch = tokenizer(
+                    chunk, return_tensors="pt", padding=True, add_special_tokens=not spec.chat
+                ).to(device)
+                began = time.perf_counter()
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=spec.max_new_tokens,
+                    do_sample=spec.temperature > 0,
+                    temperature=spec.temperature if spec.temperature > 0 else None,
+                    top_p=None,
+                    top_k=None,
+                    num_return_sequences=spec.samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **extra,
+                )
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - began
+                new = generated[:, batch["input_ids"].shape[1] :]
+                pad = tokenizer.pad_token_id
+                new_tokens += int((new != pad).sum()) if pad is not None else new.numel()
+                decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+                cut = [_cut(t, spec.stop) for t in decoded]
+                out += [cut[i : i + spec.samples] for i in range(0, len(cut), spec.samples)]
     finally:
-        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return out, new_tokens, seconds
