@@ -25,7 +25,7 @@ def test_gathered_weights_equal_bitsandbytes_dequantization(double_quant):
     )
     ids = torch.tensor([5, 0, 3, 3])
     got = decode.gathered_weights(
-        packed, decode.block_scales(state.absmax, nested), state.code, (6, 64, 128), ids, 64, torch.float32
+        packed, state.absmax, nested, state.code, (6, 64, 128), ids, 64, torch.float32
     )
     assert torch.equal(got, bnbf.dequantize_4bit(packed, state)[ids])
 

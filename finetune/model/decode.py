@@ -16,21 +16,23 @@ import torch
 def block_scales(
     absmax: torch.Tensor,
     nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
+    blocks: torch.Tensor,
 ) -> torch.Tensor:
-    """fp32 scale of every 64-value block: `absmax` itself, or decoded from its double quantization.
+    """fp32 scales of the 64-value blocks `blocks` (indices into the flattened tensor's blocks):
+    `absmax` itself, or decoded from its double quantization.
 
     `nested` = (absmax2, code2, offset, nested blocksize) when the absmax is itself 8-bit quantized.
     """
     if nested is None:
-        return absmax.float()
+        return absmax[blocks].float()
     absmax2, code2, offset, nested_blocksize = nested
-    blocks = torch.arange(absmax.numel(), device=absmax.device) // nested_blocksize
-    return code2[absmax.long()] * absmax2[blocks] + offset
+    return code2[absmax[blocks].long()] * absmax2[blocks // nested_blocksize] + offset
 
 
 def gathered_weights(
     packed: torch.Tensor,
-    scales: torch.Tensor,
+    absmax: torch.Tensor,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
     code: torch.Tensor,
     shape: tuple[int, int, int],
     ids: torch.Tensor,
@@ -41,6 +43,7 @@ def gathered_weights(
 
     bitsandbytes packs two values a byte, the first in the high nibble, and scales blocks of
     `blocksize` consecutive values of the flattened tensor; N*K must be a multiple of `blocksize`.
+    Only the picked experts' block scales are decoded (`absmax`, `nested`: see `block_scales`).
     """
     num_experts, n, k = shape
     per_expert = n * k
@@ -48,7 +51,9 @@ def gathered_weights(
     values = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).view(
         len(ids), per_expert // blocksize, blocksize
     )
-    block = scales.view(num_experts, per_expert // blocksize)[ids]
+    per_blocks = per_expert // blocksize
+    blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
+    block = block_scales(absmax, nested, blocks)
     weights = code[values.long()] * block.unsqueeze(-1)
     return weights.view(len(ids), n, k).to(dtype)
 
@@ -91,10 +96,10 @@ def expert_weights(module: torch.nn.Module, name: str, ids: torch.Tensor) -> tor
             getattr(module, f"{name}_offset"),
             module._nested_blocksize[name],
         )
-    scales = block_scales(getattr(module, f"{name}_absmax"), nested)
     return gathered_weights(
         getattr(module, f"{name}_packed"),
-        scales,
+        getattr(module, f"{name}_absmax"),
+        nested,
         getattr(module, f"{name}_code"),
         shape,
         ids,
