@@ -81,7 +81,8 @@ def test_the_kernels_setting_reaches_eval_generation(monkeypatch, tmp_path):
     r = write_recipe(tmp_path / "r.yaml", data)
     args = ["eval", "reverse", "--recipe", str(r), "--limit", "2", "--batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "c")]) == 0
-    assert seen == ["auto", "off", "off"]
+    assert main([*args, "--out", str(tmp_path / "d"), "--kernels", "auto"]) == 0  # the flag wins
+    assert seen == ["auto", "off", "off", "auto"]
 
 
 def test_the_recipe_key_is_checked_and_reaches_the_stages(tmp_path):
