@@ -5,6 +5,10 @@ Variants, measured in one process, one after the other:
                  routed experts bf16 through transformers' grouped_mm; LoRA r=16 on MLA
   nf4-experts    the same, plus the routed experts in NF4 (finetune.model.experts)
   nf4-experts+lora   the same, plus LoRA r=16 on every routed expert
+Suffixes that combine with any variant:
+  +head          the loss through TRL's chunked LM head (`add_fused_lm_head`, what TRL's SFTTrainer runs)
+                 instead of the model's full [tokens x vocab] logits
+  +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3]
 """
@@ -22,7 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DeepseekV2ForCausalLM
 
-from finetune.model import adapters
+from finetune.model import adapters, fusion
 from finetune.model.experts import NF4Experts, quantize_experts
 from finetune.model.inspect import report
 from finetune.model.presets import preset_config
@@ -52,6 +56,17 @@ def quantize_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
     torch.cuda.empty_cache()
 
 
+def flags(variant: str) -> set[str]:
+    return set(variant.split("+")[1:])
+
+
+def step_loss(model: torch.nn.Module, ids: torch.Tensor, variant: str) -> torch.Tensor:
+    """The training loss of one batch, as the variant computes it."""
+    if "head" in flags(variant):
+        return model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    return model(input_ids=ids, labels=ids).loss
+
+
 def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite") -> torch.nn.Module:
     cfg = preset_config(preset)
     cfg.num_hidden_layers = layers
@@ -60,19 +75,25 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
         model = DeepseekV2ForCausalLM._from_config(cfg, dtype=dtype)
     model.set_experts_implementation("grouped_mm")
     quantize_linears(model, dtype)
-    if variant != "stock":
+    if not variant.startswith("stock"):
         quantize_experts(model, compute_dtype=dtype)
+    if "head" in flags(variant):
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)  # before PEFT, as TRL's SFTTrainer does it
     targets = adapters.resolve_targets(model, ["mla"])
     for p in model.parameters():
         p.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
-    if variant.endswith("+lora"):
+    if "lora" in flags(variant):
         for module in model.modules():
             if isinstance(module, NF4Experts):
                 module.add_lora(r=16, alpha=32)
         model.cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    if "kernels" in flags(variant):
+        fusion.apply(model)
     return model
 
 
@@ -91,7 +112,7 @@ def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset:
     for step in range(steps + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = step_loss(model, ids, variant)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

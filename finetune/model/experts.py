@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
-from finetune.model import decode
+from finetune.model import decode, fusion
 
 _WEIGHTS = ("gate_up", "down")
 # Packed data and QuantState tensors, per weight; the nested ones exist only with double quantization.
@@ -203,6 +203,7 @@ class NF4Experts(nn.Module):
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
+        self.fused = False  # SwiGLU and the weighted combine as compiled kernels (finetune.model.fusion)
 
     @classmethod
     def from_experts(
@@ -469,17 +470,22 @@ class NF4Experts(nn.Module):
         lora = self.has_lora and self.lora_enabled
         if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up
+        if self.fused:
+            h = fusion.compiled("swiglu_fused")(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up
         y = _NF4GroupedLinear.apply(h, self, "down", offsets, host)
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
         # Weight and sum in fp32; gathering back through the inverse permutation and summing over K
         # is deterministic on CUDA, unlike index_add_ with repeated token indices.
-        y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        if self.fused:
+            return fusion.combine(y, top_k_weights, perm, inverse).to(hidden_states.dtype)
+        y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
         out = y[inverse].view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
         return out.to(hidden_states.dtype)
 

@@ -182,6 +182,7 @@ def run(
         monitor,
         resume_from,
         head=head,
+        kernels=ctx.kernels,
         compute_loss_func=loss_function(weights, multi),
     )
     monitor.remove()

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from finetune import data, distributed, rundir
-from finetune.model import adapters, fsdp, routing
+from finetune.model import adapters, fsdp, fusion, generation, routing
 
 
 def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
@@ -32,12 +32,15 @@ def fit(
     resume_from: str | None,
     *,
     head: dict[str, Any] | None = None,
+    kernels: str = "off",
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
     save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder).
 
     `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
+    `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
+    norms, SwiGLU and expert combine of `finetune.model.fusion`.
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
     the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
@@ -69,7 +72,8 @@ def fit(
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
         # which ours has not: FSDP2's, over every unit of the model.
         trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
-    trained = train(trainer, out, resume_from)
+    with fusion.fused(trainer.model, generation.enabled(kernels, trainer.model)):
+        trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
 

@@ -289,6 +289,7 @@ def run(
             out,
             monitor,
             resume_from,
+            kernels=ctx.kernels,
             reward_funcs=inputs.reward_funcs,
             router_monitor=monitor,
             samples=samples,

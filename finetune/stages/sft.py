@@ -157,7 +157,7 @@ def run(
     before = check_heldout("before")
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     trainer, tokenizer, trained, adapter = common.fit(
-        SFTTrainer, model, inputs, tokenizer, out, monitor, resume_from
+        SFTTrainer, model, inputs, tokenizer, out, monitor, resume_from, kernels=ctx.kernels
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()

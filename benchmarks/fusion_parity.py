@@ -1,0 +1,68 @@
+"""Numerics of `model.kernels: auto` in training against the eager path, on DeepSeek-V2-Lite shapes (GPU).
+
+Two layers of V2-Lite (the dense first one and one MoE layer), NF4 experts, LoRA r=16 on MLA and on all
+routed experts with random B factors (so every LoRA factor gets a gradient), bf16, batch 2 x 2048, one
+model run eager and then with `finetune.model.fusion` applied. Reports, per output, the relative
+Frobenius error ||fused - eager|| / ||eager|| for the MoE layer's output, the loss and every LoRA gradient.
+
+    PYTHONUNBUFFERED=1 python benchmarks/fusion_parity.py --out parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from moe_qlora import build  # benchmarks/ is on sys.path when this script runs
+
+from finetune.model import fusion
+
+
+def forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    captured = {}
+    layer = model.get_base_model().model.layers[1].mlp
+    hook = layer.register_forward_hook(lambda m, a, out: captured.setdefault("moe_out", out.detach().float()))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    hook.remove()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach().float().reshape(1), **captured, **grads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="parity.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build("nf4-experts+lora", 2, torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or (name.endswith("_B") and ".experts.lora_" in name):
+                p.normal_(std=0.02)
+    model.train()
+    ids = torch.randint(0, 100_000, (2, 2048), device="cuda")
+    eager = forward_backward(model, ids)
+    fusion.apply(model)
+    fused = forward_backward(model, ids)
+    assert eager.keys() == fused.keys()
+    rel = {k: ((fused[k] - eager[k]).norm() / eager[k].norm().clamp_min(1e-30)).item() for k in eager}
+    grads = [k for k in rel if k not in ("loss", "moe_out")]
+    out = {
+        "loss_eager": eager["loss"].item(),
+        "loss_fused": fused["loss"].item(),
+        "rel_loss": rel["loss"],
+        "rel_moe_out": rel["moe_out"],
+        "lora_grads": len(grads),
+        "rel_grad_max": max(rel[k] for k in grads),
+        "rel_grad_max_name": max(grads, key=rel.get),
+        "rel_grad_median": sorted(rel[k] for k in grads)[len(grads) // 2],
+    }
+    print(json.dumps(out))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

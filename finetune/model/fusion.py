@@ -1,0 +1,153 @@
+"""Fused elementwise work of the training step (`model.kernels: auto`), per model instance.
+
+A profiled QLoRA step spends about as long in elementwise and cast kernels as in all its matmuls
+(docs/benchmarks.md): eager RMSNorm is six passes over the hidden states, SwiGLU three forward and more
+backward, and the routed experts' weighting and un-permutation four passes in fp32 over every
+(token, expert) row. Here each becomes one compiled kernel forward and one backward (regional
+`torch.compile`, inductor), patched into the modules of one model only.
+
+Why not liger-kernel's `apply_liger_kernel_to_deepseek_v2`: its `swiglu` swaps the routed-experts module
+(it would replace `NF4Experts`), and its RMSNorm swap is class-wide (it would leak into a model loaded
+later with `kernels: off`). The LM head is TRL's chunked one, which the SFT trainer already adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MLP, DeepseekV2RMSNorm
+
+_compiled: dict[str, Any] = {}
+
+
+def _compile(name: str, fn: Any) -> Any:
+    # One compiled function per process, shared by every layer: shapes differ only in the number of
+    # rows, which the first recompilation makes dynamic.
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, fullgraph=True)
+    return _compiled[name]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The eager module's arithmetic (fp32 statistics, the weight applied in the input dtype).
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` of a fused [rows, 2I] projection, as the routed experts compute it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _combine_fwd(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    tokens, top_k = weights.shape
+    rows = y[inverse].view(tokens, top_k, -1).float()
+    return (rows * weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+def _combine_bwd(
+    grad: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    top_k = weights.shape[1]
+    grad = grad.float()
+    # Row i of y is (token perm[i] // K, slot perm[i] % K): both gradients are gathers, no scatter.
+    grad_y = grad[perm // top_k] * weights.reshape(-1)[perm].float().unsqueeze(-1)
+    rows = y[inverse].view(weights.shape[0], top_k, -1).float()
+    grad_w = (rows * grad.unsqueeze(1)).sum(dim=-1)
+    return grad_y.to(y.dtype), grad_w.to(weights.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[row of (t, k)] in fp32, from expert-sorted rows `y`."""
+
+    @staticmethod
+    def forward(ctx, y, weights, perm, inverse):  # type: ignore[override]
+        ctx.save_for_backward(y, weights, perm, inverse)
+        return _compile("combine_fwd", _combine_fwd)(y, weights, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        y, weights, perm, inverse = ctx.saved_tensors
+        grad_y, grad_w = _compile("combine_bwd", _combine_bwd)(grad.contiguous(), y, weights, perm, inverse)
+        return grad_y, grad_w, None, None
+
+
+def combine(
+    y: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    """Weighted sum over each token's K expert rows: y [T*K, H] sorted by expert, weights [T, K] → [T, H] fp32."""
+    return _Combine.apply(y, weights, perm, inverse)
+
+
+def compiled(name: str) -> Any:
+    """The compiled form of `swiglu`, `swiglu_fused` or `rms_norm` (for the modules patched below)."""
+    fns = {"swiglu": swiglu, "swiglu_fused": swiglu_fused, "rms_norm": _rms_norm}
+    return _compile(name, fns[name])
+
+
+def _rms_norm_forward(self: DeepseekV2RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    return compiled("rms_norm")(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self: DeepseekV2MLP, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(compiled("swiglu")(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def apply(model: nn.Module) -> dict[str, int]:
+    """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
+
+    Idempotent. Modules whose activation is not SiLU keep their eager forward."""
+    from finetune.model.experts import NF4Experts
+
+    counts = {"rms_norm": 0, "mlp": 0, "experts": 0}
+    for module in model.modules():
+        if isinstance(module, DeepseekV2RMSNorm):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            counts["rms_norm"] += 1
+        elif isinstance(module, DeepseekV2MLP) and _is_silu(module.act_fn):
+            module.forward = types.MethodType(_mlp_forward, module)
+            counts["mlp"] += 1
+        elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
+            module.fused = True
+            counts["experts"] += 1
+    return counts
+
+
+def remove(model: nn.Module) -> None:
+    """Back to the eager forwards."""
+    from finetune.model.experts import NF4Experts
+
+    for module in model.modules():
+        if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP)):
+            module.__dict__.pop("forward", None)
+        elif isinstance(module, NF4Experts):
+            module.fused = False
+
+
+@contextlib.contextmanager
+def fused(model: nn.Module, on: bool) -> Iterator[None]:
+    """The fused kernels patched into `model` while inside (a training run), the eager forwards after."""
+    if not on:
+        yield
+        return
+    apply(model)
+    try:
+        yield
+    finally:
+        remove(model)
