@@ -1,7 +1,7 @@
 """Numerics of `model.kernels: auto` in training against the eager path, on DeepSeek-V2-Lite shapes (GPU).
 
 Two layers of V2-Lite (the dense first one and one MoE layer), NF4 experts, LoRA r=16 on MLA and on all
-routed experts with random B factors (so every LoRA factor gets a gradient), bf16, batch 2 x 2048, one
+routed experts in bf16 (as TRL trains them) with random B factors (so every LoRA factor gets a gradient), bf16, batch 2 x 2048, one
 model run eager and then with `finetune.model.fusion` applied. Reports, per output, the relative
 Frobenius error ||fused - eager|| / ||eager|| for the MoE layer's output, the loss and every LoRA gradient.
 
@@ -22,7 +22,11 @@ from finetune.model import fusion
 def forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     captured = {}
     layer = model.get_base_model().model.layers[1].mlp
-    hook = layer.register_forward_hook(lambda m, a, out: captured.setdefault("moe_out", out.detach().float()))
+
+    def keep(module, args, out) -> None:  # returns None: the output goes on unchanged
+        captured["moe_out"] = out.detach().float()
+
+    hook = layer.register_forward_hook(keep)
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -36,7 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default="parity.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build("nf4-experts+lora", 2, torch.bfloat16)
+    model = build("nf4-experts+lora+bf16", 2, torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or (name.endswith("_B") and ".experts.lora_" in name):

@@ -8,6 +8,7 @@ Variants, measured in one process, one after the other:
 Suffixes that combine with any variant:
   +head          the loss through TRL's chunked LM head (`add_fused_lm_head`, what TRL's SFTTrainer runs)
                  instead of the model's full [tokens x vocab] logits
+  +bf16          trainable parameters cast to bf16, as TRL's trainers do on a quantized model (else fp32)
   +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3]
@@ -90,6 +91,10 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
             if isinstance(module, NF4Experts):
                 module.add_lora(r=16, alpha=32)
         model.cuda()
+    if "bf16" in flags(variant):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     if "kernels" in flags(variant):

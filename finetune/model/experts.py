@@ -150,15 +150,20 @@ class _NF4GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, owner, name, offsets, counts):  # type: ignore[override]
         ctx.owner, ctx.name, ctx.counts = owner, name, counts
-        ctx.save_for_backward(offsets)
-        return _grouped_linear(x, owner.dequantize(name), offsets, counts)
+        w = owner.dequantize(name)
+        # Inside a checkpointed layer the saved weight lives only from the layer's recomputation to its
+        # backward (one layer in 16 bits at a time), and saves the backward's dequantization.
+        ctx.keep = owner.fused and owner.checkpointed() and torch.is_grad_enabled()
+        ctx.save_for_backward(offsets, w if ctx.keep else None)
+        return _grouped_linear(x, w, offsets, counts)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        (offsets,) = ctx.saved_tensors
-        w = ctx.owner.dequantize(ctx.name)
+        offsets, w = ctx.saved_tensors
+        if not ctx.keep:
+            w = ctx.owner.dequantize(ctx.name)
         # dL/dx_g = dL/dy_g @ W_g, i.e. the same grouped product with W transposed.
         grad_x = _grouped_linear(grad_out.contiguous(), w.transpose(1, 2), offsets, ctx.counts)
         return grad_x, None, None, None, None
@@ -204,6 +209,8 @@ class NF4Experts(nn.Module):
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
         self.fused = False  # SwiGLU and the weighted combine as compiled kernels (finetune.model.fusion)
+        # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
+        self.checkpointed: Callable[[], bool] = lambda: False
 
     @classmethod
     def from_experts(
@@ -445,14 +452,29 @@ class NF4Experts(nn.Module):
             return self.use_grouped_mm and _grouped_mm_op() is not None
         return _grouped_mm_ok(x.device, x.dtype, dims)
 
+    def _unbroken(self, x: torch.Tensor) -> bool:
+        """Whether the grouped path traces as one graph for inputs like `x` (compute dtype): no host
+        sync (`counts.tolist()` of the per-expert loop) and no data-dependent shape (the `nonzero` of
+        LoRA on some experts only)."""
+        if not self._grouped(x, (self.hidden_dim, self.intermediate_dim)):
+            return False
+        if not (self.has_lora and self.lora_enabled):
+            return True
+        all_experts = self.lora_experts.numel() == self.num_experts
+        return all_experts and self._grouped(x, (self.hidden_dim, self.intermediate_dim, self.lora_r))
+
     # ----------------------------------------------------------------------------------- forward
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden_states [T, H], top_k_index [T, K] in [0, E), top_k_weights [T, K] -> [T, H]."""
         num_tokens, top_k = top_k_index.shape
-        if torch.compiler.is_compiling() and num_tokens * top_k <= self.num_experts:
-            # A compiled decode step: dequantize just the picked experts, fused into one kernel.
+        if torch.compiler.is_compiling() and (
+            num_tokens * top_k <= self.num_experts or not self._unbroken(hidden_states.to(self.compute_dtype))
+        ):
+            # A compiled decode step: dequantize just the picked experts, fused into one kernel. Also
+            # for more tokens (in chunks) where the grouped path below would break the graph: a break
+            # under transformers' variadic forward wrappers drops whole frames to eager.
             return decode.few_token_forward(self, hidden_states, top_k_index, top_k_weights)
         ids = top_k_index.reshape(-1)
         # Stable sort: rows of one expert stay in token order, so results are deterministic.
@@ -461,7 +483,12 @@ class NF4Experts(nn.Module):
         experts = torch.arange(1, self.num_experts + 1, device=ids.device)
         offsets = torch.searchsorted(sorted_ids, experts).to(torch.int32)
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
-        x = hidden_states.to(self.compute_dtype)[perm // top_k]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        if self.fused:
+            x = fusion.permute(hidden_states.to(self.compute_dtype), perm, inverse, top_k)
+        else:
+            x = hidden_states.to(self.compute_dtype)[perm // top_k]
 
         grouped = self._grouped(x, (self.hidden_dim, self.intermediate_dim))
         host = None if grouped else counts.tolist()
@@ -481,8 +508,6 @@ class NF4Experts(nn.Module):
 
         # Weight and sum in fp32; gathering back through the inverse permutation and summing over K
         # is deterministic on CUDA, unlike index_add_ with repeated token indices.
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         if self.fused:
             return fusion.combine(y, top_k_weights, perm, inverse).to(hidden_states.dtype)
         y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)

@@ -91,6 +91,34 @@ def combine(
     return _Combine.apply(y, weights, perm, inverse)
 
 
+def _permute_bwd(grad: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    tokens = inverse.numel() // top_k
+    return grad[inverse].view(tokens, top_k, -1).float().sum(dim=1).to(grad.dtype)
+
+
+class _Permute(torch.autograd.Function):
+    """x[perm // K]: each token's row once per expert it is routed to, in expert order.
+
+    Autograd's backward of that gather is a sorting, atomics-based index_put; this one gathers each
+    token's K rows back through the inverse permutation and sums them."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse, top_k):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x[perm // top_k]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return _compile("permute_bwd", _permute_bwd)(grad.contiguous(), inverse, ctx.top_k), None, None, None
+
+
+def permute(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows of `x` [T, H] for the expert-sorted (token, slot) pairs `perm` (inverse: its inverse) → [T*K, H]."""
+    return _Permute.apply(x, perm, inverse, top_k)
+
+
 def compiled(name: str) -> Any:
     """The compiled form of `swiglu`, `swiglu_fused` or `rms_norm` (for the modules patched below)."""
     fns = {"swiglu": swiglu, "swiglu_fused": swiglu_fused, "rms_norm": _rms_norm}
@@ -126,6 +154,13 @@ def apply(model: nn.Module) -> dict[str, int]:
         elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
             module.fused = True
             counts["experts"] += 1
+    for layer in model.modules():  # transformers' GradientCheckpointingLayer: the decoder layers
+        if hasattr(layer, "gradient_checkpointing"):
+            for module in layer.modules():
+                if isinstance(module, NF4Experts):
+                    module.checkpointed = lambda layer=layer: bool(
+                        layer.gradient_checkpointing and layer.training
+                    )
     return counts
 
 
@@ -138,6 +173,7 @@ def remove(model: nn.Module) -> None:
             module.__dict__.pop("forward", None)
         elif isinstance(module, NF4Experts):
             module.fused = False
+            module.checkpointed = lambda: False
 
 
 @contextlib.contextmanager
