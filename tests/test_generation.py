@@ -54,6 +54,65 @@ def test_compiled_decoding_compiles_the_step_and_keeps_the_tokens(model):
         assert extra == {}
 
 
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def lora_model(request):
+    """The tiny NF4 model (bnb Linear4bit, NF4Experts) with PEFT LoRA on MLA and expert LoRA on some
+    experts of layer 1, as training leaves it (the input-grads hook on)."""
+    from finetune.model import adapters
+
+    base = load_model(resolve_source("tiny", None), dtype=request.param)
+    model = adapters.attach(
+        base, r=8, alpha=16, dropout=0.1, targets=["mla", "routed_experts"], experts={1: [0, 3, 5]}
+    )
+    with torch.no_grad():  # B starts at zero: give the LoRA a value
+        for name, p in model.named_parameters():
+            if "lora_B" in name or (name.endswith("_B") and ".experts." in name):
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+# Batch 1 is 2 (token, expert) pairs of 8 experts: the few-token path; batch 5 is 10 pairs: the grouped
+# path where it traces whole (grouped kernel, as on CUDA in bf16), chunked few-token pairs where it
+# would not (the per-expert loop's counts.tolist(), the nonzero of LoRA on some experts only). The
+# grouped kernel traces in bf16 only; fp32 takes the per-expert loop, as on the CPU.
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_compiled_decode_step_has_no_graph_break(lora_model, batch):
+    # A break inside a forward called through transformers' variadic wrappers (`func(*args, **kwargs)`)
+    # cannot resume in the callers: whole frames fall back to eager, and the step is many graphs.
+    from torch._dynamo.utils import counters
+
+    from finetune.model.adapters import expert_layers
+
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    layers = list(expert_layers(lora_model).values())
+    fp32 = lora_model.dtype == torch.float32
+    grouped = None if fp32 else True
+    torch.manual_seed(batch)
+    ids = torch.randint(3, lora_model.config.vocab_size, (batch, 6))
+    kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    try:
+        for layer in layers:
+            layer.use_grouped_mm = grouped
+        plain = lora_model.generate(**kwargs)
+        torch._dynamo.reset()
+        counters.clear()
+        config = CompileConfig(backend=counting_backend, mode=None, fullgraph=False)
+        with generation.compiled_decoding(lora_model, True, compile_config=config) as extra:
+            fast = lora_model.generate(**kwargs, **extra)
+    finally:
+        for layer in layers:
+            layer.use_grouped_mm = None
+    assert not counters["graph_break"], list(counters["graph_break"])
+    assert len(graphs) == 1, f"the decode step compiled to {len(graphs)} graphs"
+    if fp32:  # in bf16 the few-token path rounds differently from the grouped one
+        assert torch.equal(fast, plain)
+
+
 def _recorded(monkeypatch) -> list[str]:
     """The `kernels` values generation was asked to resolve (the real resolution still runs)."""
     seen: list[str] = []

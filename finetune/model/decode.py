@@ -114,7 +114,27 @@ def few_token_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """`NF4Experts.forward` computed pair by pair: each token times the weights of the experts it picked."""
+    """`NF4Experts.forward` computed pair by pair: each token times the weights of the experts it picked.
+
+    Tokens go in chunks of at most `num_experts` pairs, so no chunk gathers more weights than the layer
+    holds; a compiled step takes this path also for larger batches where the grouped path would cut the
+    graph (a host sync or a data-dependent shape, see `NF4Experts.forward`). Rows are independent, so
+    chunking changes no value.
+    """
+    per_chunk = max(1, module.num_experts // top_k_index.shape[1])
+    if top_k_index.shape[0] <= per_chunk:
+        return _pairs_forward(module, hidden_states, top_k_index, top_k_weights)
+    splits = (t.split(per_chunk) for t in (hidden_states, top_k_index, top_k_weights))
+    chunks = zip(*splits, strict=True)
+    return torch.cat([_pairs_forward(module, *chunk) for chunk in chunks])
+
+
+def _pairs_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
     num_tokens, top_k = top_k_index.shape
     ids = top_k_index.reshape(-1)
     x = hidden_states.to(module.compute_dtype).repeat_interleave(top_k, dim=0)
