@@ -150,15 +150,20 @@ class _NF4GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, owner, name, offsets, counts):  # type: ignore[override]
         ctx.owner, ctx.name, ctx.counts = owner, name, counts
-        ctx.save_for_backward(offsets)
-        return _grouped_linear(x, owner.dequantize(name), offsets, counts)
+        w = owner.dequantize(name)
+        # Inside a checkpointed layer the saved weight lives only from the layer's recomputation to its
+        # backward (one layer in 16 bits at a time), and saves the backward's dequantization.
+        ctx.keep = owner.fused and owner.checkpointed() and torch.is_grad_enabled()
+        ctx.save_for_backward(offsets, w if ctx.keep else None)
+        return _grouped_linear(x, w, offsets, counts)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        (offsets,) = ctx.saved_tensors
-        w = ctx.owner.dequantize(ctx.name)
+        offsets, w = ctx.saved_tensors
+        if not ctx.keep:
+            w = ctx.owner.dequantize(ctx.name)
         # dL/dx_g = dL/dy_g @ W_g, i.e. the same grouped product with W transposed.
         grad_x = _grouped_linear(grad_out.contiguous(), w.transpose(1, 2), offsets, ctx.counts)
         return grad_x, None, None, None, None
@@ -204,6 +209,8 @@ class NF4Experts(nn.Module):
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
         self.fused = False  # SwiGLU and the weighted combine as compiled kernels (finetune.model.fusion)
+        # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
+        self.checkpointed: Callable[[], bool] = lambda: False
 
     @classmethod
     def from_experts(
@@ -476,7 +483,12 @@ class NF4Experts(nn.Module):
         experts = torch.arange(1, self.num_experts + 1, device=ids.device)
         offsets = torch.searchsorted(sorted_ids, experts).to(torch.int32)
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
-        x = hidden_states.to(self.compute_dtype)[perm // top_k]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        if self.fused:
+            x = fusion.permute(hidden_states.to(self.compute_dtype), perm, inverse, top_k)
+        else:
+            x = hidden_states.to(self.compute_dtype)[perm // top_k]
 
         grouped = self._grouped(x, (self.hidden_dim, self.intermediate_dim))
         host = None if grouped else counts.tolist()
@@ -496,8 +508,6 @@ class NF4Experts(nn.Module):
 
         # Weight and sum in fp32; gathering back through the inverse permutation and summing over K
         # is deterministic on CUDA, unlike index_add_ with repeated token indices.
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         if self.fused:
             return fusion.combine(y, top_k_weights, perm, inverse).to(hidden_states.dtype)
         y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
