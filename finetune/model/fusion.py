@@ -21,7 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MLP, DeepseekV2RMSNorm
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2Attention,
+    DeepseekV2MLP,
+    DeepseekV2RMSNorm,
+)
 
 _compiled: dict[str, Any] = {}
 
@@ -29,6 +33,8 @@ _compiled: dict[str, Any] = {}
 def _compile(name: str, fn: Any) -> Any:
     # One compiled function per process, shared by every layer: shapes differ only in the number of
     # rows, which the first recompilation makes dynamic.
+    if torch.compiler.is_compiling():
+        return fn  # inside a compiled region (a compiled layer or decode step) inductor fuses it there
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, fullgraph=True)
     return _compiled[name]
@@ -137,23 +143,44 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def apply(model: nn.Module) -> dict[str, int]:
+def _region(module: nn.Module, forward: Any) -> None:
+    # The instance's forward compiled as one graph: a module's dozens of small kernels and their
+    # Python (PEFT's LoRA, bitsandbytes' dequantize, routing) become one inductor graph forward and one
+    # backward. Every instance of a class runs the same code, so they share one compiled entry.
+    module.forward = torch.compile(types.MethodType(forward, module))
+
+
+def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
-    Idempotent. Modules whose activation is not SiLU keep their eager forward."""
+    `regions`: also compile whole attention, MLP and routed-experts modules (not where generation
+    runs inside training, GRPO: its decode steps change shape every token). The routers stay eager:
+    their hooks (expert load, aux loss, routing replay) mutate Python state. Idempotent."""
     from finetune.model.experts import NF4Experts
 
-    counts = {"rms_norm": 0, "mlp": 0, "experts": 0}
+    remove(model)
+    counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0}
     for module in model.modules():
         if isinstance(module, DeepseekV2RMSNorm):
             module.forward = types.MethodType(_rms_norm_forward, module)
             counts["rms_norm"] += 1
         elif isinstance(module, DeepseekV2MLP) and _is_silu(module.act_fn):
-            module.forward = types.MethodType(_mlp_forward, module)
+            if regions:
+                _region(module, _mlp_forward)
+                counts["compiled_regions"] += 1
+            else:
+                module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
         elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
             module.fused = True
             counts["experts"] += 1
+            probe = torch.empty(0, dtype=module.compute_dtype, device=next(module.parameters()).device)
+            if regions and module._unbroken(probe):  # else its host-side loop would break the graph
+                _region(module, type(module).forward)
+                counts["compiled_regions"] += 1
+        elif isinstance(module, DeepseekV2Attention) and regions:
+            _region(module, type(module).forward)
+            counts["compiled_regions"] += 1
     for layer in model.modules():  # transformers' GradientCheckpointingLayer: the decoder layers
         if hasattr(layer, "gradient_checkpointing"):
             for module in layer.modules():
@@ -169,20 +196,20 @@ def remove(model: nn.Module) -> None:
     from finetune.model.experts import NF4Experts
 
     for module in model.modules():
-        if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP)):
-            module.__dict__.pop("forward", None)
-        elif isinstance(module, NF4Experts):
+        if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP, DeepseekV2Attention, NF4Experts)):
+            module.__dict__.pop("forward", None)  # the class's forward again
+        if isinstance(module, NF4Experts):
             module.fused = False
             module.checkpointed = lambda: False
 
 
 @contextlib.contextmanager
-def fused(model: nn.Module, on: bool) -> Iterator[None]:
+def fused(model: nn.Module, on: bool, *, regions: bool = True) -> Iterator[None]:
     """The fused kernels patched into `model` while inside (a training run), the eager forwards after."""
     if not on:
         yield
         return
-    apply(model)
+    apply(model, regions=regions)
     try:
         yield
     finally:

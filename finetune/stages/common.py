@@ -72,7 +72,9 @@ def fit(
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
         # which ours has not: FSDP2's, over every unit of the model.
         trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
-    with fusion.fused(trainer.model, generation.enabled(kernels, trainer.model)):
+    # GRPO generates inside training: its decode steps would recompile the compiled regions every token.
+    regions = not hasattr(trainer, "reward_funcs")
+    with fusion.fused(trainer.model, generation.enabled(kernels, trainer.model), regions=regions):
         trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
