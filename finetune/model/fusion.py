@@ -27,6 +27,8 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2RMSNorm,
 )
 
+from finetune.model import lm_head
+
 _compiled: dict[str, Any] = {}
 
 
@@ -153,13 +155,15 @@ def _region(module: nn.Module, forward: Any) -> None:
 def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
-    `regions`: also compile whole attention, MLP and routed-experts modules (not where generation
-    runs inside training, GRPO: its decode steps change shape every token). The routers stay eager:
+    `regions`: also compile whole attention, MLP and routed-experts modules, and put
+    `finetune.model.lm_head` in place of TRL's fused LM head (not where generation runs inside
+    training, GRPO: its decode steps change shape every token). The routers stay eager:
     their hooks (expert load, aux loss, routing replay) mutate Python state. Idempotent."""
     from finetune.model.experts import NF4Experts
 
     remove(model)
     counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0}
+    counts["lm_head"] = int(regions and lm_head.patch(model))
     for module in model.modules():
         if isinstance(module, DeepseekV2RMSNorm):
             module.forward = types.MethodType(_rms_norm_forward, module)
@@ -195,6 +199,7 @@ def remove(model: nn.Module) -> None:
     """Back to the eager forwards."""
     from finetune.model.experts import NF4Experts
 
+    lm_head.unpatch(model)
     for module in model.modules():
         if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP, DeepseekV2Attention, NF4Experts)):
             module.__dict__.pop("forward", None)  # the class's forward again
