@@ -148,25 +148,24 @@ class _NF4GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, owner, name, offsets, counts):  # type: ignore[override]
-        ctx.owner, ctx.name, ctx.counts = owner, name, counts
+    def forward(ctx, x, owner, name, offsets, counts, keep=False):  # type: ignore[override]
+        ctx.owner, ctx.name, ctx.counts, ctx.keep = owner, name, counts, keep
         w = owner.dequantize(name)
-        # Inside a checkpointed layer the saved weight lives only from the layer's recomputation to its
-        # backward (one layer in 16 bits at a time), and saves the backward's dequantization.
-        ctx.keep = owner.fused and owner.checkpointed() and torch.is_grad_enabled()
-        ctx.save_for_backward(offsets, w if ctx.keep else None)
+        # keep: inside a checkpointed layer the saved weight lives only from the layer's recomputation
+        # to its backward (one layer in 16 bits at a time), and saves the backward's dequantization.
+        ctx.save_for_backward(offsets, w if keep else None)
         return _grouped_linear(x, w, offsets, counts)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         offsets, w = ctx.saved_tensors
         if not ctx.keep:
             w = ctx.owner.dequantize(ctx.name)
         # dL/dx_g = dL/dy_g @ W_g, i.e. the same grouped product with W transposed.
         grad_x = _grouped_linear(grad_out.contiguous(), w.transpose(1, 2), offsets, ctx.counts)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class NF4Experts(nn.Module):
@@ -493,7 +492,9 @@ class NF4Experts(nn.Module):
         grouped = self._grouped(x, (self.hidden_dim, self.intermediate_dim))
         host = None if grouped else counts.tolist()
 
-        gate_up = _NF4GroupedLinear.apply(x, self, "gate_up", offsets, host)
+        # (autograd.Function.forward runs without grad mode: decided here)
+        keep = self.fused and self.checkpointed() and torch.is_grad_enabled()
+        gate_up = _NF4GroupedLinear.apply(x, self, "gate_up", offsets, host, keep)
         lora = self.has_lora and self.lora_enabled
         if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
@@ -502,7 +503,7 @@ class NF4Experts(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
-        y = _NF4GroupedLinear.apply(h, self, "down", offsets, host)
+        y = _NF4GroupedLinear.apply(h, self, "down", offsets, host, keep)
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 

@@ -1,0 +1,224 @@
+"""`model.kernels: auto` in training (finetune.model.fusion, finetune.model.lm_head) against the eager path.
+
+The fused kernels are inductor-compiled on the CPU here (the same graphs the GPU compiles, other code
+generation): in fp32 they must agree with the eager modules to rounding, and switching them off must
+give back the eager model bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import base_recipe, write_recipe
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2Attention,
+    DeepseekV2MLP,
+    DeepseekV2RMSNorm,
+)
+from trl.trainer.utils import add_fused_lm_head
+
+from finetune import pipeline, recipe, rundir
+from finetune.model import adapters, fusion, generation, lm_head
+from finetune.model.experts import NF4Experts
+from finetune.stages import sft
+
+
+def _model(tmp_path, *, dtype="float32", expert_lora=True):
+    data = base_recipe(tmp_path)
+    data["model"]["dtype"] = dtype
+    if expert_lora:
+        data["adapter"].update(targets=["mla", "routed_experts"], expert_r=8)
+    model = pipeline.plan(recipe.load(write_recipe(tmp_path / "r.yaml", data))).context.adapted_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # B factors start at zero: give every LoRA factor a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith(("lora_gate_up_B", "lora_down_B")):
+                p.normal_(std=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model.train()
+
+
+IDS = torch.tensor(
+    [[5, 89, 76, 93, 76, 89, 90, 76, 33, 7, 72, 73, 74, 75, 6, 9], [9, 8, 7, 6, 5, 4, 3, 2] * 2]
+)
+
+
+def _step(model, ids=IDS):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach().clone(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_combine_and_permute_match_autograd_of_the_eager_expressions():
+    torch.manual_seed(0)
+    tokens, top_k, hidden = 7, 3, 16
+    weights = torch.rand(tokens, top_k, requires_grad=True)
+    ids = torch.randint(0, 4, (tokens * top_k,))
+    _, perm = torch.sort(ids, stable=True)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel())
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    grad_out = torch.randn(tokens, hidden)
+
+    def eager(x, w):
+        y = x[perm // top_k] * 1.5  # any per-row function of the permuted rows
+        y = y.float() * w.reshape(-1)[perm].float().unsqueeze(-1)
+        return y[inverse].view(tokens, top_k, hidden).sum(dim=1)
+
+    def fused(x, w):
+        return fusion.combine(fusion.permute(x, perm, inverse, top_k) * 1.5, w, perm, inverse)
+
+    ref = eager(x, weights)
+    ref_grads = torch.autograd.grad(ref, (x, weights), grad_out)
+    out = fused(x, weights)
+    grads = torch.autograd.grad(out, (x, weights), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_patches_each_module_kind_and_remove_gives_the_eager_model_back(tmp_path):
+    model = _model(tmp_path)
+    logits, grads = _step(model)
+    modules = list(model.modules())
+    counts = fusion.apply(model)
+    assert counts["rms_norm"] == sum(isinstance(m, DeepseekV2RMSNorm) for m in modules) > 0
+    assert counts["mlp"] == sum(isinstance(m, DeepseekV2MLP) for m in modules) > 0
+    assert counts["experts"] == sum(isinstance(m, NF4Experts) for m in modules) == 2
+    attention = sum(isinstance(m, DeepseekV2Attention) for m in modules)
+    # On the CPU in fp32 the experts' grouped kernel does not apply (its host-side loop would break a
+    # compiled graph), so only attention and MLP modules become compiled regions.
+    assert counts["compiled_regions"] == attention + counts["mlp"]
+    assert all(m.fused for m in modules if isinstance(m, NF4Experts))
+    fusion.remove(model)
+    assert not any(
+        "forward" in m.__dict__ for m in modules if isinstance(m, DeepseekV2RMSNorm | DeepseekV2MLP)
+    )
+    assert not any(m.fused for m in modules if isinstance(m, NF4Experts))
+    again, again_grads = _step(model)
+    assert torch.equal(again, logits) and all(torch.equal(again_grads[n], g) for n, g in grads.items())
+
+
+def test_fused_training_step_matches_eager_in_fp32(tmp_path):
+    model = _model(tmp_path)
+    logits, grads = _step(model)
+    experts = adapters.expert_layers(model)
+    with fusion.fused(model, True):
+        calls = []
+        for layer in experts.values():
+            original = layer.dequantize
+            layer.dequantize = lambda name, dtype=None, f=original: calls.append(name) or f(name, dtype)
+        fused_logits, fused_grads = _step(model)
+        for layer in experts.values():
+            del layer.dequantize
+    assert set(fused_grads) == set(grads) and any(".experts.lora_" in n for n in grads)
+    assert _rel(fused_logits, logits) < 1e-5
+    worst = max(_rel(fused_grads[n], g) for n, g in grads.items())
+    assert worst < 1e-4, worst
+    # Checkpointed layers: forward and recomputation dequantize (2 weights x 2 layers each); the
+    # backward reuses the recomputation's weights instead of a third dequantization.
+    assert len(calls) == 2 * 2 * 2, calls
+
+
+def test_fused_training_step_in_bf16_stays_within_bf16_tolerance(tmp_path):
+    model = _model(tmp_path, dtype="bfloat16")
+    for layer in adapters.expert_layers(model).values():
+        layer.use_grouped_mm = True  # the CUDA path: the experts' module becomes a compiled region too
+    logits, grads = _step(model)
+    counts = fusion.apply(model)
+    attention = sum(isinstance(m, DeepseekV2Attention) for m in model.modules())
+    assert counts["compiled_regions"] == counts["mlp"] + attention + 2  # + both experts modules
+    fused_logits, fused_grads = _step(model)
+    fusion.remove(model)
+    # Eager bf16 rounds after every op, inductor keeps fp32 inside a fused kernel: the two differ by a
+    # few bf16 ulps per op. Stated tolerance: logits within 3 % (relative norm), LoRA gradients 15 %.
+    assert _rel(fused_logits.float(), logits.float()) < 0.03
+    assert max(_rel(fused_grads[n].float(), g.float()) for n, g in grads.items()) < 0.15
+
+
+def _fused_head_model(tmp_path):
+    model = _model(tmp_path, expert_lora=False)
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    return model
+
+
+def _head_step(model, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=IDS, labels=labels, fused_lm_head=True)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lm_head_gives_trl_outputs_and_gradients(tmp_path):
+    model = _fused_head_model(tmp_path)
+    labels = IDS.clone()
+    labels[0, :5] = -100
+    trl_out, trl_grads = _head_step(model, labels)
+    assert lm_head.patch(model)
+    out, grads = _head_step(model, labels)
+    for key in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(out, key), getattr(trl_out, key), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.is_top1, trl_out.is_top1) and torch.equal(out.label_mask, trl_out.label_mask)
+    assert max(_rel(grads[n], g) for n, g in trl_grads.items()) < 1e-5
+    # A batch whose labels are all ignored: a zero loss that still backpropagates.
+    empty, _ = _head_step(model, torch.full_like(IDS, -100))
+    assert empty.loss.item() == 0.0
+    lm_head.unpatch(model)
+    back, _ = _head_step(model, labels)
+    assert torch.equal(back.loss, trl_out.loss)
+
+
+def test_lm_head_leaves_a_trainable_head_to_trl(tmp_path):
+    model = _fused_head_model(tmp_path)
+    head = model.get_base_model().get_output_embeddings().weight
+    head.requires_grad_(True)
+    assert lm_head.patch(model)
+    _head_step(model, IDS)
+    assert head.grad is not None and head.grad.abs().sum() > 0  # TRL's head: a weight gradient
+    lm_head.unpatch(model)
+
+
+@pytest.fixture(scope="module")
+def sft_losses(tmp_path_factory):
+    """20 SFT steps of the tiny model with model.kernels auto (forced on, as on CUDA) and off."""
+
+    def run(kernels: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], dict]:
+        tmp = tmp_path_factory.mktemp(f"sft-{kernels}")
+        data = base_recipe(tmp, max_steps=20, learning_rate=1e-3)
+        data["model"]["kernels"] = kernels
+        r = recipe.load(write_recipe(tmp / "r.yaml", data))
+        plan = pipeline.plan(r)
+        seen: dict = {}
+        apply = fusion.apply
+
+        def record(model, **kw):
+            seen.update(apply(model, **kw))
+            return seen
+
+        monkeypatch.setattr(generation, "enabled", lambda k, m: k == "auto")
+        monkeypatch.setattr(fusion, "apply", record)
+        (tmp / "run").mkdir()
+        sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context)
+        rows = rundir.read_metrics(tmp / "run" / "sft" / "metrics.jsonl")
+        return [row["loss"] for row in rows if "loss" in row], seen
+
+    with pytest.MonkeyPatch.context() as mp:
+        on = run("auto", mp)
+    with pytest.MonkeyPatch.context() as mp:
+        off = run("off", mp)
+    return on, off
+
+
+def test_sft_with_kernels_patches_the_model_and_matches_20_losses(sft_losses):
+    (on, seen_on), (off, seen_off) = sft_losses
+    assert seen_on["lm_head"] == 1 and seen_on["compiled_regions"] > 0 and not seen_off
+    assert len(on) == len(off) == 20
+    assert max(abs(a - b) / abs(b) for a, b in zip(on, off, strict=True)) < 0.01
+    assert on[-1] < on[0]  # and it learns
