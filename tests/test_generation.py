@@ -173,7 +173,13 @@ def test_heldout_generation_resolves_its_kernels_argument(monkeypatch, model):
 
 def test_compiled_decoding_lifts_the_input_grads_hook_and_puts_it_back(model):
     # The hook calls requires_grad_ on the embeddings' output, a graph break in every decode step.
+    # Twice, as a benchmark or a trainer may: transformers then lists only the second registration.
     model.enable_input_require_grads()
+    first = model._require_grads_hooks
+    model.enable_input_require_grads()
+    embeddings = model.get_input_embeddings()
+    before = dict(embeddings._forward_hooks)
+    assert len(before) == 2
     graphs: list[int] = []
 
     def counting_backend(gm, example_inputs):
@@ -184,8 +190,11 @@ def test_compiled_decoding_lifts_the_input_grads_hook_and_puts_it_back(model):
     config = CompileConfig(backend=counting_backend, mode=None, fullgraph=True)  # a break would raise
     try:
         with generation.compiled_decoding(model, True, compile_config=config) as extra:
-            assert not model._require_grads_hooks
+            assert not embeddings._forward_hooks
             model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **extra)
-        assert graphs and model._require_grads_hooks
+        assert graphs and dict(embeddings._forward_hooks) == before
     finally:
+        for hook in first:
+            hook.remove()
         model.disable_input_require_grads()
+        assert not embeddings._forward_hooks

@@ -58,16 +58,21 @@ def compiled_decoding(
     # step silently runs uncompiled, as batch 128 did after 1 and 32 on the H200.
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
-    # Gradient checkpointing's hook on the embeddings calls requires_grad_, which dynamo cannot trace:
-    # it cut every decode step in two graphs. Nothing needs gradients while generating.
-    grads_hook = bool(getattr(top, "_require_grads_hooks", None))
-    if grads_hook:
-        top.disable_input_require_grads()
+    # The input-grads hooks on the embeddings (transformers' and PEFT's, for gradient checkpointing)
+    # call requires_grad_, which dynamo cannot trace: each cut the decode step in two graphs. Taken
+    # off the module itself, however many were registered (transformers keeps only its last list).
+    embeddings = top.get_input_embeddings()
+    hooks = {k: f for k, f in embeddings._forward_hooks.items() if _input_grads_hook(f)}
+    for k in hooks:
+        del embeddings._forward_hooks[k]
     try:
         yield {"cache_implementation": "static"}
     finally:
         del top._valid_auto_compile_criteria
         top.generation_config.compile_config = previous
         torch._dynamo.config.recompile_limit = limit
-        if grads_hook:
-            top.enable_input_require_grads()
+        embeddings._forward_hooks.update(hooks)
+
+
+def _input_grads_hook(fn: Any) -> bool:
+    return getattr(fn, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
