@@ -167,6 +167,9 @@ def test_lm_head_gives_trl_outputs_and_gradients(tmp_path):
         torch.testing.assert_close(getattr(out, key), getattr(trl_out, key), rtol=1e-5, atol=1e-5)
     assert torch.equal(out.is_top1, trl_out.is_top1) and torch.equal(out.label_mask, trl_out.label_mask)
     assert max(_rel(grads[n], g) for n, g in trl_grads.items()) < 1e-5
+    with torch.no_grad():  # evaluation: the same numbers, no gradient pass
+        evaluated = model(input_ids=IDS, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(evaluated.log_probs, out.log_probs.detach(), rtol=0, atol=0)
     # A batch whose labels are all ignored: a zero loss that still backpropagates.
     empty, _ = _head_step(model, torch.full_like(IDS, -100))
     assert empty.loss.item() == 0.0
@@ -222,3 +225,25 @@ def test_sft_with_kernels_patches_the_model_and_matches_20_losses(sft_losses):
     assert len(on) == len(off) == 20
     assert max(abs(a - b) / abs(b) for a, b in zip(on, off, strict=True)) < 0.01
     assert on[-1] < on[0]  # and it learns
+
+
+def test_grpo_with_kernels_keeps_routing_replay_and_compiles_no_regions(tmp_path, monkeypatch):
+    """GRPO generates inside training: it gets the small fused kernels only (no compiled regions, no
+    LM head swap), and routing replay still trains on the rollout's experts through the fused experts."""
+    from test_grpo import _grpo
+
+    seen: dict = {}
+    apply = fusion.apply
+    monkeypatch.setattr(generation, "enabled", lambda k, m: k == "auto")
+    monkeypatch.setattr(fusion, "apply", lambda model, **kw: seen.update(apply(model, **kw)) or seen)
+    data = _grpo(
+        tmp_path,
+        adapter={"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"], "expert_r": 8},
+        routing_replay=True,
+        train={"max_steps": 2, "num_iterations": 2, "learning_rate": 3e-2},
+    )
+    summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
+    assert seen["experts"] == 2 and seen["rms_norm"] > 0
+    assert seen["compiled_regions"] == 0 and seen["lm_head"] == 0
+    assert summary["routing"]["router_mismatch"] > 0.05  # the router moved (0.32 measured) ...
+    assert summary["routing"]["mismatch"] == 0.0  # ... and training still used the rollout's experts

@@ -30,6 +30,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 from finetune.model import lm_head
 
 _compiled: dict[str, Any] = {}
+_RECOMPILE_LIMIT = 64
 
 
 def _compile(name: str, fn: Any) -> Any:
@@ -38,7 +39,9 @@ def _compile(name: str, fn: Any) -> Any:
     if torch.compiler.is_compiling():
         return fn  # inside a compiled region (a compiled layer or decode step) inductor fuses it there
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, fullgraph=True)
+        # Dynamic from the first call: row counts change every batch and in generation, widths
+        # differ between norms; static shapes would recompile past dynamo's limit (GRPO did).
+        _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=True)
     return _compiled[name]
 
 
@@ -215,7 +218,12 @@ def fused(model: nn.Module, on: bool, *, regions: bool = True) -> Iterator[None]
         yield
         return
     apply(model, regions=regions)
+    # Grad and no-grad calls (evaluation, GRPO's generation), inputs with and without requires_grad,
+    # single-token steps: each a graph of its own, more than dynamo's default of 8 per function.
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
     try:
         yield
     finally:
+        torch._dynamo.config.recompile_limit = limit
         remove(model)

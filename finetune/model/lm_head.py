@@ -53,14 +53,16 @@ class _ChunkedLogProb(torch.autograd.Function):
         log_prob = hidden.new_empty(n, dtype=torch.float32)
         entropy = torch.empty_like(log_prob)
         is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)  # d log p / d hidden, per token
+        need_grad = ctx.needs_input_grad[0]  # not in evaluation (no_grad)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None  # d log p / d hidden, per token
         stats = _stats_fn()
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = hidden[start:end] @ weight.t()
             lp, ent, top, d_logits = stats(logits, labels[start:end])
             log_prob[start:end], entropy[start:end], is_top1[start:end] = lp, ent, top
-            grad_hidden[start:end] = d_logits @ weight
+            if grad_hidden is not None:
+                grad_hidden[start:end] = d_logits @ weight
             del logits, d_logits
         ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(entropy, is_top1)
