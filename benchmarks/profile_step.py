@@ -27,7 +27,7 @@ CATEGORIES = (
     ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
     ("fused: inductor", ("triton_",)),
-    ("fused: TRL LM head", ("_forward_kernel", "_backward_kernel")),
+    ("loss (cross-entropy / TRL head)", ("_forward_kernel", "_backward_kernel", "nll_loss", "softmax")),
     ("optimizer", ("multi_tensor", "adam")),
     ("cast / copy", ("copy_kernel", "memcpy", "memset", "catarraybatchedcopy")),
     ("gather / scatter / sort", ("index", "gather", "scatter", "sort", "radix", "cub::", "search")),
