@@ -451,7 +451,7 @@ class NF4Experts(nn.Module):
             return self.use_grouped_mm and _grouped_mm_op() is not None
         return _grouped_mm_ok(x.device, x.dtype, dims)
 
-    def _unbroken(self, x: torch.Tensor) -> bool:
+    def compiles_whole(self, x: torch.Tensor) -> bool:
         """Whether the grouped path traces as one graph for inputs like `x` (compute dtype): no host
         sync (`counts.tolist()` of the per-expert loop) and no data-dependent shape (the `nonzero` of
         LoRA on some experts only)."""
@@ -469,7 +469,8 @@ class NF4Experts(nn.Module):
         """hidden_states [T, H], top_k_index [T, K] in [0, E), top_k_weights [T, K] -> [T, H]."""
         num_tokens, top_k = top_k_index.shape
         if torch.compiler.is_compiling() and (
-            num_tokens * top_k <= self.num_experts or not self._unbroken(hidden_states.to(self.compute_dtype))
+            num_tokens * top_k <= self.num_experts
+            or not self.compiles_whole(hidden_states.to(self.compute_dtype))
         ):
             # A compiled decode step: dequantize just the picked experts, fused into one kernel. Also
             # for more tokens (in chunks) where the grouped path below would break the graph: a break

@@ -34,8 +34,7 @@ _RECOMPILE_LIMIT = 64
 
 
 def _compile(name: str, fn: Any) -> Any:
-    # One compiled function per process, shared by every layer: shapes differ only in the number of
-    # rows, which the first recompilation makes dynamic.
+    # One compiled function per process, shared by every layer.
     if torch.compiler.is_compiling():
         return fn  # inside a compiled region (a compiled layer or decode step) inductor fuses it there
     if name not in _compiled:
@@ -182,7 +181,7 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
             module.fused = True
             counts["experts"] += 1
             probe = torch.empty(0, dtype=module.compute_dtype, device=next(module.parameters()).device)
-            if regions and module._unbroken(probe):  # else its host-side loop would break the graph
+            if regions and module.compiles_whole(probe):  # else its host-side loop would break the graph
                 _region(module, type(module).forward)
                 counts["compiled_regions"] += 1
         elif isinstance(module, DeepseekV2Attention) and regions:
