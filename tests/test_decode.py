@@ -64,3 +64,23 @@ def test_few_token_forward_matches_the_grouped_forward(dtype, lora, kind):
         torch.testing.assert_close(
             decode.few_token_forward(module, x, index, weights), module(x, index, weights), atol=tol, rtol=0
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_few_token_forward_matches_eager(dtype):
+    """Compiled (as a decode step is), the pair products are a fused product-and-sum over the decoded
+    bytes instead of a batched matmul: the same values up to summation order."""
+    experts = tiny_model().model.layers[1].mlp.experts
+    module = NF4Experts.from_experts(experts, compute_dtype=dtype)
+    module.add_lora(4, 8, experts=[0, 2, 5])
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("lora_"):
+                p.normal_(std=0.5)
+    compiled = torch.compile(decode.few_token_forward, fullgraph=True)
+    for tokens in (1, 3):
+        x, index, weights = _routing(tokens, seed=tokens)
+        ref, got = decode.few_token_forward(module, x, index, weights), compiled(module, x, index, weights)
+        scale = ref.abs().max().item()
+        tol = (1e-5 if dtype == torch.float32 else 1e-2) * scale
+        torch.testing.assert_close(got, ref, atol=tol, rtol=0)
