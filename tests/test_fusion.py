@@ -23,9 +23,9 @@ from finetune.model.experts import NF4Experts
 from finetune.stages import sft
 
 
-def _model(tmp_path, *, dtype="float32", expert_lora=True):
+def _model(tmp_path, *, dtype="float32", expert_lora=True, quantization="nf4"):
     data = base_recipe(tmp_path)
-    data["model"]["dtype"] = dtype
+    data["model"].update(dtype=dtype, quantization=quantization)
     if expert_lora:
         data["adapter"].update(targets=["mla", "routed_experts"], expert_r=8)
     model = pipeline.plan(recipe.load(write_recipe(tmp_path / "r.yaml", data))).context.adapted_model()
@@ -247,3 +247,14 @@ def test_grpo_with_kernels_keeps_routing_replay_and_compiles_no_regions(tmp_path
     assert seen["compiled_regions"] == 0 and seen["lm_head"] == 0
     assert summary["routing"]["router_mismatch"] > 0.05  # the router moved (0.32 measured) ...
     assert summary["routing"]["mismatch"] == 0.0  # ... and training still used the rollout's experts
+
+
+def test_fused_step_with_16_bit_experts_matches_eager(tmp_path):
+    """quantization: none keeps the routed experts in 16 bits (`PlainExperts`), the same fused path."""
+    model = _model(tmp_path, quantization="none")
+    assert all(type(m).__name__ == "PlainExperts" for m in adapters.expert_layers(model).values())
+    logits, grads = _step(model)
+    with fusion.fused(model, True):
+        fused_logits, fused_grads = _step(model)
+    assert _rel(fused_logits, logits) < 1e-5
+    assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
