@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,6 +150,9 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _region(module: nn.Module, forward: Any) -> None:
+    # DeepSeek-V2's RoPE multiplies complex tensors, which inductor leaves to eager kernels inside the
+    # graph (counted in the profile: cheap); its warning on every compilation says nothing to act on.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     # The instance's forward compiled as one graph: a module's dozens of small kernels and their
     # Python (PEFT's LoRA, bitsandbytes' dequantize, routing) become one inductor graph forward and one
     # backward. Every instance of a class runs the same code, so they share one compiled entry.
