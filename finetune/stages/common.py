@@ -5,6 +5,7 @@ rank-0 save of adapter + tokenizer, and the plot and summary written last."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,11 @@ def fit(
         trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
     # GRPO generates inside training: its decode steps would recompile the compiled regions every token.
     regions = not hasattr(trainer, "reward_funcs")
-    with fusion.fused(trainer.model, generation.enabled(kernels, trainer.model), regions=regions):
+    fused = generation.enabled(kernels, trainer.model)
+    if fused and distributed.is_primary():
+        # The first steps compile (a minute or two on V2-Lite shapes): say so, or it looks like a hang.
+        print("model.kernels: auto — the first training steps compile the fused kernels", file=sys.stderr)
+    with fusion.fused(trainer.model, fused, regions=regions):
         trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
