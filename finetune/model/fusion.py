@@ -29,14 +29,12 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2RMSNorm,
 )
 
-from finetune.model import lm_head
-
 _compiled: dict[str, Any] = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _compile(name: str, fn: Any) -> Any:
-    # One compiled function per process, shared by every layer.
+def compile_once(name: str, fn: Any) -> Any:
+    """`fn` compiled on first use, one per process and `name`, shared by every layer (and lm_head)."""
     if torch.compiler.is_compiling():
         return fn  # inside a compiled region (a compiled layer or decode step) inductor fuses it there
     if name not in _compiled:
@@ -59,8 +57,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` of a fused [rows, 2I] projection, as the routed experts compute it."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu(*gate_up.chunk(2, dim=-1))
 
 
 def _combine_fwd(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -87,12 +84,14 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weights, perm, inverse):  # type: ignore[override]
         ctx.save_for_backward(y, weights, perm, inverse)
-        return _compile("combine_fwd", _combine_fwd)(y, weights, inverse)
+        return compile_once("combine_fwd", _combine_fwd)(y, weights, inverse)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         y, weights, perm, inverse = ctx.saved_tensors
-        grad_y, grad_w = _compile("combine_bwd", _combine_bwd)(grad.contiguous(), y, weights, perm, inverse)
+        grad_y, grad_w = compile_once("combine_bwd", _combine_bwd)(
+            grad.contiguous(), y, weights, perm, inverse
+        )
         return grad_y, grad_w, None, None
 
 
@@ -123,7 +122,12 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
-        return _compile("permute_bwd", _permute_bwd)(grad.contiguous(), inverse, ctx.top_k), None, None, None
+        return (
+            compile_once("permute_bwd", _permute_bwd)(grad.contiguous(), inverse, ctx.top_k),
+            None,
+            None,
+            None,
+        )
 
 
 def permute(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -131,10 +135,12 @@ def permute(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, top_k: i
     return _Permute.apply(x, perm, inverse, top_k)
 
 
+_PIECES = {"swiglu": swiglu, "swiglu_fused": swiglu_fused, "rms_norm": _rms_norm}
+
+
 def compiled(name: str) -> Any:
     """The compiled form of `swiglu`, `swiglu_fused` or `rms_norm` (for the modules patched below)."""
-    fns = {"swiglu": swiglu, "swiglu_fused": swiglu_fused, "rms_norm": _rms_norm}
-    return _compile(name, fns[name])
+    return compile_once(name, _PIECES[name])
 
 
 def _rms_norm_forward(self: DeepseekV2RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -166,6 +172,7 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
     `finetune.model.lm_head` in place of TRL's fused LM head (not where generation runs inside
     training, GRPO: its decode steps change shape every token). The routers stay eager:
     their hooks (expert load, aux loss, routing replay) mutate Python state. Idempotent."""
+    from finetune.model import lm_head
     from finetune.model.experts import NF4Experts
 
     remove(model)
@@ -204,6 +211,7 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
 
 def remove(model: nn.Module) -> None:
     """Back to the eager forwards."""
+    from finetune.model import lm_head
     from finetune.model.experts import NF4Experts
 
     lm_head.unpatch(model)
