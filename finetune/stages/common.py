@@ -34,6 +34,7 @@ def fit(
     *,
     head: dict[str, Any] | None = None,
     kernels: str = "off",
+    compiled_regions: bool = True,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
@@ -41,7 +42,8 @@ def fit(
 
     `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
-    norms, SwiGLU and expert combine of `finetune.model.fusion`.
+    norms, SwiGLU and expert combine of `finetune.model.fusion`, and with `compiled_regions` (all
+    stages but GRPO, whose decode steps inside training would recompile them) its compiled modules.
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
     the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
@@ -73,13 +75,11 @@ def fit(
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
         # which ours has not: FSDP2's, over every unit of the model.
         trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
-    # GRPO generates inside training: its decode steps would recompile the compiled regions every token.
-    regions = not hasattr(trainer, "reward_funcs")
     fused = generation.enabled(kernels, trainer.model)
     if fused and distributed.is_primary():
         # The first steps compile (a minute or two on V2-Lite shapes): say so, or it looks like a hang.
         print("model.kernels: auto — the first training steps compile the fused kernels", file=sys.stderr)
-    with fusion.fused(trainer.model, fused, regions=regions):
+    with fusion.fused(trainer.model, fused, regions=compiled_regions):
         trained = train(trainer, out, resume_from)
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 

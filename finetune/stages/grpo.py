@@ -290,6 +290,7 @@ def run(
             monitor,
             resume_from,
             kernels=ctx.kernels,
+            compiled_regions=False,  # it generates inside training: decode steps would recompile them
             reward_funcs=inputs.reward_funcs,
             router_monitor=monitor,
             samples=samples,
