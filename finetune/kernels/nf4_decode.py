@@ -1,0 +1,306 @@
+"""Routed experts for decoding: a grouped GEMV that reads bitsandbytes NF4 weights directly (Triton).
+
+A decode step of 1..128 tokens routes top-6 over 64 experts, so each expert sees ~0..40 (token, expert)
+rows and the product is a stream of the NF4 bytes (gate_up of DeepSeek-V2-Lite: 184 MB a layer). Today's
+paths either dequantize the whole layer to bf16 first (`NF4Experts.forward`: write and read back 4x the
+NF4 bytes) or gather one bf16 copy per pair (`decode.gathered_weights`). This kernel decodes each weight
+element once per 16-row chunk of its expert, in registers, and never writes a 16-bit weight.
+
+Layout (see `decode.gathered_weights`): W [E, N, K] is quantized flattened; element i sits in byte i // 2
+(even i in the high nibble) and is `code[nibble] * scale[i // blocksize]`, the scale fp32 absmax or, with
+double quantization, `code2[absmax_u8[b]] * absmax2[b // QB2] + offset`. With K % blocksize == 0 every row
+starts a block, so a K step of 64 (or the blocksize, if smaller) has one scale per row n: the kernel loads
+a [BLOCK_N] scale vector per step and the packed bytes as a [BLOCK_N, BLOCK_K / 2] tile, whose high nibbles
+are the even columns and low nibbles the odd ones; x's even and odd columns (stride-2 loads) multiply them
+in two `tl.dot`s. No join/reshape, no per-element scale gathers (the training kernel `nf4_grouped` does
+both and is slower than dequantize + grouped_mm).
+
+Grid (E, cdiv(N, BLOCK_N)): program (g, nb) owns expert g's rows offsets[g-1]..offsets[g] (int32
+cumulative row ends on the device) and returns at once if there are none; nothing is read on the host,
+so the op can be captured in a CUDA graph. `nf4_expert_gemv` is the entry point; it calls the custom op
+`finetune::nf4_expert_gemv`, opaque to `torch.compile`. Forward only (the weight is frozen; no autograd).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+# ------------------------------------------------------------------------------------------ kernel
+
+
+@triton.jit
+def _dot(x, w, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + x @ w.T; DOT_FP32 multiplies in fp32 (the interpreter's bf16 dot is wrong), inputs already rounded."""
+    if DOT_FP32:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _rne(v, ROUND_BITS: tl.constexpr):
+    """fp32 v, with ROUND_BITS rounded to bf16's precision (nearest even) on the bits. The interpreter
+    truncates fp32 -> bf16 casts (its "rtne" mode is wrong too); after this the cast is exact there.
+    Compiled casts round to nearest even already: ROUND_BITS is off."""
+    if ROUND_BITS:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,
+    y_ptr,
+    offsets_ptr,
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code_ptr,
+    code2_ptr,
+    offset_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    ROWS_HINT,
+    QB: tl.constexpr,
+    QB2: tl.constexpr,
+    DQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    ROUND_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[rows of g, n-tile] = x_g @ W_g[n-tile].T, W decoded from NF4 step by step (BLOCK_K divides QB)."""
+    g = tl.program_id(0)
+    nb = tl.program_id(1)
+    row_end = tl.load(offsets_ptr + g)
+    row_start = tl.load(offsets_ptr + g - 1, mask=g > 0, other=0)
+    if row_end <= row_start:
+        return
+    dt = x_ptr.dtype.element_ty
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < N
+    # Columns past N read row N-1 (unmasked, vectorized loads) and are never stored.
+    row_flat = g.to(tl.int64) * N * K + tl.minimum(cols, N - 1).to(tl.int64) * K  # flat index of W[g, n, 0]
+    row_byte = row_flat // 2
+    row_block = row_flat // QB
+    half = tl.arange(0, BLOCK_K // 2)
+    if DQ:
+        offset = tl.load(offset_ptr)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rows < row_end
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + half)[None, :]).to(tl.int32)
+            block = row_block + k0 // QB
+            if DQ:
+                scale = tl.load(code2_ptr + tl.load(absmax_ptr + block).to(tl.int32)) * tl.load(
+                    absmax2_ptr + block // QB2
+                )
+                scale = scale + offset
+            else:
+                scale = tl.load(absmax_ptr + block)
+            # code * scale in fp32, then rounded to the compute dtype: what bnb's dequantize_4bit returns.
+            w_hi = _rne(tl.load(code_ptr + (byte >> 4)) * scale[:, None], ROUND_BITS).to(dt)
+            w_lo = _rne(tl.load(code_ptr + (byte & 0xF)) * scale[:, None], ROUND_BITS).to(dt)
+            x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=m_mask[:, None], other=0.0)
+            x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=m_mask[:, None], other=0.0)
+            acc = _dot(x_even, w_hi, acc, PRECISION, DOT_FP32)
+            acc = _dot(x_odd, w_lo, acc, PRECISION, DOT_FP32)
+        tl.store(
+            y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
+            _rne(acc, ROUND_BITS).to(y_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+
+
+def _config(block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Few configs: the kernel is bandwidth bound and BLOCK_N trades parallelism (batch 1 reads 6 experts) for
+# longer rows of bytes per program. ROWS_HINT (mean rows per expert, power of two <= 16) keys the choice.
+CONFIGS = [
+    _config(16, 2, 4),
+    _config(32, 2, 4),
+    _config(32, 4, 3),
+    _config(64, 4, 3),
+    _config(64, 4, 5),
+    _config(128, 4, 3),
+    _config(128, 8, 4),
+    _config(256, 8, 3),
+]
+_tuned = triton.autotune(CONFIGS, key=["N", "K", "DQ", "ROWS_HINT"])(_nf4_gemv_kernel)
+BLOCK_M = 16
+_INTERPRET_CONFIG = _config(32, 4, 1)  # under the interpreter: one fixed tile, nothing to tune
+
+# ------------------------------------------------------------------------------------------ python
+
+
+def check_inputs(x: torch.Tensor, offsets: torch.Tensor, shape: tuple[int, int, int], blocksize: int) -> None:
+    """Raise ValueError for inputs the kernel cannot read (shapes only: no device access)."""
+    if len(shape) != 3:
+        raise ValueError(f"shape must be [E, N, K], got {tuple(shape)}")
+    e, n, k = shape
+    if blocksize < 32 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 32, got {blocksize}")
+    if k % blocksize or (n * k) % blocksize:
+        raise ValueError(f"K={k} (and N*K={n * k}) must be multiples of the blocksize {blocksize}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not match W {tuple(shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if offsets.dtype != torch.int32 or offsets.shape != (e,):
+        raise ValueError(f"offsets must be int32 [{e}], got {offsets.dtype} {tuple(offsets.shape)}")
+
+
+def _rows_hint(rows: int, experts: int) -> int:
+    return min(triton.next_power_of_2(max(1, -(-rows // experts))), 16)
+
+
+def _launch(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested: Nested | None,
+    shape: tuple[int, int, int],
+    blocksize: int,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Run the kernel: autotuned on CUDA, or with `config` (a benchmark's sweep), fixed when interpreted."""
+    e, n, k = shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return y
+    absmax2, code2, offset, qb2 = nested if nested is not None else (code, code, code[:1], 256)
+    args = (
+        x,
+        y,
+        offsets,
+        packed.reshape(-1).view(torch.uint8),
+        absmax,
+        absmax2,
+        code,
+        code2,
+        offset.reshape(1).float(),
+        n,
+        k,
+        x.stride(0),
+        y.stride(0),
+        _rows_hint(x.shape[0], e),
+    )
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    meta = dict(
+        QB=blocksize,
+        QB2=qb2,
+        DQ=nested is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_FP32=interpret and x.dtype != torch.float32,
+        ROUND_BITS=interpret and x.dtype == torch.bfloat16,
+        BLOCK_M=BLOCK_M,
+        BLOCK_K=min(blocksize, 64),
+    )
+    if interpret and config is None:
+        config = _INTERPRET_CONFIG
+    if config is None:
+        _tuned[lambda c: (e, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
+    else:
+        grid = (e, triton.cdiv(n, config.kwargs["BLOCK_N"]))
+        _nf4_gemv_kernel[grid](
+            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    return y
+
+
+def _reference(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested: Nested | None,
+    shape: tuple[int, int, int],
+    blocksize: int,
+) -> torch.Tensor:
+    """Plain torch (CPU callers, no Triton): decode the experts that have rows, one matmul per expert."""
+    from finetune.model.decode import gathered_weights  # lazy: finetune.model installs CPU bnb kernels
+
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    y = x.new_empty(x.shape[0], shape[1])
+    busy = [g for g in range(shape[0]) if ends[g] > starts[g]]
+    if not busy:
+        return y
+    ids = torch.tensor(busy, device=x.device)
+    weights = gathered_weights(packed, absmax, nested, code, shape, ids, blocksize, x.dtype)
+    for w, g in zip(weights, busy, strict=True):
+        y[starts[g] : ends[g]] = x[starts[g] : ends[g]] @ w.t()
+    return y
+
+
+@torch.library.custom_op("finetune::nf4_expert_gemv", mutates_args=())
+def _nf4_expert_gemv_op(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    e, n, k = shape
+    check_inputs(x, offsets, (e, n, k), blocksize)
+    nested = None
+    if absmax2 is not None and code2 is not None and offset is not None:
+        nested = (absmax2, code2, offset, nested_blocksize)
+    run = _launch if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else _reference
+    return run(x, offsets, packed, absmax, code, nested, (e, n, k), blocksize)
+
+
+@_nf4_expert_gemv_op.register_fake
+def _(x, offsets, packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], shape[1])
+
+
+def nf4_expert_gemv(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested: Nested | None,
+    code: torch.Tensor,
+    shape: tuple[int, int, int],
+    blocksize: int = 64,
+) -> torch.Tensor:
+    """y [P, N] = x_g @ W_g.T for the rows of each expert g, W [E, N, K] in bitsandbytes NF4.
+
+    x [P, K] (bf16, fp16 or fp32) holds the (token, expert) rows sorted by expert; offsets (int32 [E], on
+    x's device) their cumulative ends, offsets[-1] = P. packed/absmax/code and `nested` = (absmax2, code2,
+    offset, nested blocksize) or None are as `NF4Experts` stores them (see `decode.block_scales`). The
+    weight is decoded in x's dtype, as `dequantize_4bit` would, and products accumulate in fp32.
+    Raises ValueError when K is not a multiple of the blocksize: the caller falls back to another path.
+    """
+    check_inputs(x, offsets, shape, blocksize)
+    absmax2, code2, offset, qb2 = nested if nested is not None else (None, None, None, 256)
+    return _nf4_expert_gemv_op(
+        x, offsets, packed, absmax, code, absmax2, code2, offset, list(shape), blocksize, qb2
+    )
