@@ -2,7 +2,8 @@
 experts, as the evaluation harness and GRPO generate (transformers `generate`, greedy, EOS ignored).
 
 Variants as in benchmarks/moe_qlora.py (`stock`: bf16 experts through grouped_mm; `nf4-experts`; a `+kernels`
-suffix generates as `model.kernels: auto` does: static cache, compiled decode step), all
+suffix generates as `model.kernels: auto` does: static cache, compiled decode step replayed as our CUDA
+graphs; `+compiled` is the same with transformers' compiled call, dynamo guards every token), all
 with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
 (prompt 64, 64 new tokens, after one warm-up call), peak GPU memory, and the KV-cache bytes per token
 read from the cache `generate` returns.
@@ -30,16 +31,19 @@ def cache_bytes_per_token(cache, tokens: int, batch: int) -> float:
 
 @torch.no_grad()
 def measure(variant: str, layers: int, batches: list[int], prompt: int, new: int) -> list[dict]:
-    fast = variant.endswith("+kernels")  # model.kernels: auto on CUDA
-    model = build(variant.removesuffix("+kernels"), layers, torch.bfloat16)
+    fast = variant.endswith(("+kernels", "+compiled"))  # model.kernels: auto on CUDA
+    graphs = None if variant.endswith("+kernels") else False
+    model = build(variant.removesuffix("+kernels").removesuffix("+compiled"), layers, torch.bfloat16)
     model.gradient_checkpointing_disable()
     model.eval()
     rows = []
     for batch in batches:
         ids = torch.randint(0, 100_000, (batch, prompt), device="cuda")
+        used: list[bool] = []  # whether our CUDA-graph step served the decode steps
 
-        def run(model=model, ids=ids):
-            with generation.compiled_decoding(model, fast) as extra:
+        def run(model=model, ids=ids, used=used):
+            with generation.compiled_decoding(model, fast, graphs=graphs) as extra:
+                used.append("get_compiled_call" in vars(generation._top(model)))
                 return model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -68,6 +72,7 @@ def measure(variant: str, layers: int, batches: list[int], prompt: int, new: int
                 "new_tokens_per_s": round(batch * new / seconds, 1),
                 "seconds": round(seconds, 3),
                 "warmup_s": round(warmup, 1),
+                "cuda_graphs": all(used),
                 "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
                 "kv_bytes_per_token": cache_bytes_per_token(out.past_key_values, prompt + new - 1, batch),
             }

@@ -11,12 +11,14 @@ data-dependent shape on this path (`decode.few_token_forward` for small steps), 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from transformers import CompileConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
+
+from finetune.model import graphed
 
 KERNELS = ("auto", "off")
 _RECOMPILE_LIMIT = 64
@@ -39,11 +41,18 @@ def _top(model: torch.nn.Module) -> DeepseekV2PreTrainedModel:
 
 @contextlib.contextmanager
 def compiled_decoding(
-    model: torch.nn.Module, on: bool, *, compile_config: CompileConfig | None = None
+    model: torch.nn.Module,
+    on: bool,
+    *,
+    compile_config: CompileConfig | None = None,
+    graphs: bool | Callable[[], Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
 
     `compile_config` defaults to transformers' (inductor, CUDA graphs); tests pass a cheaper backend.
+    `graphs`: replay the compiled step as our own CUDA graphs (`graphed.GraphedStep`, no guards per
+    token); None = where the model is on CUDA and has no forward hooks, False = transformers' compiled
+    call, or a graph factory (tests).
     """
     if not on:
         yield {}
@@ -65,13 +74,34 @@ def compiled_decoding(
     hooks = {k: f for k, f in embeddings._forward_hooks.items() if _input_grads_hook(f)}
     for k in hooks:
         del embeddings._forward_hooks[k]
+    if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
+        graphs = next(model.parameters()).device.type == "cuda" and not graphed.has_hooks(model)
+    if graphs:
+        factory = graphs if callable(graphs) else None
+        step = graphed.GraphedStep(_compiled_step(top, top.generation_config.compile_config), factory)
+        top.get_compiled_call = lambda *args, **kwargs: step
     try:
         yield {"cache_implementation": "static"}
     finally:
         del top._valid_auto_compile_criteria
+        if graphs:
+            del top.get_compiled_call
+            step.clear()
         top.generation_config.compile_config = previous
         torch._dynamo.config.recompile_limit = limit
         embeddings._forward_hooks.update(hooks)
+
+
+def _compiled_step(top: torch.nn.Module, config: CompileConfig | None) -> Callable[..., Any]:
+    """`top.__call__` compiled once per model without CUDA graphs of inductor's own (ours capture it)."""
+    options = (config or CompileConfig()).to_dict()
+    options["mode"] = None
+    key = repr(sorted(options.items()))
+    cached = getattr(top, "_finetune_compiled_step", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.compile(top.__call__, **options))
+        top._finetune_compiled_step = cached
+    return cached[1]
 
 
 def _input_grads_hook(fn: Any) -> bool:
