@@ -84,3 +84,43 @@ def test_compiled_few_token_forward_matches_eager(dtype):
         scale = ref.abs().max().item()
         tol = (1e-5 if dtype == torch.float32 else 1e-2) * scale
         torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("lora", [None, [0, 2, 5]])
+def test_grouped_kernel_forward_matches_the_grouped_forward(double_quant, lora):
+    """The decode step's NF4 grouped GEMV path (sort by expert, kernel per weight, unsort and combine):
+    here the op's plain-torch CPU implementation, the Triton kernel itself is tests/test_nf4_decode.py's."""
+    experts = tiny_model().model.layers[1].mlp.experts
+    module = NF4Experts.from_experts(
+        experts, blocksize=32, double_quant=double_quant, compute_dtype=torch.float32
+    )
+    assert decode.kernel_layout(module)
+    if lora is not None:
+        module.add_lora(4, 8, experts=lora)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.startswith("lora_"):
+                    p.normal_(std=0.5)
+    for tokens in (1, 3, 12):  # 12 tokens: 24 pairs over 8 experts, several rows an expert
+        x, index, weights = _routing(tokens, seed=tokens)
+        ref = module(x, index, weights)
+        got = decode.grouped_kernel_forward(module, x, index, weights)
+        assert ref.abs().max() > 0.05
+        torch.testing.assert_close(got, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_the_kernel_path_is_taken_only_where_it_applies():
+    experts = tiny_model().model.layers[1].mlp.experts
+    aligned = NF4Experts.from_experts(experts, blocksize=32, compute_dtype=torch.float32)
+    assert decode.kernel_layout(aligned)
+    # Down's rows (32 values) would straddle 64-value blocks; 16-bit experts have no NF4 bytes.
+    assert not decode.kernel_layout(NF4Experts.from_experts(experts, blocksize=64))
+    assert not decode.kernel_layout(PlainExperts.from_experts(experts))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert not decode.kernel_applies(aligned, x)  # not on CUDA
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            assert decode.kernel_applies(aligned.cuda(), x.cuda())
+        assert not decode.kernel_applies(aligned, x.cuda())  # grad mode: the kernel has no backward
