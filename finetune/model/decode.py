@@ -126,8 +126,6 @@ def few_token_forward(
     graph (a host sync or a data-dependent shape, see `NF4Experts.forward`). Rows are independent, so
     chunking changes no value.
     """
-    if kernel_applies(module, hidden_states):
-        return grouped_kernel_forward(module, hidden_states, top_k_index, top_k_weights)
     per_chunk = max(1, module.num_experts // top_k_index.shape[1])
     if top_k_index.shape[0] <= per_chunk:
         return _pairs_forward(module, hidden_states, top_k_index, top_k_weights)
@@ -159,68 +157,3 @@ def _pairs_forward(
     y = project("down", module.act_fn(gate) * up)
     y = y.float() * top_k_weights.reshape(-1, 1).float()
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-
-def kernel_applies(module: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether `grouped_kernel_forward` serves this call: on CUDA, without autograd (the kernel has no
-    backward), for a `kernel_layout` module."""
-    return hidden_states.is_cuda and not torch.is_grad_enabled() and kernel_layout(module)
-
-
-def kernel_layout(module: torch.nn.Module) -> bool:
-    """NF4 weights (not 16-bit ones) whose rows each start a quantization block of a size the kernel
-    takes (a power of two >= 32)."""
-    if not hasattr(module, "gate_up_packed"):
-        return False
-    size = module.blocksize
-    power_of_two = size >= 32 and not size & (size - 1)
-    return power_of_two and all(module._shapes[name][2] % size == 0 for name in ("gate_up", "down"))
-
-
-def grouped_kernel_forward(
-    module: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> torch.Tensor:
-    """`NF4Experts.forward` for a decode step through the NF4 grouped GEMV (`finetune.kernels.nf4_decode`):
-    pairs sorted by expert, each expert's NF4 bytes read once, no 16-bit weight written. Every shape
-    follows from the number of pairs, nothing is read on the host: it compiles and graphs whole."""
-    from finetune.kernels.nf4_decode import nf4_expert_gemv  # triton: imported where it is used
-
-    num_tokens, top_k = top_k_index.shape
-    ids = top_k_index.reshape(-1)
-    order = torch.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    counts = torch.zeros(module.num_experts, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    x = hidden_states.to(module.compute_dtype)[order // top_k]
-
-    def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
-        nested = None
-        if name in module._nested_blocksize:
-            nested = tuple(getattr(module, f"{name}_{part}") for part in ("absmax2", "code2", "offset"))
-            nested = (*nested, module._nested_blocksize[name])
-        out = nf4_expert_gemv(
-            inputs,
-            offsets,
-            getattr(module, f"{name}_packed"),
-            getattr(module, f"{name}_absmax"),
-            nested,
-            getattr(module, f"{name}_code"),
-            module._shapes[name],
-            module.blocksize,
-        )
-        if module.has_lora and module.lora_enabled:
-            a, b = getattr(module, f"lora_{name}_A"), getattr(module, f"lora_{name}_B")
-            out = out + lora_pairs(
-                module.lora_dropout(inputs), sorted_ids, module.lora_slot, a, b, module.lora_scale
-            )
-        return out
-
-    gate, up = project("gate_up", x).chunk(2, dim=-1)
-    y = project("down", module.act_fn(gate) * up).float()
-    y = y * top_k_weights.reshape(-1)[order].float().unsqueeze(-1)
-    pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, k) order: no atomics
-    return pairs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
