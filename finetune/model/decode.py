@@ -145,7 +145,10 @@ def _pairs_forward(
     x = hidden_states.to(module.compute_dtype).repeat_interleave(top_k, dim=0)
 
     def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
-        out = pair_products(inputs, expert_weights(module, name, ids))
+        if kernel_applies(module, inputs):
+            out = kernel_pair_products(module, name, inputs, ids)
+        else:
+            out = pair_products(inputs, expert_weights(module, name, ids))
         if module.has_lora and module.lora_enabled:
             a, b = getattr(module, f"lora_{name}_A"), getattr(module, f"lora_{name}_B")
             out = out + lora_pairs(
@@ -157,3 +160,35 @@ def _pairs_forward(
     y = project("down", module.act_fn(gate) * up)
     y = y.float() * top_k_weights.reshape(-1, 1).float()
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def kernel_applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `kernel_pair_products` serves this call: on CUDA, without autograd (the kernel has no
+    backward), for a `kernel_layout` module."""
+    return x.is_cuda and not torch.is_grad_enabled() and kernel_layout(module)
+
+
+def kernel_layout(module: torch.nn.Module) -> bool:
+    """NF4 weights (not 16-bit ones) whose rows each start a quantization block."""
+    if not hasattr(module, "gate_up_packed"):
+        return False
+    return all(module._shapes[name][2] % module.blocksize == 0 for name in ("gate_up", "down"))
+
+
+def kernel_pair_products(
+    module: torch.nn.Module, name: str, x: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """`pair_products(x, expert_weights(module, name, ids))` by the NF4 pair GEMV
+    (`finetune.kernels.nf4_pairs`): the packed bytes streamed once, no 16-bit weight written."""
+    from finetune.kernels.nf4_pairs import nf4_pair_gemv  # triton: imported where it is used
+
+    shape = module._shapes[name]
+    per_blocks = shape[1] * shape[2] // module.blocksize
+    blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
+    nested = None
+    if name in module._nested_blocksize:
+        parts = (getattr(module, f"{name}_{part}") for part in ("absmax2", "code2", "offset"))
+        nested = (*parts, module._nested_blocksize[name])
+    scales = block_scales(getattr(module, f"{name}_absmax"), nested, blocks)
+    code = getattr(module, f"{name}_code").float()
+    return nf4_pair_gemv(x, ids, getattr(module, f"{name}_packed"), scales, code, shape, module.blocksize)
