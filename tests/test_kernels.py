@@ -20,14 +20,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import interpreter
+
 if importlib.util.find_spec("triton") is None:  # CPU-only torch wheels do not bring triton
     pytest.skip("triton is not installed", allow_module_level=True)
 _TRITON = importlib.metadata.version("triton")
@@ -53,12 +52,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    # Prepended, not replaced: an installation on PYTHONPATH (the H200 host's) must stay importable.
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = interpreter.run([__file__])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

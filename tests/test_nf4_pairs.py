@@ -4,16 +4,12 @@ on CUDA under the `gpu` mark."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import interpreter
 
 CHECK = textwrap.dedent(
     """
@@ -42,8 +38,7 @@ CHECK = textwrap.dedent(
 
 
 def test_pair_gemv_matches_the_decoded_weights_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True)
+    done = interpreter.run(["-c", CHECK])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
