@@ -36,15 +36,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 
 import bitsandbytes as bnb
 import torch
 import triton
+from timing import route, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import nf4_decode
 from finetune.model import decode
@@ -55,46 +54,6 @@ grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def route(tokens: int, experts: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
-    """Expert ids [tokens, top_k]: top-k of noisy logits with a per-expert bias (load skew)."""
-    bias = torch.randn(experts, generator=gen) * 0.8
-    logits = torch.randn(tokens, experts, generator=gen) + bias
-    return logits.topk(top_k, dim=1).indices
-
-
-def time_fn(fn: Callable[[], object], device: str, iters: int, warmup: int, sleep_cycles: int) -> dict:
-    """median/min ms of one call (CUDA events, the call queued behind a GPU sleep) and the first call's s."""
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(sleep_cycles)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {
-        "median_ms": round(statistics.median(times), 4),
-        "min_ms": round(min(times), 4),
-        "first_call_s": round(first, 3),
-    }
 
 
 def max_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -253,7 +212,11 @@ def main() -> None:
                     continue
                 row = {"tokens": tokens, "rows": len(ids), "weight": name, "N": n, "K": k, "variant": variant}
                 try:
-                    row.update(time_fn(fn, args.device, args.iters, args.warmup, args.sleep_cycles))
+                    row.update(
+                        time_fn(
+                            fn, args.device.startswith("cuda"), args.iters, args.warmup, args.sleep_cycles
+                        )
+                    )
                     y = fn()
                     if variant == "dequant+grouped_mm":  # the reference, timed first
                         ref = y.clone()

@@ -35,14 +35,13 @@ import argparse
 import functools
 import json
 import platform
-import statistics
-import time
 import traceback
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 import triton
+from timing import route, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 from finetune.kernels import nf4_grouped as kernels_module
@@ -54,13 +53,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def route(tokens: int, experts: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
-    """Expert ids [tokens, top_k]: softmax-free top-k of noisy logits with a per-expert bias (load skew)."""
-    bias = torch.randn(experts, generator=gen) * 0.8
-    logits = torch.randn(tokens, experts, generator=gen) + bias
-    return logits.topk(top_k, dim=1).indices
-
-
 DEVICE = "cuda"
 CUDA = True  # False only for a CPU smoke run of this script (--device cpu, TRITON_INTERPRET=1)
 
@@ -68,35 +60,6 @@ CUDA = True  # False only for a CPU smoke run of this script (--device cpu, TRIT
 def sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
-
-
-def time_fn(fn, iters: int, warmup: int) -> dict:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if CUDA:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {
-        "median_ms": round(statistics.median(times), 4),
-        "min_ms": round(min(times), 4),
-        "first_call_s": round(first, 3),
-    }
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -210,7 +173,7 @@ def measure(row: dict, fn, ref: torch.Tensor | None, flops: int, args, check=Non
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    row.update(time_fn(fn, args.iters, args.warmup))
+    row.update(time_fn(fn, CUDA, args.iters, args.warmup))
     if CUDA:
         row["peak_extra_mb"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**20, 1)
     row["tflops"] = round(flops / (row["median_ms"] * 1e-3) / 1e12, 3)

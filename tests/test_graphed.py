@@ -34,6 +34,9 @@ class ReplayingGraph:
 
     def replay(self):
         fresh = self.fn()
+        if isinstance(self.output, torch.Tensor):
+            self.output.copy_(fresh)
+            return
         for name, value in self.output.items():
             if isinstance(value, torch.Tensor):
                 value.copy_(fresh[name])
@@ -74,6 +77,14 @@ def test_a_new_batch_size_is_a_new_capture_and_the_first_still_replays(model):
         fast = [model.generate(**small, **extra), model.generate(**large, **extra)]
     assert all(torch.equal(a, b) for a, b in zip(fast, plain, strict=True))
     assert len(ReplayingGraph.captures) == 2
+
+
+def test_graphs_are_capped_oldest_first():
+    calls: list[int] = []
+    step = graphed.GraphedStep(lambda x: calls.append(x.shape[0]) or x * 2, ReplayingGraph, max_graphs=2)
+    for batch in (1, 2, 3, 1):
+        assert torch.equal(step(x=torch.ones(batch)), torch.full((batch,), 2.0))
+    assert [key[0][1] for key in step.entries] == [(3,), (1,)]  # batch 1 evicted, then captured again
 
 
 def test_hooks_keep_the_model_off_graphs(model):

@@ -39,15 +39,22 @@ class GraphedStep:
     the tensors the step advances in place.
     """
 
-    def __init__(self, step: Callable[..., Any], graph_factory: Callable[[], Any] | None = None):
+    def __init__(
+        self, step: Callable[..., Any], graph_factory: Callable[[], Any] | None = None, max_graphs: int = 8
+    ):
         self.step = step
         self.graph_factory = graph_factory or _CudaGraph.factory()
+        self.max_graphs = max_graphs
         self.entries: dict[tuple, _Entry] = {}
 
     def __call__(self, **kwargs: Any) -> Any:
         key = _signature(kwargs)
         entry = self.entries.get(key)
         if entry is None:
+            if len(self.entries) >= self.max_graphs:
+                # Oldest first: an evaluation's prompt chunks of many lengths would otherwise keep a
+                # graph and a KV cache alive for each.
+                del self.entries[next(iter(self.entries))]
             entry = self.entries[key] = self._capture(kwargs)
             # Capture records kernels without running them: this replay is the call's own step.
         else:
