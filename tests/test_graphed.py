@@ -21,6 +21,9 @@ EAGER = CompileConfig(backend="eager", mode=None)
 
 
 class ReplayingGraph:
+    """CPU stand-in: capture does not advance the step's state (the dry run is undone), replay reruns
+    the step from the captured inputs and writes into the captured result's tensors."""
+
     captures: ClassVar[list[ReplayingGraph]] = []
 
     def capture(self, fn, warmup, state):
@@ -33,13 +36,19 @@ class ReplayingGraph:
         return self.output
 
     def replay(self):
-        fresh = self.fn()
-        if isinstance(self.output, torch.Tensor):
-            self.output.copy_(fresh)
-            return
-        for name, value in self.output.items():
-            if isinstance(value, torch.Tensor):
-                value.copy_(fresh[name])
+        _copy_into(self.output, self.fn())
+
+
+def _copy_into(captured, fresh):
+    """As a graph replay writes its outputs: into the captured tensors themselves."""
+    if isinstance(captured, torch.Tensor):
+        captured.copy_(fresh)
+    elif isinstance(captured, dict):
+        for key, value in captured.items():
+            _copy_into(value, fresh[key])
+    elif isinstance(captured, (tuple, list)):
+        for value, new in zip(captured, fresh, strict=True):
+            _copy_into(value, new)
 
 
 def _inputs(model, batch=3, length=7, seed=0):
@@ -88,11 +97,11 @@ def test_graphs_are_capped_oldest_first():
 
 
 def test_hooks_keep_the_model_off_graphs(model):
-    assert not graphed.has_hooks(model)
+    assert not graphed.blocks_graphs(model)
     router = next(m for name, m in model.named_modules() if name.endswith("mlp.gate"))
     handle = router.register_forward_hook(lambda *args: None)
     try:
-        assert graphed.has_hooks(model)
+        assert graphed.blocks_graphs(model)
     finally:
         handle.remove()
     # Off CUDA the default is transformers' compiled call, not ours.
@@ -101,11 +110,43 @@ def test_hooks_keep_the_model_off_graphs(model):
     # The input-grads hook training leaves on the embeddings is lifted for decoding: no obstacle.
     model.enable_input_require_grads()
     try:
-        assert graphed.has_hooks(model)
+        assert graphed.blocks_graphs(model)
         with generation.compiled_decoding(model, True, compile_config=EAGER):
-            assert not graphed.has_hooks(model)
+            assert not graphed.blocks_graphs(model)
     finally:
         model.disable_input_require_grads()
+
+
+def test_observer_hooks_see_every_graphed_step_as_they_see_plain_ones(model):
+    """GRPO's hooks (routing replay recording, router statistics) stay on graphs: after each replay
+    they are called on what the step computed; their records equal plain generation's."""
+    from finetune.model import replay, routing
+
+    kwargs = {**_inputs(model, batch=2, seed=3), "max_new_tokens": 5}
+
+    def observed(graphs):
+        recorder = replay.RoutingReplay(model, replay=False, eos_token_ids=[])
+        monitor = routing.RouterMonitor(model)
+        try:
+            assert not graphed.blocks_graphs(model)
+            with generation.compiled_decoding(
+                model, graphs, compile_config=EAGER, graphs=ReplayingGraph
+            ) as extra:
+                sequences = model.generate(**kwargs, **extra)
+            return sequences, recorder.records, {i: c.clone() for i, c in monitor.counts.items()}
+        finally:
+            recorder.remove()
+            monitor.remove()
+
+    plain = observed(False)
+    ReplayingGraph.captures.clear()
+    fast = observed(True)
+    assert len(ReplayingGraph.captures) == 1
+    assert torch.equal(fast[0], plain[0])
+    assert plain[1] and fast[1].keys() == plain[1].keys()
+    assert all(torch.equal(fast[1][k], plain[1][k]) for k in plain[1])
+    assert plain[2] and all(torch.equal(fast[2][i], plain[2][i]) for i in plain[2])
+    assert not model._forward_hooks and not model._forward_pre_hooks  # all removed, none stranded
 
 
 def test_step_signature_tells_shapes_and_values_apart():
@@ -119,6 +160,33 @@ def test_step_signature_tells_shapes_and_values_apart():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_give_observers_the_plain_records():
+    """Real CUDA graphs: the observers' records are the captured tensors, refreshed by each replay."""
+    from finetune.model import replay, routing
+
+    model = load_model(resolve_source("tiny", None), dtype="bfloat16").cuda().eval()
+    kwargs = {**_inputs(model), "max_new_tokens": 8}
+
+    def observed(on):
+        recorder = replay.RoutingReplay(model, replay=False, eos_token_ids=[])
+        monitor = routing.RouterMonitor(model)
+        try:
+            with generation.compiled_decoding(model, on) as extra:
+                assert ("get_compiled_call" in vars(generation._top(model))) == on
+                sequences = model.generate(**kwargs, **extra)
+            return sequences, recorder.records, {i: c.clone() for i, c in monitor.counts.items()}
+        finally:
+            recorder.remove()
+            monitor.remove()
+
+    plain, fast = observed(False), observed(True)
+    assert torch.equal(fast[0], plain[0])
+    assert fast[1].keys() == plain[1].keys() and all(torch.equal(fast[1][k], plain[1][k]) for k in plain[1])
+    assert all(torch.equal(fast[2][i], plain[2][i]) for i in plain[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_give_the_plain_tokens():
     model = load_model(resolve_source("tiny", None), dtype="bfloat16").cuda().eval()
     kwargs = {**_inputs(model), "max_new_tokens": 8}
@@ -128,3 +196,34 @@ def test_cuda_graphs_give_the_plain_tokens():
         fast = model.generate(**kwargs, **extra)
         again = model.generate(**kwargs, **extra)  # same signature, new cache: a new capture
     assert torch.equal(fast, plain) and torch.equal(again, plain)
+
+
+def test_grpo_generates_through_graphs_and_records_the_rollout_experts_exactly(tmp_path, monkeypatch):
+    """GRPO under `model.kernels: auto`: TRL's `generate` runs the graphed step (here the CPU stand-in),
+    routing replay records through its observers. With a learning rate of 0 the training passes route
+    every token exactly as the records say the rollout did, and as many tokens are recorded as when
+    generating eagerly (prompt and completion: a decode step missed would leave its token unrecorded)."""
+    from test_grpo import _grpo
+
+    from finetune import pipeline, recipe, rundir
+
+    def run(folder, kernels):
+        data = _grpo(folder, train={"max_steps": 2, "learning_rate": 0.0})
+        data["model"]["kernels"] = kernels
+        summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
+        metrics = rundir.read_metrics(folder / "run" / "grpo" / "metrics.jsonl")
+        return summary["routing"], sum(m.get("routing/compared_tokens", 0) for m in metrics)
+
+    plain = run(tmp_path / "plain", "off")
+    fast_generate = generation.fast_generate
+    monkeypatch.setattr(generation, "enabled", lambda kernels, model: kernels == "auto")
+    monkeypatch.setattr(
+        generation,
+        "fast_generate",
+        lambda model, on: fast_generate(model, on, compile_config=EAGER, graphs=ReplayingGraph),
+    )
+    ReplayingGraph.captures.clear()
+    fast = run(tmp_path / "fast", "auto")
+    assert ReplayingGraph.captures  # the decode steps went through graphs
+    assert fast[0]["router_mismatch"] == plain[0]["router_mismatch"] == 0.0
+    assert fast[1] == plain[1] > 0

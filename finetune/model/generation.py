@@ -51,8 +51,8 @@ def compiled_decoding(
 
     `compile_config` defaults to transformers' (inductor, CUDA graphs); tests pass a cheaper backend.
     `graphs`: replay the compiled step as our own CUDA graphs (`graphed.GraphedStep`, no guards per
-    token); None = where the model is on CUDA and has no forward hooks, False = transformers' compiled
-    call, or a graph factory (tests).
+    token); None = where the model is on CUDA and has no forward hooks but `graphed.observer`s,
+    False = transformers' compiled call, or a graph factory (tests).
     """
     if not on:
         yield {}
@@ -67,6 +67,10 @@ def compiled_decoding(
     # step silently runs uncompiled, as batch 128 did after 1 and 32 on the H200.
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+    # By default dynamo ignores module hooks in its guards: a step compiled without hooks (an
+    # evaluation) would be reused silently by one with them (GRPO's observers, graphed.py's probe).
+    skip_hooks = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     # The input-grads hooks on the embeddings (transformers' and PEFT's, for gradient checkpointing)
     # call requires_grad_, which dynamo cannot trace: each cut the decode step in two graphs. Taken
     # off the module itself, however many were registered (transformers keeps only its last list).
@@ -75,10 +79,11 @@ def compiled_decoding(
     for k in hooks:
         del embeddings._forward_hooks[k]
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
-        graphs = next(model.parameters()).device.type == "cuda" and not graphed.has_hooks(model)
+        graphs = next(model.parameters()).device.type == "cuda" and not graphed.blocks_graphs(model)
     if graphs:
         factory = graphs if callable(graphs) else None
-        step = graphed.GraphedStep(_compiled_step(top, top.generation_config.compile_config), factory)
+        compiled = _compiled_step(top, top.generation_config.compile_config)
+        step = graphed.GraphedStep(compiled, factory, model=top)
         top.get_compiled_call = lambda *args, **kwargs: step
     try:
         yield {"cache_implementation": "static"}
@@ -89,7 +94,33 @@ def compiled_decoding(
             step.clear()
         top.generation_config.compile_config = previous
         torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.skip_nnmodule_hook_guards = skip_hooks
         embeddings._forward_hooks.update(hooks)
+
+
+@contextlib.contextmanager
+def fast_generate(model: torch.nn.Module, on: bool, **decoding: Any) -> Iterator[None]:
+    """While active, every `generate` of the model runs inside `compiled_decoding` (GRPO: TRL calls
+    `generate` itself). `decoding`: `compiled_decoding`'s keyword arguments."""
+    if not on:
+        yield
+        return
+    top = _top(model)
+    own = "generate" in vars(top)  # routing replay's recording wrapper, say
+    plain = top.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with compiled_decoding(model, True, **decoding) as extra:
+            return plain(*args, **kwargs, **extra)
+
+    top.generate = generate
+    try:
+        yield
+    finally:
+        if own:
+            top.generate = plain
+        else:
+            del top.generate
 
 
 def _compiled_step(top: torch.nn.Module, config: CompileConfig | None) -> Callable[..., Any]:

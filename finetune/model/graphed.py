@@ -10,13 +10,20 @@ made them, so weights updated between calls (GRPO) are always the ones replayed.
 
 The step's only state is the static cache: keys and values written at the step's position, and each
 layer's `cumulative_length` counter, which the warm-up call advances and capture does not; it is put
-back before capturing. A model with forward hooks (routing statistics, routing replay) is not graphed:
-its hooks collect Python-side values on every call, which a replay would skip.
+back before capturing.
+
+Forward hooks run Python on every call, which a replay skips. Hooks marked `observer` (routing
+statistics, routing replay's recording: they look at a step, never change it) are taken off their
+modules while the step is warmed up, captured and replayed, a probe in their place records what each
+would have seen (those tensors are graph outputs, refreshed by every replay), and after every replay
+each observer is called on copies of them, in the order of the original forward. Any other hook keeps
+the model off graphs (`blocks_graphs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,23 +36,31 @@ class _Entry:
     inputs: dict[str, torch.Tensor]
     output: Any
     keep: Any  # the cache object, so its id (part of the key) cannot be reused while the graph lives
+    observed: _Observed | None  # the modules with observer hooks when it was captured
+    calls: list[tuple]  # what the observers saw at capture: (kind, module, args, kwargs, output)
 
 
 class GraphedStep:
     """Calls `step(**kwargs)` through a captured CUDA graph per input signature.
 
     `graph_factory` makes the graph object (`torch.cuda.CUDAGraph` with a shared memory pool by
-    default): anything with `capture(fn, warmup, state) -> output` and `replay()`, where `state` lists
-    the tensors the step advances in place.
+    default): anything with `capture(fn, warmup, state) -> fn's result` and `replay()`, which
+    refreshes every tensor of that result in place; `state` lists the tensors the step advances in
+    place (put back after warm-up).
     """
 
     def __init__(
-        self, step: Callable[..., Any], graph_factory: Callable[[], Any] | None = None, max_graphs: int = 8
+        self,
+        step: Callable[..., Any],
+        graph_factory: Callable[[], Any] | None = None,
+        max_graphs: int = 8,
+        model: torch.nn.Module | None = None,
     ):
         self.step = step
         self.graph_factory = graph_factory or _CudaGraph.factory()
         self.max_graphs = max_graphs
         self.entries: dict[tuple, _Entry] = {}
+        self.model = model
 
     def __call__(self, **kwargs: Any) -> Any:
         key = _signature(kwargs)
@@ -60,7 +75,14 @@ class GraphedStep:
         else:
             for name, buffer in entry.inputs.items():
                 buffer.copy_(kwargs[name])
-        entry.graph.replay()
+        if entry.observed is None:
+            entry.graph.replay()
+            return entry.output
+        # Replayed as captured, probe in place (a CUDA graph runs no Python; a stand-in that reruns
+        # the step, as the CPU tests' does, must not run the observers themselves).
+        with entry.observed.probing():
+            entry.graph.replay()
+        entry.observed.notify(entry.calls)  # the captured records, refreshed by the replay
         return entry.output
 
     def _capture(self, kwargs: dict[str, Any]) -> _Entry:
@@ -68,17 +90,34 @@ class GraphedStep:
         static = {**kwargs, **inputs}
         graph = self.graph_factory()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        output = graph.capture(lambda: self.step(**static), lambda: self._warm(static), _counters(cache))
-        return _Entry(graph, inputs, output, cache)
+        observed = _Observed(self.model) if self.model is not None else None
+        if observed is None or not observed.saved:
+            output, _ = graph.capture(
+                lambda: (self.step(**static), []), lambda: self._warm(static), _counters(cache)
+            )
+            return _Entry(graph, inputs, output, cache, None, [])
+        if blocks_graphs(self.model):
+            raise RuntimeError("a forward hook that is not a graphed.observer was added while decoding")
+        with observed.probing() as calls:
+            # The probe's records are outputs of the captured region, as the step's own output is.
+            output, records = graph.capture(
+                lambda: (self.step(**static), list(calls)),
+                lambda: self._warm(static, calls),
+                _counters(cache),
+            )
+        return _Entry(graph, inputs, output, cache, observed, records)
 
-    def _warm(self, static: dict[str, Any]) -> None:
-        """One uncaptured call (compilation, lazy allocations), its cache counters put back."""
+    def _warm(self, static: dict[str, Any], calls: list | None = None) -> None:
+        """One uncaptured call (compilation, lazy allocations), its cache counters put back and its
+        observer records dropped: the replay after capture is the step."""
         cache = static.get("cache", static.get("past_key_values"))
         counters = _counters(cache)
         saved = [c.clone() for c in counters]
         self.step(**static)
         for counter, value in zip(counters, saved, strict=True):
             counter.copy_(value)
+        if calls is not None:
+            calls.clear()
 
     def clear(self) -> None:
         self.entries.clear()
@@ -107,13 +146,112 @@ def _counters(cache: Any) -> list[torch.Tensor]:
     ]
 
 
-def has_hooks(model: torch.nn.Module) -> bool:
-    """Whether any forward hook would run in a step (module or global): a replay would skip it."""
+def observer(hook: Callable) -> Callable:
+    """Marks a forward hook (or pre-hook) that only looks at a decode step: returns None, or its output
+    unchanged, while generating. Graphs call it after each replay (see the module docstring)."""
+    getattr(hook, "__func__", hook)._graph_observer = True
+    return hook
+
+
+def _is_observer(hook: Callable) -> bool:
+    return getattr(getattr(hook, "__func__", hook), "_graph_observer", False)
+
+
+def blocks_graphs(model: torch.nn.Module) -> bool:
+    """Whether a forward hook that is not an `observer` would run in a step (global hooks included)."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooks = (h for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+    return not all(_is_observer(h) for h in hooks)
+
+
+_PROBE = -1  # hook-dict key of the probe: handle ids count up from 0
+
+
+class _Probe:
+    """Stands in for a module's observers while the step is compiled, captured or replayed. One per
+    model (stored on it), so dynamo meets the same hook objects at every capture and does not recompile."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append(("pre", module, args, kwargs, None))
+
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.calls.append(("post", module, args, kwargs, output))
+
+
+class _Observed:
+    """The modules with observer hooks: their hook dicts, swapped for the probe's while `probing`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.probe = model.__dict__.setdefault("_finetune_graph_probe", _Probe())
+        names = (
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+        )
+        self.saved = {
+            m: {name: getattr(m, name) for name in names}
+            for m in model.modules()
+            if m._forward_hooks or m._forward_pre_hooks
+        }
+
+    @contextlib.contextmanager
+    def probing(self) -> Iterator[list[tuple]]:
+        from collections import OrderedDict
+
+        self.probe.calls.clear()
+        for module, hooks in self.saved.items():
+            pre = OrderedDict({_PROBE: self.probe.pre} if hooks["_forward_pre_hooks"] else {})
+            post = OrderedDict({_PROBE: self.probe.post} if hooks["_forward_hooks"] else {})
+            module.__dict__.update(
+                _forward_pre_hooks=pre,
+                _forward_pre_hooks_with_kwargs=OrderedDict({_PROBE: True}),
+                _forward_hooks=post,
+                _forward_hooks_with_kwargs=OrderedDict({_PROBE: True}),
+                _forward_hooks_always_called=OrderedDict(),
+            )
+        try:
+            yield self.probe.calls
+        finally:
+            for module, hooks in self.saved.items():
+                module.__dict__.update(hooks)  # the same dict objects: removal handles still work
+
+    def notify(self, calls: list[tuple]) -> None:
+        """Each recorded call's observers, in order, on copies (the graph's tensors are overwritten by
+        the next replay)."""
+        for kind, module, args, kwargs, output in calls:
+            hooks = self.saved[module]
+            args, kwargs, output = _copy(args), _copy(kwargs), _copy(output)
+            if kind == "pre":
+                for hook_id, hook in list(hooks["_forward_pre_hooks"].items()):
+                    if hook_id in hooks["_forward_pre_hooks_with_kwargs"]:
+                        hook(module, args, kwargs)
+                    else:
+                        hook(module, args)
+            else:
+                for hook_id, hook in list(hooks["_forward_hooks"].items()):
+                    if hook_id in hooks["_forward_hooks_with_kwargs"]:
+                        hook(module, args, kwargs, output)
+                    else:
+                        hook(module, args, output)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        copied = {k: _copy(v) for k, v in value.items()}
+        return copied if type(value) is dict else type(value)(**copied)
+    return value
 
 
 class _CudaGraph:

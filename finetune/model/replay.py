@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
 
-from finetune.model import routing
+from finetune.model import graphed, routing
 
 
 def _top(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,10 +48,15 @@ class RoutingReplay:
         self._counting = False
         self.tokens = self.mismatch = self.router_mismatch = 0
         routers = routing.routers(model)
+        # Observers for decode graphs: while generating they only record (`graphed.observer`).
+        observe = graphed.observer
         self._handles = [
-            self.top.register_forward_pre_hook(self._begin, with_kwargs=True),
-            self.top.register_forward_hook(self._end),
-            *(routers[i].register_forward_hook(self._router_hook(j)) for j, i in enumerate(self.layers)),
+            self.top.register_forward_pre_hook(observe(self._begin), with_kwargs=True),
+            self.top.register_forward_hook(observe(self._end)),
+            *(
+                routers[i].register_forward_hook(observe(self._router_hook(j)))
+                for j, i in enumerate(self.layers)
+            ),
         ]
         self._generate = self.top.generate
         self.top.generate = self._recorded_generate

@@ -19,6 +19,8 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2TopkRouter,
 )
 
+from finetune.model import graphed
+
 M = TypeVar("M", bound=torch.nn.Module)
 
 
@@ -66,10 +68,12 @@ class RouterMonitor:
         self._aux_logged: list[float] = []
         self._active = False
         top = _causal_lm(model)
+        # Observers for decode graphs: without a loss (generation) they only count (`graphed.observer`).
+        observe = graphed.observer
         self._handles = [
-            top.register_forward_pre_hook(self._begin),
-            top.register_forward_hook(self._end),
-            *(r.register_forward_hook(self._router_hook(i)) for i, r in self.routers.items()),
+            top.register_forward_pre_hook(observe(self._begin)),
+            top.register_forward_hook(observe(self._end)),
+            *(r.register_forward_hook(observe(self._router_hook(i))) for i, r in self.routers.items()),
         ]
 
     def remove(self) -> None:

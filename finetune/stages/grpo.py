@@ -17,7 +17,7 @@ from trl import GRPOConfig, GRPOTrainer
 import rewards
 from finetune import data, rundir
 from finetune.errors import UserError
-from finetune.model import adapters, replay, routing
+from finetune.model import adapters, generation, replay, routing
 from finetune.schema import DataConfig, Int, Strict, train_arguments
 from finetune.stages import common
 from finetune.stages.context import StageContext
@@ -281,21 +281,23 @@ def run(
     if resume_from is None:
         samples.unlink(missing_ok=True)
     try:
-        trainer, tokenizer, trained, adapter = common.fit(
-            Trainer,
-            model,
-            inputs,
-            tokenizer,
-            out,
-            monitor,
-            resume_from,
-            kernels=ctx.kernels,
-            compiled_regions=False,  # it generates inside training: decode steps would recompile them
-            reward_funcs=inputs.reward_funcs,
-            router_monitor=monitor,
-            samples=samples,
-            samples_per_log=stage.samples_per_log,
-        )
+        # TRL generates through the model's `generate`: decoding compiled and graphed like evaluation's.
+        with generation.fast_generate(model, generation.enabled(ctx.kernels, model)):
+            trainer, tokenizer, trained, adapter = common.fit(
+                Trainer,
+                model,
+                inputs,
+                tokenizer,
+                out,
+                monitor,
+                resume_from,
+                kernels=ctx.kernels,
+                compiled_regions=False,  # it generates inside training: decode steps would recompile them
+                reward_funcs=inputs.reward_funcs,
+                router_monitor=monitor,
+                samples=samples,
+                samples_per_log=stage.samples_per_log,
+            )
     finally:
         monitor.remove()
         replayer.remove()
