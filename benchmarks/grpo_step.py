@@ -4,16 +4,18 @@ The model is what a run trains: every linear layer but lm_head in bitsandbytes N
 in NF4 (`NF4Experts`), LoRA r=16 on MLA, gradient checkpointing. The step is the GRPO stage's own
 trainer (`finetune.stages.grpo.Trainer`, TRL's GRPOTrainer) with routing replay on: 8 prompts × 8
 generations × 256 new tokens (EOS ignored), 64-token prompts, 16 completions per micro-batch, 4
-micro-batches per optimizer step. Phases: generation (transformers `generate`), log-probs without
+micro-batches per optimizer step (`--kernels`: as under `model.kernels: auto`, rollouts from the graphed
+decode step). Phases: generation (transformers `generate`), log-probs without
 gradient (TRL's old-policy pass; a reference pass too when --beta > 0), the policy forward with
 gradient, backward, and the rest (rewards, advantages, optimizer).
 
-    PYTHONUNBUFFERED=1 python benchmarks/grpo_step.py --out grpo.json [--layers 27] [--steps 2]
+    PYTHONUNBUFFERED=1 python benchmarks/grpo_step.py --out grpo.json [--layers 27] [--steps 2] [--kernels]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -24,7 +26,7 @@ from datasets import Dataset
 from moe_qlora import quantize_linears  # benchmarks/ is on sys.path when this script runs
 from transformers import DeepseekV2ForCausalLM, PreTrainedTokenizerFast
 
-from finetune.model import adapters, replay, routing
+from finetune.model import adapters, fusion, generation, replay, routing
 from finetune.model.experts import quantize_experts
 from finetune.model.presets import preset_config
 from finetune.stages.grpo import Trainer
@@ -89,6 +91,12 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
+    parser.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="as the stage runs with model.kernels: auto (graphed decode step, fused kernels)",
+    )
     a = parser.parse_args()
 
     from trl import GRPOConfig
@@ -138,6 +146,9 @@ def main() -> None:
     )
     timer = Timer()
     top = replayer.top
+    kernels = contextlib.ExitStack()  # as stages/grpo.py and stages/common.fit run GRPO
+    kernels.enter_context(generation.fast_generate(model, a.kernels))  # inside the timer's wrapper
+    kernels.enter_context(fusion.fused(model, a.kernels, regions=False))
     top.generate = timer.wrap(top.generate, "generation")
     trainer._get_per_token_logps_and_entropies = timer.wrap(
         trainer._get_per_token_logps_and_entropies,
@@ -167,10 +178,12 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     mark.t = time.perf_counter()
-    trainer.train()
+    with kernels:
+        trainer.train()
     result = {
         "layers": a.layers,
         "replay": a.replay,
+        "kernels": a.kernels,
         "beta": a.beta,
         "shape": "8 prompts x 8 generations x 256 new tokens, prompt 64, micro-batch 16, 4 micro-batches/step",
         "steps": per_step,

@@ -13,9 +13,13 @@ timed as:
                       tokens as decode.few_token_forward does (today's eager decode path)
   gathered_compiled   the same under torch.compile (today's compiled decode step); with --with-compiled
   nf4_gemv_compiled   the kernel inside torch.compile(fullgraph=True); with --with-compiled
+  nf4_pair            decode.kernel_pair_products: the pair GEMV (finetune.kernels.nf4_pairs) the
+                      few-token decode path runs, each pair streaming its own expert, block scales
+                      decoded in the call
 
 and the kernel once per tile config of `nf4_decode.CONFIGS` (a manual sweep next to the autotuner's
-pick, which is reported too). Times are CUDA events around one call, median of --iters after --warmup;
+pick, which is reported too), the pair GEMV once per tile of `PAIR_TILES` (scales decoded once, outside
+the timing). A pair row's `gb_s` counts each pair's expert bytes. Times are CUDA events around one call, median of --iters after --warmup;
 each call is queued behind a GPU sleep so the host's launch cost is not counted (nf4_gemv_graph shows
 the host-free time of the kernel as a decode step would replay it). `gb_s` is the NF4 bytes of the
 experts that have rows (packed nibbles, uint8 absmax, fp32 absmax2), each counted once, over the median
@@ -116,7 +120,41 @@ def variants(
     for cfg in nf4_decode.CONFIGS:
         label = f"nf4_gemv[BLOCK_N={cfg.kwargs['BLOCK_N']},warps={cfg.num_warps},stages={cfg.num_stages}]"
         out[label] = lambda cfg=cfg: nf4_decode._launch(x, offsets, **kw, config=cfg)
+    # The pair GEMV the few-token decode path runs (each pair streams its own expert), scales included.
+    out["nf4_pair"] = lambda: decode.kernel_pair_products(module, name, x, ids)
+    for tile in PAIR_TILES:
+        label = "nf4_pair[BLOCK_N={},BLOCK_K={},warps={}]".format(*tile)
+        out[label] = lambda tile=tile: pair_gemv(module, name, x, ids, tile)
     return out
+
+
+PAIR_TILES = [
+    (16, 128, 2),
+    (32, 128, 4),
+    (64, 128, 4),
+    (32, 256, 4),
+    (64, 256, 8),
+    (128, 128, 8),
+    (16, 512, 4),
+]
+
+
+def pair_gemv(module: NF4Experts, name: str, x: torch.Tensor, ids: torch.Tensor, tile) -> torch.Tensor:
+    """The pair GEMV alone with one tile (the block scales decoded outside the timing's interest)."""
+    from finetune.kernels.nf4_pairs import nf4_pair_gemv
+
+    held = pair_gemv.__dict__.setdefault("scales", {})
+    key = (name, ids.data_ptr(), len(ids))
+    if key not in held:
+        shape = module._shapes[name]
+        per_blocks = shape[1] * shape[2] // module.blocksize
+        blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
+        held[key] = decode.block_scales(
+            getattr(module, f"{name}_absmax"), weight_args(module, name)["nested"], blocks
+        )
+    code = getattr(module, f"{name}_code").float()
+    packed = getattr(module, f"{name}_packed")
+    return nf4_pair_gemv(x, ids, packed, held[key], code, module._shapes[name], module.blocksize, tile)
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -208,7 +246,7 @@ def main() -> None:
                 log(f"variants failed: {err}")
                 continue
             for variant, fn in fns.items():
-                if args.no_sweep and variant.startswith("nf4_gemv["):
+                if args.no_sweep and variant.startswith(("nf4_gemv[", "nf4_pair[")):
                     continue
                 row = {"tokens": tokens, "rows": len(ids), "weight": name, "N": n, "K": k, "variant": variant}
                 try:
@@ -224,6 +262,9 @@ def main() -> None:
                         row["max_rel"] = round(max_rel(y, ref), 6)
                     if variant.startswith("nf4_gemv"):
                         row["gb_s"] = round(nbytes / (row["median_ms"] * 1e-3) / 1e9, 1)
+                    if variant.startswith("nf4_pair"):  # every pair streams its expert
+                        pair_bytes = streamed_bytes(module, name, len(ids))
+                        row["gb_s"] = round(pair_bytes / (row["median_ms"] * 1e-3) / 1e9, 1)
                 except Exception as err:  # record and go on: one failure must not lose the run
                     row["error"] = f"{type(err).__name__}: {err}"[:2000]
                     results["errors"].append({**row, "traceback": traceback.format_exc()[-4000:]})

@@ -18,6 +18,7 @@ import triton.language as tl
 
 BLOCK_N = 32
 BLOCK_K = 128  # values a step: 64 bytes of each row
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -68,20 +69,22 @@ def _pair_gemv_op(
     code: torch.Tensor,
     n: int,
     blocksize: int,
+    tile: list[int],
 ) -> torch.Tensor:
     pairs, k = x.shape
+    block_n, block_k, warps = tile
     y = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
     if pairs:
-        grid = (pairs, triton.cdiv(n, BLOCK_N))
+        grid = (pairs, triton.cdiv(n, block_n))
         _pair_gemv_kernel[grid](
             x, y, ids, packed.reshape(-1), scales, code, n, k,
-            QB=blocksize, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
+            QB=blocksize, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
     return y
 
 
 @_pair_gemv_op.register_fake
-def _(x, ids, packed, scales, code, n, blocksize):  # type: ignore[no-untyped-def]
+def _(x, ids, packed, scales, code, n, blocksize, tile):  # type: ignore[no-untyped-def]
     return x.new_empty(x.shape[0], n)
 
 
@@ -93,13 +96,17 @@ def nf4_pair_gemv(
     code: torch.Tensor,
     shape: tuple[int, int, int],
     blocksize: int,
+    tile: tuple[int, int, int] = (BLOCK_N, BLOCK_K, NUM_WARPS),
 ) -> torch.Tensor:
     """y [P, N]: y[p] = W[ids[p]] @ x[p] for NF4 experts W of `shape` [E, N, K].
 
     `scales` [P, N*K/blocksize] fp32: the block scales of each pair's expert (`decode.block_scales`);
-    K must be a multiple of `blocksize` (each weight row starts a block).
+    K must be a multiple of `blocksize` (each weight row starts a block). `tile`: (BLOCK_N, BLOCK_K,
+    warps), powers of two (benchmarks/nf4_decode.py sweeps them).
     """
     _, n, k = shape
     if k % blocksize or x.shape[-1] != k:
         raise ValueError(f"x {tuple(x.shape)} and blocksize {blocksize} do not fit W {tuple(shape)}")
-    return _pair_gemv_op(x.contiguous(), ids.contiguous(), packed, scales.contiguous(), code, n, blocksize)
+    return _pair_gemv_op(
+        x.contiguous(), ids.contiguous(), packed, scales.contiguous(), code, n, blocksize, list(tile)
+    )
