@@ -3,7 +3,8 @@ experts, as the evaluation harness and GRPO generate (transformers `generate`, g
 
 Variants as in benchmarks/moe_qlora.py (`stock`: bf16 experts through grouped_mm; `nf4-experts`; a `+kernels`
 suffix generates as `model.kernels: auto` does: static cache, compiled decode step replayed as our CUDA
-graphs; `+compiled` is the same with transformers' compiled call, dynamo guards every token), all
+graphs, the stopping check read a step late; `+graphs` is that without the late stopping check,
+`+compiled` the compiled step through transformers' call, dynamo guards every token), all
 with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
 (prompt 64, 64 new tokens, after one warm-up call), peak GPU memory, and the KV-cache bytes per token
 read from the cache `generate` returns.
@@ -31,9 +32,11 @@ def cache_bytes_per_token(cache, tokens: int, batch: int) -> float:
 
 @torch.no_grad()
 def measure(variant: str, layers: int, batches: list[int], prompt: int, new: int) -> list[dict]:
-    fast = variant.endswith(("+kernels", "+compiled"))  # model.kernels: auto on CUDA
-    graphs = None if variant.endswith("+kernels") else False
-    model = build(variant.removesuffix("+kernels").removesuffix("+compiled"), layers, torch.bfloat16)
+    base, _, mode = variant.rpartition("+")
+    fast = mode in ("kernels", "graphs", "compiled")  # model.kernels: auto on CUDA
+    graphs = None if mode in ("kernels", "graphs") else False
+    defer = None if mode == "kernels" else False
+    model = build(base if fast else variant, layers, torch.bfloat16)
     model.gradient_checkpointing_disable()
     model.eval()
     rows = []
@@ -42,7 +45,7 @@ def measure(variant: str, layers: int, batches: list[int], prompt: int, new: int
         used: list[bool] = []  # whether our CUDA-graph step served the decode steps
 
         def run(model=model, ids=ids, used=used):
-            with generation.compiled_decoding(model, fast, graphs=graphs) as extra:
+            with generation.compiled_decoding(model, fast, graphs=graphs, defer_stop=defer) as extra:
                 used.append("get_compiled_call" in vars(generation._top(model)))
                 return model.generate(
                     input_ids=ids,

@@ -27,6 +27,7 @@ class ReplayingGraph:
     captures: ClassVar[list[ReplayingGraph]] = []
 
     def capture(self, fn, warmup, state):
+        self.replays = 0
         warmup()
         saved = [t.clone() for t in state]
         self.fn, self.output = fn, fn()
@@ -36,6 +37,7 @@ class ReplayingGraph:
         return self.output
 
     def replay(self):
+        self.replays += 1
         _copy_into(self.output, self.fn())
 
 
@@ -86,6 +88,46 @@ def test_a_new_batch_size_is_a_new_capture_and_the_first_still_replays(model):
         fast = [model.generate(**small, **extra), model.generate(**large, **extra)]
     assert all(torch.equal(a, b) for a, b in zip(fast, plain, strict=True))
     assert len(ReplayingGraph.captures) == 2
+
+
+class HostEvent:
+    """CPU stand-in for `torch.Event` (which the CPU lacks): CPU ops complete in order, so recording an
+    event and waiting on it are no-ops."""
+
+    def __init__(self, device=None, blocking=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def test_deferred_stop_check_keeps_tokens_lengths_and_cache(model, monkeypatch):
+    """The host reads the stopping flag one step late: one extra step when the rows finish early,
+    undone (the same sequences, the returned cache's position as without deferring)."""
+    monkeypatch.setattr(torch, "Event", HostEvent)
+    kwargs = {**_inputs(model, batch=2, seed=4), "max_new_tokens": 8, "return_dict_in_generate": True}
+    plain = model.generate(**kwargs)
+    # Each row's third new token ends it: every row stops early, before max_new_tokens.
+    eos = sorted(set(plain.sequences[:, 7 + 2].tolist()))
+    early = model.generate(**kwargs, eos_token_id=eos)
+    assert early.sequences.shape[1] < plain.sequences.shape[1]
+    replays = []
+    for expected, extra_kwargs in ((plain, {}), (early, {"eos_token_id": eos})):
+        for defer in (False, True):
+            ReplayingGraph.captures.clear()
+            with generation.compiled_decoding(
+                model, True, compile_config=EAGER, graphs=ReplayingGraph, defer_stop=defer
+            ) as extra:
+                out = model.generate(**kwargs, **extra_kwargs, **extra)
+            assert torch.equal(out.sequences, expected.sequences)
+            length = out.sequences.shape[1] - 1  # the last token is never fed back
+            assert all(int(layer.cumulative_length) == length for layer in out.past_key_values.layers)
+            replays.append(ReplayingGraph.captures[0].replays)
+    # Deferring runs one more step only where generation stops before its length limit.
+    assert replays[1] == replays[0] and replays[3] == replays[2] + 1
 
 
 def test_graphs_are_capped_oldest_first():

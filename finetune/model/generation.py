@@ -46,13 +46,15 @@ def compiled_decoding(
     *,
     compile_config: CompileConfig | None = None,
     graphs: bool | Callable[[], Any] | None = None,
+    defer_stop: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
 
     `compile_config` defaults to transformers' (inductor, CUDA graphs); tests pass a cheaper backend.
     `graphs`: replay the compiled step as our own CUDA graphs (`graphed.GraphedStep`, no guards per
     token); None = where the model is on CUDA and has no forward hooks but `graphed.observer`s,
-    False = transformers' compiled call, or a graph factory (tests).
+    False = transformers' compiled call, or a graph factory (tests). `defer_stop`: let `generate` check
+    its stopping criteria one step late (`_deferred_stop_check`); None = with our graphs on CUDA.
     """
     if not on:
         yield {}
@@ -85,8 +87,11 @@ def compiled_decoding(
         compiled = _compiled_step(top, top.generation_config.compile_config)
         step = graphed.GraphedStep(compiled, factory, model=top)
         top.get_compiled_call = lambda *args, **kwargs: step
+    if defer_stop is None:
+        defer_stop = bool(graphs) and next(model.parameters()).device.type == "cuda"
     try:
-        yield {"cache_implementation": "static"}
+        with _deferred_stop_check(defer_stop):
+            yield {"cache_implementation": "static"}
     finally:
         del top._valid_auto_compile_criteria
         if graphs:
@@ -121,6 +126,31 @@ def fast_generate(model: torch.nn.Module, on: bool, **decoding: Any) -> Iterator
             top.generate = plain
         else:
             del top.generate
+
+
+@contextlib.contextmanager
+def _deferred_stop_check(on: bool) -> Iterator[None]:
+    """transformers' `generate` reads its stopping flag on the host after every step, so the host waits
+    for the GPU each token and its own per-step Python (inputs, mask, logits processing, the graph
+    launch) adds to the GPU time. Its `DeferredStopCheck` reads the flag one step late, letting the host
+    prepare the next step meanwhile (one extra step, undone at the end); transformers enables it for
+    `mps` only, and it is asked for CUDA here."""
+    if not on:
+        yield
+        return
+    from transformers.generation import utils as generation_utils
+
+    check = generation_utils.DeferredStopCheck
+    asked = check.__dict__["is_supported"]
+
+    def is_supported(device: torch.device, *args: Any, **kwargs: Any) -> bool:
+        return asked.__func__(torch.device("mps"), *args, **kwargs)  # its checks as for mps
+
+    check.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        check.is_supported = asked
 
 
 def _compiled_step(top: torch.nn.Module, config: CompileConfig | None) -> Callable[..., Any]:
