@@ -5,7 +5,9 @@ the GPU (docs/benchmarks.md). transformers compiles the step itself when the cac
 refuses for bitsandbytes models (`hf_quantizer.is_compileable` is False) and TRL sets
 `disable_compile`. bitsandbytes' 4-bit ops are torch custom ops that compile, and `NF4Experts` has no
 data-dependent shape on this path (`decode.few_token_forward` for small steps), so inside
-`compiled_decoding` the check is answered yes.
+`compiled_decoding` the check is answered yes. On CUDA the compiled step is then replayed as our own
+CUDA graphs (`graphed.py`: no guard evaluation per token) and `generate` reads its stopping flag a
+step late, so the host prepares the next step while the GPU runs this one.
 """
 
 from __future__ import annotations
