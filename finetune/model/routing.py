@@ -109,7 +109,10 @@ class RouterMonitor:
             logits, _, top_k = output
             experts = logits.shape[-1]
             with torch.no_grad():
-                counts = torch.bincount(top_k.flatten(), minlength=experts)
+                # Not bincount: on CUDA it reads the largest id on the host, a sync per layer and step.
+                flat = top_k.flatten()
+                counts = torch.zeros(experts, dtype=torch.long, device=flat.device)
+                counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
             if self.aux_loss_coef and module.training and torch.is_grad_enabled():
                 # Computed in the checkpoint recomputation too (then discarded): non-reentrant
                 # checkpointing requires the recomputed graph to save the same tensors as the forward.
