@@ -3,6 +3,8 @@ imported, so not switchable inside the test process)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,3 +21,15 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def unusable() -> str | None:
+    """Why Triton's interpreter cannot run our kernels here, or None."""
+    if importlib.util.find_spec("triton") is None:  # CPU-only torch wheels do not bring triton
+        return "triton is not installed"
+    version = importlib.metadata.version("triton")
+    if tuple(int(part) for part in version.split(".")[:2]) < (3, 8):
+        # Triton 3.6's interpreter fails on any `range` loop over a scalar kernel argument under numpy 2
+        # ("only 0-dimensional arrays can be converted"; a 3-line kernel shows it, as did the H200 host).
+        return f"triton {version}'s interpreter cannot run these kernels (3.8 or later)"
+    return None

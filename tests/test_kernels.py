@@ -16,8 +16,6 @@ bf16 inputs 2e-2 (bf16 rounding of inputs, weight and LoRA intermediate).
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import sys
@@ -27,15 +25,8 @@ import pytest
 
 from tests import interpreter
 
-if importlib.util.find_spec("triton") is None:  # CPU-only torch wheels do not bring triton
-    pytest.skip("triton is not installed", allow_module_level=True)
-_TRITON = importlib.metadata.version("triton")
-if tuple(int(part) for part in _TRITON.split(".")[:2]) < (3, 8):
-    # Triton 3.6's interpreter fails on any `range` loop over a scalar kernel argument under numpy 2
-    # ("only 0-dimensional arrays can be converted"; a 3-line kernel shows it, as did the H200 host).
-    pytest.skip(
-        f"triton {_TRITON}'s interpreter cannot run these kernels (3.8 or later)", allow_module_level=True
-    )
+if why := interpreter.unusable():
+    pytest.skip(why, allow_module_level=True)
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
 # name: (E, N, K, rows per expert, double quant, LoRA experts (None: no LoRA, "all", or a list), r, dtype)

@@ -16,8 +16,6 @@ weight back, which must equal bitsandbytes' bf16 `dequantize_4bit` bit for bit.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import sys
@@ -27,14 +25,8 @@ import pytest
 
 from tests import interpreter
 
-if importlib.util.find_spec("triton") is None:  # CPU-only torch wheels do not bring triton
-    pytest.skip("triton is not installed", allow_module_level=True)
-_TRITON = importlib.metadata.version("triton")
-if tuple(int(part) for part in _TRITON.split(".")[:2]) < (3, 8):
-    # 3.6's interpreter fails on `range` loops over kernel arguments under numpy 2 (see test_kernels.py).
-    pytest.skip(
-        f"triton {_TRITON}'s interpreter cannot run the kernel (3.8 or later)", allow_module_level=True
-    )
+if why := interpreter.unusable():
+    pytest.skip(why, allow_module_level=True)
 
 TOL = {"float32": 1e-5, "bfloat16": 5e-3}
 # name: (E, N, K, blocksize, double quant, tokens, top-k, dtype, via NF4Experts)

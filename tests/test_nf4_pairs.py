@@ -37,6 +37,7 @@ CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(interpreter.unusable() is not None, reason=str(interpreter.unusable()))
 def test_pair_gemv_matches_the_decoded_weights_under_the_interpreter():
     done = interpreter.run(["-c", CHECK])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
