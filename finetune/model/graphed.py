@@ -23,6 +23,7 @@ the model off graphs (`blocks_graphs`).
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -204,8 +205,6 @@ class _Observed:
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[list[tuple]]:
-        from collections import OrderedDict
-
         self.probe.calls.clear()
         for module, hooks in self.saved.items():
             pre = OrderedDict({_PROBE: self.probe.pre} if hooks["_forward_pre_hooks"] else {})
