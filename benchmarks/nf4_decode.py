@@ -50,6 +50,7 @@ import triton
 from timing import route, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import nf4_decode
+from finetune.kernels.nf4_pairs import nf4_pair_gemv
 from finetune.model import decode
 from finetune.model.experts import NF4Experts
 
@@ -66,14 +67,10 @@ def max_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def weight_args(module: NF4Experts, name: str) -> dict:
     """The plain arguments of nf4_expert_gemv for weight `name` of an NF4Experts."""
-    nested = None
-    if name in module._nested_blocksize:
-        parts = (getattr(module, f"{name}_{p}") for p in ("absmax2", "code2", "offset"))
-        nested = (*parts, module._nested_blocksize[name])
     return dict(
         packed=getattr(module, f"{name}_packed"),
         absmax=getattr(module, f"{name}_absmax"),
-        nested=nested,
+        nested=decode.nested_state(module, name),
         code=getattr(module, f"{name}_code"),
         shape=module._shapes[name],
         blocksize=module.blocksize,
@@ -122,9 +119,15 @@ def variants(
         out[label] = lambda cfg=cfg: nf4_decode._launch(x, offsets, **kw, config=cfg)
     # The pair GEMV the few-token decode path runs (each pair streams its own expert), scales included.
     out["nf4_pair"] = lambda: decode.kernel_pair_products(module, name, x, ids)
+    # The tile sweep times the kernel alone: its block scales decoded once, here.
+    _, n, k = module._shapes[name]
+    scales = decode.expert_block_scales(kw["absmax"], kw["nested"], ids, n * k // module.blocksize)
+    code = kw["code"].float()
     for tile in PAIR_TILES:
         label = "nf4_pair[BLOCK_N={},BLOCK_K={},warps={}]".format(*tile)
-        out[label] = lambda tile=tile: pair_gemv(module, name, x, ids, tile)
+        out[label] = lambda tile=tile: nf4_pair_gemv(
+            x, ids, kw["packed"], scales, code, kw["shape"], kw["blocksize"], tile
+        )
     return out
 
 
@@ -137,24 +140,6 @@ PAIR_TILES = [
     (128, 128, 8),
     (16, 512, 4),
 ]
-
-
-def pair_gemv(module: NF4Experts, name: str, x: torch.Tensor, ids: torch.Tensor, tile) -> torch.Tensor:
-    """The pair GEMV alone with one tile (the block scales decoded outside the timing's interest)."""
-    from finetune.kernels.nf4_pairs import nf4_pair_gemv
-
-    held = pair_gemv.__dict__.setdefault("scales", {})
-    key = (name, ids.data_ptr(), len(ids))
-    if key not in held:
-        shape = module._shapes[name]
-        per_blocks = shape[1] * shape[2] // module.blocksize
-        blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
-        held[key] = decode.block_scales(
-            getattr(module, f"{name}_absmax"), weight_args(module, name)["nested"], blocks
-        )
-    code = getattr(module, f"{name}_code").float()
-    packed = getattr(module, f"{name}_packed")
-    return nf4_pair_gemv(x, ids, packed, held[key], code, module._shapes[name], module.blocksize, tile)
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -51,11 +51,30 @@ def gathered_weights(
     values = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).view(
         len(ids), per_expert // blocksize, blocksize
     )
-    per_blocks = per_expert // blocksize
-    blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
-    block = block_scales(absmax, nested, blocks)
+    block = expert_block_scales(absmax, nested, ids, per_expert // blocksize)
     weights = code[values.long()] * block.unsqueeze(-1)
     return weights.view(len(ids), n, k).to(dtype)
+
+
+def expert_block_scales(
+    absmax: torch.Tensor,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
+    ids: torch.Tensor,
+    per_expert: int,
+) -> torch.Tensor:
+    """fp32 [len(ids), per_expert]: the block scales of experts `ids`, each `per_expert` blocks long."""
+    blocks = ids.unsqueeze(-1) * per_expert + torch.arange(per_expert, device=ids.device)
+    return block_scales(absmax, nested, blocks)
+
+
+def nested_state(
+    module: torch.nn.Module, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """`block_scales`' `nested` for weight `name` of an `NF4Experts`: None without double quantization."""
+    if name not in module._nested_blocksize:
+        return None
+    parts = (getattr(module, f"{name}_{part}") for part in ("absmax2", "code2", "offset"))
+    return (*parts, module._nested_blocksize[name])
 
 
 def pair_products(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -93,18 +112,10 @@ def expert_weights(module: torch.nn.Module, name: str, ids: torch.Tensor) -> tor
     shape = module._shapes[name]
     if (shape[1] * shape[2]) % module.blocksize:  # blocks straddle experts: no per-expert slices
         return module.dequantize(name)[ids]
-    nested = None
-    if name in module._nested_blocksize:
-        nested = (
-            getattr(module, f"{name}_absmax2"),
-            getattr(module, f"{name}_code2"),
-            getattr(module, f"{name}_offset"),
-            module._nested_blocksize[name],
-        )
     return gathered_weights(
         getattr(module, f"{name}_packed"),
         getattr(module, f"{name}_absmax"),
-        nested,
+        nested_state(module, name),
         getattr(module, f"{name}_code"),
         shape,
         ids,
@@ -183,12 +194,9 @@ def kernel_pair_products(
     from finetune.kernels.nf4_pairs import nf4_pair_gemv  # triton: imported where it is used
 
     shape = module._shapes[name]
-    per_blocks = shape[1] * shape[2] // module.blocksize
-    blocks = ids.unsqueeze(-1) * per_blocks + torch.arange(per_blocks, device=ids.device)
-    nested = None
-    if name in module._nested_blocksize:
-        parts = (getattr(module, f"{name}_{part}") for part in ("absmax2", "code2", "offset"))
-        nested = (*parts, module._nested_blocksize[name])
-    scales = block_scales(getattr(module, f"{name}_absmax"), nested, blocks)
+    per_expert = shape[1] * shape[2] // module.blocksize
+    scales = expert_block_scales(
+        getattr(module, f"{name}_absmax"), nested_state(module, name), ids, per_expert
+    )
     code = getattr(module, f"{name}_code").float()
     return nf4_pair_gemv(x, ids, getattr(module, f"{name}_packed"), scales, code, shape, module.blocksize)
