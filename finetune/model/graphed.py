@@ -37,7 +37,7 @@ class _Entry:
     inputs: dict[str, torch.Tensor]
     output: Any
     keep: Any  # the cache object, so its id (part of the key) cannot be reused while the graph lives
-    observed: _Observed | None  # the modules with observer hooks when it was captured
+    observed: _Observed  # the modules with observer hooks when it was captured
     calls: list[tuple]  # what the observers saw at capture: (kind, module, args, kwargs, output)
 
 
@@ -76,9 +76,6 @@ class GraphedStep:
         else:
             for name, buffer in entry.inputs.items():
                 buffer.copy_(kwargs[name])
-        if entry.observed is None:
-            entry.graph.replay()
-            return entry.output
         # Replayed as captured, probe in place (a CUDA graph runs no Python; a stand-in that reruns
         # the step, as the CPU tests' does, must not run the observers themselves).
         with entry.observed.probing():
@@ -91,13 +88,8 @@ class GraphedStep:
         static = {**kwargs, **inputs}
         graph = self.graph_factory()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        observed = _Observed(self.model) if self.model is not None else None
-        if observed is None or not observed.saved:
-            output, _ = graph.capture(
-                lambda: (self.step(**static), []), lambda: self._warm(static), _counters(cache)
-            )
-            return _Entry(graph, inputs, output, cache, None, [])
-        if blocks_graphs(self.model):
+        observed = _Observed(self.model)
+        if self.model is not None and blocks_graphs(self.model):
             raise RuntimeError("a forward hook that is not a graphed.observer was added while decoding")
         with observed.probing() as calls:
             # The probe's records are outputs of the captured region, as the step's own output is.
@@ -108,7 +100,7 @@ class GraphedStep:
             )
         return _Entry(graph, inputs, output, cache, observed, records)
 
-    def _warm(self, static: dict[str, Any], calls: list | None = None) -> None:
+    def _warm(self, static: dict[str, Any], calls: list) -> None:
         """One uncaptured call (compilation, lazy allocations), its cache counters put back and its
         observer records dropped: the replay after capture is the step."""
         cache = static.get("cache", static.get("past_key_values"))
@@ -117,8 +109,7 @@ class GraphedStep:
         self.step(**static)
         for counter, value in zip(counters, saved, strict=True):
             counter.copy_(value)
-        if calls is not None:
-            calls.clear()
+        calls.clear()
 
     def clear(self) -> None:
         self.entries.clear()
@@ -186,9 +177,13 @@ class _Probe:
 
 
 class _Observed:
-    """The modules with observer hooks: their hook dicts, swapped for the probe's while `probing`."""
+    """The modules with observer hooks: their hook dicts, swapped for the probe's while `probing`
+    (none without a model: then probing swaps nothing and records nothing)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module | None):
+        if model is None:
+            self.probe, self.saved = _Probe(), {}
+            return
         self.probe = model.__dict__.setdefault("_finetune_graph_probe", _Probe())
         names = (
             "_forward_pre_hooks",
