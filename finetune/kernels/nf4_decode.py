@@ -29,17 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from finetune.kernels.nf4_grouped import _mm  # acc + a @ b, fp32 under the interpreter
+
 Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 # ------------------------------------------------------------------------------------------ kernel
-
-
-@triton.jit
-def _dot(x, w, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc + x @ w.T; DOT_FP32 multiplies in fp32 (the interpreter's bf16 dot is wrong), inputs already rounded."""
-    if DOT_FP32:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -117,8 +111,8 @@ def _nf4_gemv_kernel(
             w_lo = _rne(tl.load(code_ptr + (byte & 0xF)) * scale[:, None], ROUND_BITS).to(dt)
             x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=m_mask[:, None], other=0.0)
             x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=m_mask[:, None], other=0.0)
-            acc = _dot(x_even, w_hi, acc, PRECISION, DOT_FP32)
-            acc = _dot(x_odd, w_lo, acc, PRECISION, DOT_FP32)
+            acc = _mm(x_even, tl.trans(w_hi), acc, PRECISION, DOT_FP32)
+            acc = _mm(x_odd, tl.trans(w_lo), acc, PRECISION, DOT_FP32)
         tl.store(
             y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
             _rne(acc, ROUND_BITS).to(y_ptr.dtype.element_ty),
