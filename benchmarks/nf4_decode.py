@@ -39,15 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import traceback
 from collections.abc import Callable
 
-import bitsandbytes as bnb
 import torch
-import triton
-from timing import route, time_fn  # benchmarks/ is on sys.path when this script runs
+from timing import results_head, route, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import nf4_decode
 from finetune.kernels.nf4_pairs import nf4_pair_gemv
@@ -185,16 +182,7 @@ def main() -> None:
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
 
-    results: dict = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bitsandbytes": bnb.__version__,
-        "python": platform.python_version(),
-        "args": vars(args),
-        "runs": [],
-        "errors": [],
-    }
+    results = results_head(args, torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)")
 
     def save() -> None:
         with open(args.out, "w") as f:

@@ -34,14 +34,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import traceback
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
-import triton
-from timing import route, time_fn  # benchmarks/ is on sys.path when this script runs
+from timing import results_head, route, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 from finetune.kernels import nf4_grouped as kernels_module
@@ -205,16 +202,7 @@ def main() -> None:
     if not CUDA:
         import finetune.model  # noqa: F401  (exact CPU 4-bit kernels for bitsandbytes)
 
-    results: dict = {
-        "device": torch.cuda.get_device_name() if CUDA else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bitsandbytes": bnb.__version__,
-        "python": platform.python_version(),
-        "args": vars(args),
-        "runs": [],
-        "errors": [],
-    }
+    results = results_head(args, torch.cuda.get_device_name() if CUDA else "cpu")
 
     def save() -> None:
         with open(args.out, "w") as f:

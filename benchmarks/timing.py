@@ -1,7 +1,8 @@
-"""Shared by the kernel benchmarks (nf4_gemm.py, nf4_decode.py): a skewed router and a timer."""
+"""Shared by the kernel benchmarks (nf4_gemm.py, nf4_decode.py): a skewed router, a timer, the JSON's head."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -48,4 +49,21 @@ def time_fn(fn: Callable[[], object], cuda: bool, iters: int, warmup: int, sleep
         "median_ms": round(statistics.median(times), 4),
         "min_ms": round(min(times), 4),
         "first_call_s": round(first, 3),
+    }
+
+
+def results_head(args: object, device: str) -> dict:
+    """The start of a kernel benchmark's JSON: where and with what it ran, and empty run/error lists."""
+    import bitsandbytes
+    import triton
+
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
+        "args": vars(args),
+        "runs": [],
+        "errors": [],
     }
