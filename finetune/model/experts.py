@@ -508,12 +508,11 @@ class NF4Experts(nn.Module):
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
-        # Weight and sum in fp32; gathering back through the inverse permutation and summing over K
-        # is deterministic on CUDA, unlike index_add_ with repeated token indices.
+        # Weight and sum in fp32 (`fusion.weighted_sum`); fused, the same with a gather-only backward.
         if self.fused:
-            return fusion.combine(y, top_k_weights, perm, inverse).to(hidden_states.dtype)
-        y = y.float() * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
-        out = y[inverse].view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
+            out = fusion.combine(y, top_k_weights, perm, inverse)
+        else:
+            out = fusion.weighted_sum(y, top_k_weights, inverse)
         return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:

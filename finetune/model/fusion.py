@@ -60,7 +60,9 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu(*gate_up.chunk(2, dim=-1))
 
 
-def _combine_fwd(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[inverse[t*K + k]] in fp32: expert-sorted rows back to their tokens
+    (gathers and a sum over K: deterministic, unlike index_add_ with repeated token indices)."""
     tokens, top_k = weights.shape
     rows = y[inverse].view(tokens, top_k, -1).float()
     return (rows * weights.float().unsqueeze(-1)).sum(dim=1)
@@ -84,7 +86,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weights, perm, inverse):  # type: ignore[override]
         ctx.save_for_backward(y, weights, perm, inverse)
-        return compile_once("combine_fwd", _combine_fwd)(y, weights, inverse)
+        return compile_once("combine_fwd", weighted_sum)(y, weights, inverse)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
