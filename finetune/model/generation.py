@@ -82,15 +82,16 @@ def compiled_decoding(
     hooks = {k: f for k, f in embeddings._forward_hooks.items() if _input_grads_hook(f)}
     for k in hooks:
         del embeddings._forward_hooks[k]
+    on_cuda = next(model.parameters()).device.type == "cuda"
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
-        graphs = next(model.parameters()).device.type == "cuda" and not graphed.blocks_graphs(model)
+        graphs = on_cuda and not graphed.blocks_graphs(model)
     if graphs:
         factory = graphs if callable(graphs) else None
         compiled = _compiled_step(top, top.generation_config.compile_config)
         step = graphed.GraphedStep(compiled, factory, model=top)
         top.get_compiled_call = lambda *args, **kwargs: step
     if defer_stop is None:
-        defer_stop = bool(graphs) and next(model.parameters()).device.type == "cuda"
+        defer_stop = bool(graphs) and on_cuda
     try:
         with _deferred_stop_check(defer_stop):
             yield {"cache_implementation": "static"}
