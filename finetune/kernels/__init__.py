@@ -4,6 +4,7 @@ Importing this package needs triton; callers that may run without it should impo
 """
 
 from finetune.kernels.nf4_decode import nf4_expert_gemv
+from finetune.kernels.nf4_dequant import nf4_dequantize
 from finetune.kernels.nf4_grouped import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 
-__all__ = ["NF4Weight", "nf4_expert_gemv", "nf4_grouped_linear", "nf4_grouped_mm"]
+__all__ = ["NF4Weight", "nf4_dequantize", "nf4_expert_gemv", "nf4_grouped_linear", "nf4_grouped_mm"]

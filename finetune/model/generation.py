@@ -34,6 +34,10 @@ def enabled(kernels: str, model: torch.nn.Module) -> bool:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     on_cuda = next(model.parameters()).device.type == "cuda"
+    # NF4 experts dequantize whole weights (steps of more tokens than experts) through our kernel.
+    dequant = {m: m.dequant_kernel for m in model.modules() if hasattr(m, "dequant_kernel")}
+    for m in dequant:
+        m.dequant_kernel = True
     return kernels == "auto" and on_cuda and not fsdp.is_sharded(model)
 
 
@@ -83,6 +87,10 @@ def compiled_decoding(
     for k in hooks:
         del embeddings._forward_hooks[k]
     on_cuda = next(model.parameters()).device.type == "cuda"
+    # NF4 experts dequantize whole weights (steps of more tokens than experts) through our kernel.
+    dequant = {m: m.dequant_kernel for m in model.modules() if hasattr(m, "dequant_kernel")}
+    for m in dequant:
+        m.dequant_kernel = True
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
         graphs = on_cuda and not graphed.blocks_graphs(model)
     if graphs:
@@ -104,6 +112,8 @@ def compiled_decoding(
         torch._dynamo.config.recompile_limit = limit
         torch._dynamo.config.skip_nnmodule_hook_guards = skip_hooks
         embeddings._forward_hooks.update(hooks)
+        for m, previous_dequant in dequant.items():
+            m.dequant_kernel = previous_dequant
 
 
 @contextlib.contextmanager
