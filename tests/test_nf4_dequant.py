@@ -335,9 +335,10 @@ def test_cuda_kernel_past_int32_offsets():
 # ----------------------------------------------------------------------------- wiring
 
 
-def test_kernels_auto_switches_the_experts_dequantization(monkeypatch):
-    """`model.kernels: auto` turns the kernel on in training (fusion) and in compiled decoding, and each
-    puts back what it found; `NF4Experts.dequantize` calls it only on CUDA (here: bitsandbytes)."""
+def test_compiled_decoding_switches_the_experts_dequantization(monkeypatch):
+    """Compiled decoding (`model.kernels: auto` in generation) turns the kernel on and puts back what it
+    found; training's fusion leaves it off; `NF4Experts.dequantize` calls it only on CUDA (here:
+    bitsandbytes)."""
     from finetune.model import fusion, generation
     from finetune.model.experts import NF4Experts
     from finetune.model.load import load_model, resolve_source
@@ -346,15 +347,16 @@ def test_kernels_auto_switches_the_experts_dequantization(monkeypatch):
     experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
     assert experts and not any(m.dequant_kernel for m in experts)
     with fusion.fused(model, True, regions=False):
-        assert all(m.dequant_kernel for m in experts)
-        with generation.compiled_decoding(model, True, graphs=False):
+        assert not any(m.dequant_kernel for m in experts)
+        with generation.compiled_decoding(model, True, graphs=False):  # GRPO's rollouts in a fit
             assert all(m.dequant_kernel for m in experts)
-        assert all(m.dequant_kernel for m in experts)  # GRPO's rollouts inside a fused fit
-    assert not any(m.dequant_kernel for m in experts)
+        assert not any(m.dequant_kernel for m in experts)
+    experts[1].dequant_kernel = True
     with generation.compiled_decoding(model, True, graphs=False):
         assert all(m.dequant_kernel for m in experts)
-    assert not any(m.dequant_kernel for m in experts)
-    with fusion.fused(model, False), generation.compiled_decoding(model, False):
+    assert [m.dequant_kernel for m in experts] == [False, True] + [False] * (len(experts) - 2)
+    experts[1].dequant_kernel = False
+    with generation.compiled_decoding(model, False):
         assert not any(m.dequant_kernel for m in experts)
 
     import finetune.kernels.nf4_dequant as kernel

@@ -208,8 +208,8 @@ class NF4Experts(nn.Module):
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
         self.fused = False  # SwiGLU and the weighted combine as compiled kernels (finetune.model.fusion)
-        # Whole-weight dequantization through our Triton kernel on CUDA (`model.kernels: auto`: set by
-        # fusion.apply and generation.compiled_decoding); bit for bit bitsandbytes' result.
+        # Whole-weight dequantization through our Triton kernel on CUDA, bit for bit bitsandbytes' result
+        # (set by generation.compiled_decoding; in training it measured no faster: docs/benchmarks.md).
         self.dequant_kernel = False
         # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
         self.checkpointed: Callable[[], bool] = lambda: False

@@ -192,7 +192,7 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
                 module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
         elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
-            module.fused = module.dequant_kernel = True
+            module.fused = True
             counts["experts"] += 1
             probe = torch.empty(0, dtype=module.compute_dtype, device=next(module.parameters()).device)
             if regions and module.compiles_whole(probe):  # else its host-side loop would break the graph
@@ -221,7 +221,7 @@ def remove(model: nn.Module) -> None:
         if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP, DeepseekV2Attention, NF4Experts)):
             module.__dict__.pop("forward", None)  # the class's forward again
         if isinstance(module, NF4Experts):
-            module.fused = module.dequant_kernel = False
+            module.fused = False
             module.checkpointed = lambda: False
 
 
