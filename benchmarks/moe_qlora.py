@@ -11,7 +11,11 @@ Suffixes that combine with any variant:
   +bf16          trainable parameters cast to bf16, as TRL's trainers do on a quantized model (else fp32)
   +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
 
-    PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3]
+    PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
+
+`--rounds N` measures the variant list N times over, interleaved (stock, ours, stock, ours, ...), and
+adds per variant the median tokens/s and its ratio to the first variant's in the same round: on the
+H200 two runs of one commit differed by up to 25 % (docs/benchmarks.md), a single round's ratio less.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import time
 
 import bitsandbytes as bnb
@@ -125,6 +130,7 @@ def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset:
         if step:  # the first step warms up kernels and the allocator
             times.append(time.perf_counter() - start)
     step_s = sum(times) / len(times)
+    step_times = [round(t, 4) for t in times]
     result = {
         "variant": variant,
         "preset": preset,
@@ -132,6 +138,7 @@ def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset:
         "batch": batch,
         "seq": seq,
         "step_s": round(step_s, 4),
+        "step_times": step_times,
         "tokens_per_s": round(batch * seq / step_s),
         "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
         "allocated_after_build_gb": round(weight_bytes / 1e9, 2),
@@ -156,17 +163,41 @@ def main() -> None:
     parser.add_argument("--variants", default="stock,nf4-experts,nf4-experts+lora")
     parser.add_argument("--preset", default="v2-lite", help="v2 for DeepSeek-V2 (236B) shapes; cut --layers")
     parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="the variant list measured N times, interleaved"
+    )
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
-    for variant in args.variants.split(","):
-        row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
-        print(json.dumps(row))
-        results["runs"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    variants = args.variants.split(",")
+    for round_ in range(args.rounds):
+        for variant in variants:
+            row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
+            row["round"] = round_
+            print(json.dumps(row))
+            results["runs"].append(row)
+            if args.rounds > 1:
+                results["summary"] = summary(results["runs"], variants)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+def summary(runs: list[dict], variants: list[str]) -> dict:
+    """Per variant: tokens/s of every round, their median, and the median of its ratio to the first
+    variant's tokens/s in the same round (the comparison least moved by the machine's drift)."""
+    base = {r["round"]: r["tokens_per_s"] for r in runs if r["variant"] == variants[0] and "round" in r}
+    out = {}
+    for variant in variants:
+        rows = [r for r in runs if r["variant"] == variant and "round" in r]
+        ratios = [r["tokens_per_s"] / base[r["round"]] for r in rows if r["round"] in base]
+        out[variant] = {
+            "tokens_per_s": [r["tokens_per_s"] for r in rows],
+            "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "median_ratio_to_first": round(statistics.median(ratios), 3) if ratios else None,
+        }
+    return out
 
 
 if __name__ == "__main__":
