@@ -7,10 +7,7 @@ weight is dequantized to --dtype (bf16) as:
 
   bnb_dequantize_4bit       bitsandbytes.functional.dequantize_4bit (what NF4Experts runs today)
   nf4_dequant               finetune.kernels.nf4_dequant.nf4_dequantize, default (block, num_warps)
-  nf4_dequant_out           the same into a preallocated output (no allocation in the call)
-  nf4_dequant[block=B,warps=W,words=0|1]  one row per swept launch config (--configs): bytes a
-                            program, warps, and how a byte's two values are stored (0: tl.join,
-                            1: one 32-bit word, 64-bit for fp32)
+  nf4_dequant[block=B,warps=W]  one row per swept launch config (--configs): bytes a program, warps
 
 Times are CUDA events around one call, median of --iters after --warmup, each call queued behind a GPU
 sleep so the host's launch cost is not counted. `gb_s` is (bytes read + bytes written) over the median
@@ -42,8 +39,8 @@ from timing import results_head, time_fn  # benchmarks/ is on sys.path when this
 
 from finetune.kernels import nf4_dequant
 
-# block (bytes a program) x num_warps, a trailing "w": each byte's two values stored as one word (words=True)
-CONFIGS = "1024x4,2048x4,2048x8,4096x8,8192x8,1024x4w,2048x4w,2048x8w,4096x8w,8192x8w"
+# block (bytes a program) x num_warps
+CONFIGS = "1024x4,2048x4,2048x8,4096x8,8192x8"
 SMOKE_SHAPES = "4x80x64,4x64x40"  # gate_up-like, and down-like rows that straddle 64-value blocks
 
 
@@ -55,12 +52,12 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in s.split("x")) for s in text.split(",") if s.strip()]
 
 
-def parse_configs(text: str) -> list[tuple[int, int, bool]]:
-    """--configs as (block, num_warps, words): "2048x4,2048x4w" -> [(2048, 4, False), (2048, 4, True)]."""
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """--configs as (block, num_warps): "2048x4,4096x8" -> [(2048, 4), (4096, 8)]."""
     configs = []
     for item in (c.strip() for c in text.split(",") if c.strip()):
-        block, warps = item.removesuffix("w").split("x")
-        configs.append((int(block), int(warps), item.endswith("w")))
+        block, warps = item.split("x")
+        configs.append((int(block), int(warps)))
     return configs
 
 
@@ -74,19 +71,17 @@ def moved_bytes(state: bnbf.QuantState, dtype: torch.dtype) -> int:
 
 
 def variants(
-    packed: torch.Tensor, state: bnbf.QuantState, dtype: torch.dtype, configs: list[tuple[int, int, bool]]
+    packed: torch.Tensor, state: bnbf.QuantState, dtype: torch.dtype, configs: list[tuple[int, int]]
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """variant -> a call returning the dequantized tensor (the reference first)."""
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     fns: dict[str, Callable[[], torch.Tensor]] = {
         "bnb_dequantize_4bit": lambda: bnbf.dequantize_4bit(packed, state),
         "nf4_dequant": lambda: nf4_dequant.nf4_dequantize(packed, state, dtype),
-        "nf4_dequant_out": lambda: nf4_dequant.nf4_dequantize(packed, state, dtype, out=out),
     }
-    for block, warps, words in configs:
-        label = f"nf4_dequant[block={block},warps={warps},words={int(words)}]"
-        fns[label] = lambda b=block, w=warps, x=words: nf4_dequant.nf4_dequantize(
-            packed, state, dtype, block=b, num_warps=w, words=x
+    for block, warps in configs:
+        label = f"nf4_dequant[block={block},warps={warps}]"
+        fns[label] = lambda b=block, w=warps: nf4_dequant.nf4_dequantize(
+            packed, state, dtype, block=b, num_warps=w
         )
     return fns
 
@@ -102,7 +97,7 @@ def main() -> None:
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--configs", default=CONFIGS, help="swept launch configs, BLOCKxWARPS[w],...")
+    parser.add_argument("--configs", default=CONFIGS, help="swept launch configs, BLOCKxWARPS,...")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
@@ -114,7 +109,7 @@ def main() -> None:
         if args.shapes == parser.get_default("shapes"):
             args.shapes = SMOKE_SHAPES
         if args.configs == CONFIGS:
-            args.configs = "64x2,128x4,128x4w"
+            args.configs = "64x2,128x4"
     cuda = args.device.startswith("cuda")
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
@@ -123,11 +118,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     results = results_head(args, torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)")
-    results["default_config"] = {
-        "block": nf4_dequant.BLOCK,
-        "num_warps": nf4_dequant.NUM_WARPS,
-        "words": nf4_dequant.WORDS,
-    }
+    results["default_config"] = {"block": nf4_dequant.BLOCK, "num_warps": nf4_dequant.NUM_WARPS}
 
     def save() -> None:
         with open(args.out, "w") as f:

@@ -14,7 +14,8 @@ and the launch block small (64..256 bytes, 128..512 values a program) so every c
 programs; cases cover double quantization on and off, blocksizes 32/64/128/256, fp32/bf16/fp16
 output, a numel that is not a multiple of the program's values (masked tail), an odd numel, one that
 is not a multiple of the blocksize, K that is not a multiple of a program's values, and a program
-smaller than a quantization block; each case runs with both stores (`tl.join`, and one word a byte).
+smaller than a quantization block. Weights of `NF4Experts` are read as `NF4Weight`s, and an odd numel's
+masked tail must write nothing past the last value.
 """
 
 from __future__ import annotations
@@ -123,10 +124,9 @@ def interpreted() -> dict:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_is_bitsandbytes_bit_for_bit(interpreted, case, words):
-    got = interpreted[f"{case}/words" if words else case]
+def test_kernel_is_bitsandbytes_bit_for_bit(interpreted, case):
+    got = interpreted[case]
     assert "error" not in got, got.get("error")
     assert got["shape"] == list(CASES[case][0]) and got["dtype"] == CASES[case][3]
     assert got["nonzero"]
@@ -134,16 +134,19 @@ def test_kernel_is_bitsandbytes_bit_for_bit(interpreted, case, words):
 
 
 @needs_interpreter
-def test_kernel_into_out_and_from_nf4experts(interpreted):
-    outs = ("out_flat", "out_flat_words", "out_misaligned_words")
-    for key in (*outs, "experts_gate_up", "experts_down", "experts_no_dq_down", "experts_fp16_down"):
+def test_kernel_from_nf4experts(interpreted):
+    for key in ("experts_gate_up", "experts_down", "experts_no_dq_down", "experts_fp16_down"):
         got = interpreted[key]
         assert "error" not in got, got.get("error")
         assert got["equal"] and got["nonzero"], f"{key}: max |diff| {got['max_abs']:.3g}"
-    assert all(interpreted[key]["same_tensor"] for key in outs)
-    for key in ("odd_tail", "odd_tail_words"):
-        assert "error" not in interpreted[key], interpreted[key].get("error")
-        assert interpreted[key]["equal"] and interpreted[key]["tail_kept"], key
+
+
+@needs_interpreter
+def test_kernel_writes_nothing_past_an_odd_tail(interpreted):
+    for key in ("odd_tail", "odd_tail_program_inside_a_block"):
+        got = interpreted[key]
+        assert "error" not in got, got.get("error")
+        assert got["equal"] and got["nonzero"] and got["tail_kept"], key
 
 
 @needs_interpreter
@@ -182,9 +185,6 @@ def test_cpu_fallback_is_bitsandbytes(case):
     assert os.environ.get("TRITON_INTERPRET") != "1"
     packed, state, ref = quantized(case, seed=list(CASES).index(case))
     assert torch.equal(nf4_dequantize(packed, state), ref)
-    out = torch.empty(ref.numel(), dtype=ref.dtype)
-    assert nf4_dequantize(packed, state, out=out) is out
-    assert torch.equal(out, ref.reshape(-1))
     # `dtype` overrides the state's.
     fp16 = nf4_dequantize(packed, state, torch.float16)
     state.dtype = torch.float16
@@ -211,28 +211,18 @@ def test_fake_output_and_compiled_graph():
     )
     fake = nf4_dequantize(None, meta, torch.float16)
     assert fake.device.type == "meta" and tuple(fake.shape) == weight.shape and fake.dtype == torch.float16
-    # One opaque op each: dynamo traces the wrapper with no graph break and the fakes give the shapes.
-    compiled = torch.compile(lambda p: nf4_dequantize(p, state), fullgraph=True, backend="aot_eager")
+    # One opaque op: dynamo traces the wrapper with no graph break and the fake gives the shape.
+    compiled = torch.compile(lambda p: nf4_dequantize(p, state) * 1, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(packed), ref)
-
-    def into(p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return nf4_dequantize(p, state, out=out) * 1
-
-    out = torch.zeros_like(ref)
-    got = torch.compile(into, fullgraph=True, backend="aot_eager")(packed, out)
-    assert torch.equal(got, ref) and torch.equal(out, ref)
 
 
 def test_input_errors():
     from finetune.kernels.nf4_dequant import nf4_dequantize
 
-    packed, state, ref = quantized("dq64_bf16", seed=0)
+    packed, state, _ = quantized("dq64_bf16", seed=0)
     weight = module_weight(experts_module(double_quant=True), "down")
     bad = {
         "dtype": lambda: nf4_dequantize(packed, state, torch.int8),
-        "out_dtype": lambda: nf4_dequantize(packed, state, torch.float32, out=torch.empty_like(ref)),
-        "out_size": lambda: nf4_dequantize(packed, state, out=torch.empty(ref.numel() - 1, dtype=ref.dtype)),
-        "out_strided": lambda: nf4_dequantize(packed, state, out=torch.empty_like(ref).transpose(0, 2)),
         "few_bytes": lambda: nf4_dequantize(packed[:-1], state),
         "block": lambda: nf4_dequantize(packed, state, block=1000),
         "warps": lambda: nf4_dequantize(packed, state, num_warps=3),
@@ -254,11 +244,9 @@ def test_input_errors():
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("block,num_warps,words", [(2048, 4, False), (2048, 4, True), (256, 2, False)])
+@pytest.mark.parametrize("block,num_warps", [(2048, 4), (256, 2)])
 @pytest.mark.parametrize("shape", [(64, 2048, 1408), (3, 7, 33)])  # V2-Lite down; odd numel, short tail
-def test_cuda_kernel_is_bitsandbytes_bit_for_bit(
-    shape, double_quant, blocksize, dtype, block, num_warps, words
-):
+def test_cuda_kernel_is_bitsandbytes_bit_for_bit(shape, double_quant, blocksize, dtype, block, num_warps):
     import bitsandbytes.functional as bnbf
 
     from finetune.kernels.nf4_dequant import nf4_dequantize
@@ -270,7 +258,7 @@ def test_cuda_kernel_is_bitsandbytes_bit_for_bit(
     )
     state.dtype = dtype
     ref = bnbf.dequantize_4bit(packed, state)
-    got = nf4_dequantize(packed, state, block=block, num_warps=num_warps, words=words)
+    got = nf4_dequantize(packed, state, block=block, num_warps=num_warps)
     assert torch.equal(got, ref), (got.float() - ref.float()).abs().max().item()
 
 
@@ -284,16 +272,16 @@ def test_cuda_graph_replay_reads_new_bytes():
     w = torch.randn(4, 256, 512, device="cuda")
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     state.dtype = torch.bfloat16
-    out = torch.empty(state.shape, dtype=torch.bfloat16, device="cuda")
-    nf4_dequantize(packed, state, out=out)  # compile outside the capture
+    first = nf4_dequantize(packed, state)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # fails on any host sync (e.g. offset.item())
-        nf4_dequantize(packed, state, out=out)
+        y = nf4_dequantize(packed, state)  # allocated from the graph's pool, rewritten by each replay
     packed.copy_(bnbf.quantize_4bit(-w, blocksize=64, compress_statistics=False, quant_type="nf4")[0])
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, bnbf.dequantize_4bit(packed, state))
+    ref = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(y, ref) and not torch.equal(ref, first)
 
 
 @pytest.mark.gpu
@@ -393,6 +381,7 @@ def test_cuda_experts_dequantize_through_the_kernel(monkeypatch, double_quant):
 
 
 def _run_cases() -> dict:
+    from finetune.kernels import nf4_dequant
     from finetune.kernels.nf4_dequant import nf4_dequantize
 
     out: dict = {}
@@ -400,9 +389,8 @@ def _run_cases() -> dict:
         try:
             packed, state, ref = quantized(case, seed)
             out[case] = compare(dequantize(case, packed, state), ref)
-            out[f"{case}/words"] = compare(dequantize(case, packed, state, words=True), ref)
         except Exception:
-            out[case] = out[f"{case}/words"] = {"error": traceback.format_exc()}
+            out[case] = {"error": traceback.format_exc()}
 
     def record(key: str, fn) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -410,37 +398,30 @@ def _run_cases() -> dict:
         except Exception:
             out[key] = {"error": traceback.format_exc()}
 
-    def into_flat(words: bool, misaligned: bool) -> dict:
-        packed, state, ref = quantized("dq64_bf16", seed=0)
-        skip = int(misaligned)  # one bf16 value: 2 bytes off a 32-bit word
-        flat = torch.empty(ref.numel() + 1, dtype=ref.dtype)[skip : skip + ref.numel()]
-        assert flat.data_ptr() % 4 == 2 * skip
-        got = nf4_dequantize(packed, state, out=flat, block=128, words=words)
-        return {**compare(flat, ref.reshape(-1)), "same_tensor": got is flat}
-
-    def experts(name: str, dq: bool, dtype: torch.dtype, words: bool = False) -> dict:
+    def experts(name: str, dq: bool, dtype: torch.dtype) -> dict:
         module = experts_module(dq)
-        got = nf4_dequantize(None, module_weight(module, name), dtype, block=128, num_warps=2, words=words)
+        got = nf4_dequantize(None, module_weight(module, name), dtype, block=128, num_warps=2)
         return compare(got, module.dequantize(name, dtype))
 
-    def odd_tail(words: bool) -> dict:
-        # An odd numel into the front of a larger buffer: nothing past the last value may be written
-        # (one word a byte would write the padding nibble's value too).
+    def odd_tail(block: int) -> dict:
+        # An odd numel, launched as `nf4_dequantize` does but into the front of a larger buffer: the
+        # masked stores may write nothing past the last value (not the padding nibble's value either).
         packed, state, ref = quantized("dq128_fp32_odd_numel", seed=0)
+        packed, absmax, code, (absmax2, code2, offset), shape, qb, qb2, _ = nf4_dequant._parts(packed, state)
+        assert math.prod(shape) % 2 and math.prod(shape) % (2 * block)
         buf = torch.full((ref.numel() + 4,), 7.0, dtype=ref.dtype)
-        nf4_dequantize(packed, state, out=buf[: ref.numel()], block=64, words=words)
+        nf4_dequant._launch(
+            packed, absmax, code, absmax2, code2, offset, qb, qb2, buf[: ref.numel()], [block, 2]
+        )
         return {
             **compare(buf[: ref.numel()], ref.reshape(-1)),
             "tail_kept": bool((buf[ref.numel() :] == 7).all()),
         }
 
-    record("odd_tail", lambda: odd_tail(False))
-    record("odd_tail_words", lambda: odd_tail(True))
-    record("out_flat", lambda: into_flat(False, False))
-    record("out_flat_words", lambda: into_flat(True, False))
-    record("out_misaligned_words", lambda: into_flat(True, True))  # falls back to the join
+    record("odd_tail", lambda: odd_tail(64))
+    record("odd_tail_program_inside_a_block", lambda: odd_tail(32))  # 64 values a program, QB 128
     record("experts_gate_up", lambda: experts("gate_up", True, torch.bfloat16))
-    record("experts_down", lambda: experts("down", True, torch.bfloat16, words=True))
+    record("experts_down", lambda: experts("down", True, torch.bfloat16))
     record("experts_no_dq_down", lambda: experts("down", False, torch.bfloat16))
     record("experts_fp16_down", lambda: experts("down", True, torch.float16))
 

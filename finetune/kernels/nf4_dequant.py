@@ -14,16 +14,15 @@ indexes with 32-bit integers (tensors over 2**31 values must be sliced). This ke
 bytes: each program owns BLOCK consecutive bytes (2 * BLOCK values), viewed as [ROWS, COLS] with a row
 inside one quantization block, so it loads the bytes once (16-byte vectors), the ROWS scales as a small
 vector broadcast over the row (no per-element scale loads), looks both nibbles up in the 16-entry code
-table, rounds, and writes the two values of each byte interleaved as contiguous output: joined
-(`tl.join` + reshape) or, with `words=True`, packed into one 32-bit (fp32: 64-bit) little-endian word a
-byte, stored in the bytes' own layout (two ways to the same bytes; the benchmark picks). Offsets are int64 (DeepSeek-V2's gate_up has 2.5 B values). Nothing is read on the host, so the
+table, rounds, and writes the two values of each byte interleaved as contiguous output (`tl.join` +
+reshape). Storing each byte's pair as one word instead was measured no faster on the H200, so the join
+stays. Offsets are int64 (DeepSeek-V2's gate_up has 2.5 B values). Nothing is read on the host, so the
 call is CUDA-graph safe. fp contraction is switched off for the launch (`enable_fp_fusion=False`): the
 double-quant scale is a product then a sum, which bitsandbytes rounds twice; an FMA would not.
 
-`nf4_dequantize` is the entry point; it calls the custom op `finetune::nf4_dequantize` (or
-`finetune::nf4_dequantize_out` with `out=`), opaque to `torch.compile`. Tensors off CUDA go to
-bitsandbytes' own `dequantize_4bit`, except under Triton's interpreter (`TRITON_INTERPRET=1`, the tests),
-where the kernel runs on the CPU.
+`nf4_dequantize` is the entry point; it calls the custom op `finetune::nf4_dequantize`, opaque to
+`torch.compile`. Tensors off CUDA go to bitsandbytes' own `dequantize_4bit`, except under Triton's
+interpreter (`TRITON_INTERPRET=1`, the tests), where the kernel runs on the CPU.
 """
 
 from __future__ import annotations
@@ -42,13 +41,9 @@ from finetune.kernels.nf4_grouped import NF4Weight
 # Default launch: 2048 bytes (4096 values) a program, 4 warps: each thread loads one 16-byte vector and
 # writes 64 bytes of bf16; ~90 k programs for V2-Lite's gate_up keep every SM busy, and up to 16 resident
 # programs an SM keep ~32 KB of loads in flight (Little's law asks ~5 KB an SM for the reads at 1 TB/s).
-# Chosen by reasoning, not yet measured: benchmarks/nf4_dequant.py sweeps (block, num_warps, words).
+# The fastest of benchmarks/nf4_dequant.py's (block, num_warps) sweep on the H200.
 BLOCK = 2048
 NUM_WARPS = 4
-# How a byte's two values are written: False joins them (`tl.join` + reshape, contiguous [ROWS, 2 * COLS]
-# values), True stores them as one 32-bit (64-bit for fp32) word, in the bytes' own layout. Which is
-# faster depends on the layout conversions Triton inserts around the join: measure.
-WORDS = False
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -71,8 +66,6 @@ def _nf4_dequant_kernel(
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
     EVEN: tl.constexpr,
-    WORDS: tl.constexpr,
-    WIDE: tl.constexpr,
     ROUND_BITS: tl.constexpr,
 ):
     """out[2 * byte0 : 2 * (byte0 + ROWS * COLS)] from the bytes of program pid; a row of COLS bytes lies
@@ -104,28 +97,12 @@ def _nf4_dequant_kernel(
     dt = out_ptr.dtype.element_ty
     hi = _rne(hi, ROUND_BITS).to(dt)
     lo = _rne(lo, ROUND_BITS).to(dt)
-    if WORDS:
-        # Byte j's two values as one little-endian word (value 2j in the low half) stored at word j: the
-        # stores keep the bytes' layout, no join. Needs an even numel and a word-aligned output.
-        if WIDE:  # fp32 values: 64-bit words
-            word = hi.to(tl.uint32, bitcast=True).to(tl.uint64)
-            word = word | (lo.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-            word_ptr = out_ptr.to(tl.pointer_type(tl.uint64))
-        else:
-            word = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
-            word = word | (lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-            word_ptr = out_ptr.to(tl.pointer_type(tl.uint32))
-        if EVEN:
-            tl.store(word_ptr + byte, word)
-        else:
-            tl.store(word_ptr + byte, word, mask=byte < n_bytes)
-    else:
-        vals = tl.join(hi, lo).reshape(ROWS, 2 * COLS)  # [.., COLS, 2] -> high nibble first, then low
-        idx = 2 * rows[:, None] + tl.arange(0, 2 * COLS)[None, :]
-        if EVEN:
-            tl.store(out_ptr + idx, vals)
-        else:
-            tl.store(out_ptr + idx, vals, mask=idx < numel)
+    vals = tl.join(hi, lo).reshape(ROWS, 2 * COLS)  # [.., COLS, 2] -> high nibble first, then low
+    idx = 2 * rows[:, None] + tl.arange(0, 2 * COLS)[None, :]
+    if EVEN:
+        tl.store(out_ptr + idx, vals)
+    else:  # the mask also keeps an odd numel's padding nibble out of the output
+        tl.store(out_ptr + idx, vals, mask=idx < numel)
 
 
 # ------------------------------------------------------------------------------------------ python
@@ -193,8 +170,8 @@ def _launch(
     out: torch.Tensor,
     config: list[int],
 ) -> None:
-    """Run the kernel into the contiguous `out` (its numel is the tensor's); config [block, warps, words]."""
-    block, num_warps, words = config
+    """Run the kernel into the contiguous `out` (its numel is the tensor's); config [block, num_warps]."""
+    block, num_warps = config
     numel = out.numel()
     if numel == 0:
         return
@@ -220,9 +197,6 @@ def _launch(
         ROWS=rows,
         COLS=cols,
         EVEN=numel % (2 * block) == 0,
-        # One word a byte only where every word is whole and aligned.
-        WORDS=bool(words) and numel % 2 == 0 and out.data_ptr() % (2 * out.element_size()) == 0,
-        WIDE=out.element_size() == 4,
         ROUND_BITS=interpret and out.dtype == torch.bfloat16,
         num_warps=num_warps,
         enable_fp_fusion=False,  # code2 * absmax2 + offset rounded twice, as bitsandbytes does
@@ -262,25 +236,6 @@ def _bitsandbytes(
     out.view(-1).copy_(bnbf.dequantize_4bit(packed, state).reshape(-1))
 
 
-def _run(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    nested_blocksize: int,
-    out: torch.Tensor,
-    config: list[int],
-) -> None:
-    if packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        _launch(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, out, config)
-    else:
-        _bitsandbytes(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, out)
-
-
 @torch.library.custom_op("finetune::nf4_dequantize", mutates_args=())
 def _nf4_dequantize_op(
     packed: torch.Tensor,
@@ -296,35 +251,16 @@ def _nf4_dequantize_op(
     config: list[int],
 ) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    _run(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, out, config)
+    if packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        _launch(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, out, config)
+    else:
+        _bitsandbytes(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, out)
     return out
 
 
 @_nf4_dequantize_op.register_fake
 def _(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, dtype, config):  # type: ignore[no-untyped-def]
     return packed.new_empty(shape, dtype=dtype)
-
-
-@torch.library.custom_op("finetune::nf4_dequantize_out", mutates_args=("out",))
-def _nf4_dequantize_out_op(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    nested_blocksize: int,
-    out: torch.Tensor,
-    config: list[int],
-) -> None:
-    _run(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, out, config)
-
-
-@_nf4_dequantize_out_op.register_fake
-def _(packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, out, config):  # type: ignore[no-untyped-def]
-    return None
 
 
 def _parts(packed: torch.Tensor | None, state: Any) -> tuple:
@@ -356,39 +292,26 @@ def nf4_dequantize(
     packed: torch.Tensor | None,
     state_or_weight: Any,
     dtype: torch.dtype | None = None,
-    out: torch.Tensor | None = None,
     *,
     block: int = BLOCK,
     num_warps: int = NUM_WARPS,
-    words: bool = WORDS,
 ) -> torch.Tensor:
     """The NF4 tensor `packed` as a `dtype` tensor of the state's shape; equals `dequantize_4bit` bit for bit.
 
     `state_or_weight`: a bitsandbytes `QuantState` (nf4, any shape, nested or not) or an `NF4Weight`
-    (then `packed` may be None: the weight's own bytes). `dtype`: bf16, fp16 or fp32; default `out`'s
-    dtype, else the QuantState's, else bf16 (an NF4Weight has none). `out`: a contiguous tensor of the
-    state's numel to write into (returned). `block` (bytes a program, a power of two), `num_warps` and
-    `words` (store each byte's two values as one 32/64-bit word instead of `tl.join`) are the launch
-    config: benchmarks/nf4_dequant.py sweeps them. On CUDA (or under Triton's interpreter) the Triton
-    kernel runs; elsewhere bitsandbytes' `dequantize_4bit`.
+    (then `packed` may be None: the weight's own bytes). `dtype`: bf16, fp16 or fp32; default the
+    QuantState's, else bf16 (an NF4Weight has none). `block` (bytes a program, a power of two) and
+    `num_warps` are the launch config: benchmarks/nf4_dequant.py sweeps them. On CUDA (or under Triton's
+    interpreter) the Triton kernel runs; elsewhere bitsandbytes' `dequantize_4bit`.
     """
     packed, absmax, code, nested, shape, qb, qb2, state_dtype = _parts(packed, state_or_weight)
-    dtype = dtype or (out.dtype if out is not None else None) or state_dtype or torch.bfloat16
-    numel = math.prod(shape)
-    _check(packed, absmax, code, nested, numel, qb, dtype)
+    dtype = dtype or state_dtype or torch.bfloat16
+    _check(packed, absmax, code, nested, math.prod(shape), qb, dtype)
     _check_config(block, num_warps)
-    config = [block, num_warps, int(words)]
     packed = packed if packed.is_contiguous() else packed.contiguous()
     absmax = absmax.contiguous()
     absmax2, code2, offset = nested
     if offset is not None:
         offset = offset.reshape(1).float()  # a view of a 0-d fp32 tensor: nothing leaves the device
-    if out is None:
-        return _nf4_dequantize_op(packed, absmax, code, absmax2, code2, offset, shape, qb, qb2, dtype, config)
-    if out.dtype != dtype or out.numel() != numel or not out.is_contiguous() or out.device != packed.device:
-        raise ValueError(
-            f"out must be a contiguous {dtype} tensor of {numel} values on {packed.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    _nf4_dequantize_out_op(packed, absmax, code, absmax2, code2, offset, shape, qb, qb2, out, config)
-    return out
+    config = [block, num_warps]
+    return _nf4_dequantize_op(packed, absmax, code, absmax2, code2, offset, shape, qb, qb2, dtype, config)
