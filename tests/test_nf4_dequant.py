@@ -334,6 +334,8 @@ def test_compiled_decoding_switches_the_experts_dequantization(monkeypatch):
     model = load_model(resolve_source("tiny", None), dtype="float32")
     experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
     assert experts and not any(m.dequant_kernel for m in experts)
+    assert not generation.enabled("auto", model) and not generation.enabled("off", model)  # the CPU
+    assert not any(m.dequant_kernel for m in experts)  # asking changes nothing
     with fusion.fused(model, True, regions=False):
         assert not any(m.dequant_kernel for m in experts)
         with generation.compiled_decoding(model, True, graphs=False):  # GRPO's rollouts in a fit

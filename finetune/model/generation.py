@@ -34,10 +34,6 @@ def enabled(kernels: str, model: torch.nn.Module) -> bool:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     on_cuda = next(model.parameters()).device.type == "cuda"
-    # NF4 experts dequantize whole weights (steps of more tokens than experts) through our kernel.
-    dequant = {m: m.dequant_kernel for m in model.modules() if hasattr(m, "dequant_kernel")}
-    for m in dequant:
-        m.dequant_kernel = True
     return kernels == "auto" and on_cuda and not fsdp.is_sharded(model)
 
 
