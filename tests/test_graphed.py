@@ -79,6 +79,23 @@ def test_graphed_decoding_gives_the_plain_tokens_with_one_capture(model):
     assert "get_compiled_call" not in vars(generation._top(model))
 
 
+def test_calls_of_one_block_reuse_the_cache_and_its_graph(model):
+    """A second `generate` of the same batch and length in one block gets the first one's cache back,
+    reset (different prompts, the plain tokens), and so its graph: no second capture."""
+    calls = [{**_inputs(model, seed=seed), "max_new_tokens": 5} for seed in (0, 1)]
+    calls.append({**_inputs(model, batch=2, seed=2), "max_new_tokens": 5})
+    plain = [model.generate(**kwargs) for kwargs in calls]
+    ReplayingGraph.captures.clear()
+    with generation.compiled_decoding(model, True, compile_config=EAGER, graphs=ReplayingGraph) as extra:
+        outs = [model.generate(**kwargs, **extra, return_dict_in_generate=True) for kwargs in calls[:2]]
+        assert outs[1].past_key_values is outs[0].past_key_values
+        outs.append(model.generate(**calls[2], **extra, return_dict_in_generate=True))
+        captured = len(generation._top(model).get_compiled_call().capture_seconds)
+    assert all(torch.equal(out.sequences, p) for out, p in zip(outs, plain, strict=True))
+    assert len(ReplayingGraph.captures) == captured == 2  # batch 3 once, batch 2 once
+    assert "_prepare_static_cache" not in vars(generation._top(model))
+
+
 def test_a_new_batch_size_is_a_new_capture_and_the_first_still_replays(model):
     small = {**_inputs(model, batch=2, seed=1), "max_new_tokens": 4}
     large = {**_inputs(model, batch=4, seed=2), "max_new_tokens": 4}

@@ -13,6 +13,7 @@ step late, so the host prepares the next step while the GPU runs this one.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,6 +95,7 @@ def compiled_decoding(
         compiled = _compiled_step(top, top.generation_config.compile_config)
         step = graphed.GraphedStep(compiled, factory, model=top)
         top.get_compiled_call = lambda *args, **kwargs: step
+        top._prepare_static_cache = _reused_caches(top, step.max_graphs)
     if defer_stop is None:
         defer_stop = bool(graphs) and on_cuda
     try:
@@ -102,7 +104,7 @@ def compiled_decoding(
     finally:
         del top._valid_auto_compile_criteria
         if graphs:
-            del top.get_compiled_call
+            del top.get_compiled_call, top._prepare_static_cache
             step.clear()
         top.generation_config.compile_config = previous
         torch._dynamo.config.recompile_limit = limit
@@ -110,6 +112,34 @@ def compiled_decoding(
         embeddings._forward_hooks.update(hooks)
         for m, previous_dequant in dequant.items():
             m.dequant_kernel = previous_dequant
+
+
+def _reused_caches(top: torch.nn.Module, size: int) -> Callable[..., Any]:
+    """`generate` builds a new static cache every call, and a graph holds its cache's addresses: each
+    call would capture anew (a warm-up step and a capture). Within one `compiled_decoding` block a call
+    of the same batch and cache length gets the previous call's cache back, reset in place, and so its
+    graph; the `size` most recent are kept (as many as graphs). The cache a call returns is therefore
+    only valid until the next call of the block."""
+    make = type(top)._prepare_static_cache
+    pool: OrderedDict[tuple, Any] = OrderedDict()
+
+    def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):  # type: ignore[no-untyped-def]
+        # The length transformers will use: never shorter than an earlier call's (its own rule).
+        length = max(max_cache_len, getattr(top, "_previous_max_cache_length", -1))
+        key = (cache_implementation, batch_size, length, prefill_chunk_size)
+        cache = pool.pop(key, None)
+        if cache is None:
+            cache = make(
+                top, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+            )
+            while len(pool) >= size:
+                pool.popitem(last=False)
+        else:
+            cache.reset()
+        pool[key] = cache
+        return cache
+
+    return prepare
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ the model off graphs (`blocks_graphs`).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class GraphedStep:
         self.max_graphs = max_graphs
         self.entries: dict[tuple, _Entry] = {}
         self.model = model
+        self.capture_seconds: list[float] = []  # host time of each warm-up + capture (benchmarks)
 
     def __call__(self, **kwargs: Any) -> Any:
         key = _signature(kwargs)
@@ -71,7 +73,9 @@ class GraphedStep:
                 # Oldest first: an evaluation's prompt chunks of many lengths would otherwise keep a
                 # graph and a KV cache alive for each.
                 del self.entries[next(iter(self.entries))]
+            start = time.perf_counter()
             entry = self.entries[key] = self._capture(kwargs)
+            self.capture_seconds.append(time.perf_counter() - start)
             # Capture records kernels without running them: this replay is the call's own step.
         else:
             for name, buffer in entry.inputs.items():
