@@ -96,6 +96,30 @@ def test_calls_of_one_block_reuse_the_cache_and_its_graph(model):
     assert "_prepare_static_cache" not in vars(generation._top(model))
 
 
+def test_a_block_lets_its_least_recently_used_cache_and_graph_go(model):
+    """Past as many shapes as graphs kept, the least recently used cache is released with its graph
+    (an evaluation of many prompt lengths must not keep a KV cache alive per length)."""
+    import gc
+    import weakref
+
+    with generation.compiled_decoding(model, True, compile_config=EAGER, graphs=ReplayingGraph) as extra:
+        step = generation._top(model).get_compiled_call()
+        step.max_graphs = 2
+
+        def cache(batch):
+            out = model.generate(
+                **_inputs(model, batch=batch), max_new_tokens=3, **extra, return_dict_in_generate=True
+            )
+            return weakref.ref(out.past_key_values)
+
+        a, b = cache(1), cache(2)
+        assert cache(1)() is a()  # reused: now the most recent
+        cache(3)
+        ReplayingGraph.captures.clear()  # the stand-in's own record of every graph it made
+        gc.collect()
+        assert b() is None and a() is not None and len(step.entries) == 2
+
+
 def test_a_new_batch_size_is_a_new_capture_and_the_first_still_replays(model):
     small = {**_inputs(model, batch=2, seed=1), "max_new_tokens": 4}
     large = {**_inputs(model, batch=4, seed=2), "max_new_tokens": 4}
@@ -304,3 +328,23 @@ def test_grpo_generates_through_graphs_and_records_the_rollout_experts_exactly(t
     assert ReplayingGraph.captures  # the decode steps went through graphs
     assert fast[0]["router_mismatch"] == plain[0]["router_mismatch"] == 0.0
     assert fast[1] == plain[1] > 0
+
+
+def test_a_cache_let_go_takes_its_graph_with_it(model):
+    """A call that decodes nothing (one new token: the prefill only) still takes a cache from the
+    block's pool; the cache it pushes out must not live on in its graph."""
+    import gc
+    import weakref
+
+    with generation.compiled_decoding(model, True, compile_config=EAGER, graphs=ReplayingGraph) as extra:
+        generation._top(model).get_compiled_call().max_graphs = 2
+        out = model.generate(
+            **_inputs(model, batch=1), max_new_tokens=3, **extra, return_dict_in_generate=True
+        )
+        first = weakref.ref(out.past_key_values)
+        del out
+        model.generate(**_inputs(model, batch=2), max_new_tokens=3, **extra)
+        model.generate(**_inputs(model, batch=3), max_new_tokens=1, **extra)
+        ReplayingGraph.captures.clear()
+        gc.collect()
+        assert first() is None

@@ -95,7 +95,7 @@ def compiled_decoding(
         compiled = _compiled_step(top, top.generation_config.compile_config)
         step = graphed.GraphedStep(compiled, factory, model=top)
         top.get_compiled_call = lambda *args, **kwargs: step
-        top._prepare_static_cache = _reused_caches(top, step.max_graphs)
+        top._prepare_static_cache = _reused_caches(top, step)
     if defer_stop is None:
         defer_stop = bool(graphs) and on_cuda
     try:
@@ -114,11 +114,12 @@ def compiled_decoding(
             m.dequant_kernel = previous_dequant
 
 
-def _reused_caches(top: torch.nn.Module, size: int) -> Callable[..., Any]:
+def _reused_caches(top: torch.nn.Module, step: graphed.GraphedStep) -> Callable[..., Any]:
     """`generate` builds a new static cache every call, and a graph holds its cache's addresses: each
     call would capture anew (a warm-up step and a capture). Within one `compiled_decoding` block a call
     of the same batch and cache length gets the previous call's cache back, reset in place, and so its
-    graph; the `size` most recent are kept (as many as graphs). The cache a call returns is therefore
+    graph. As many are kept as the step keeps graphs, least recently used out first, and a cache let go
+    takes its graphs with it (else a graph would keep it alive). The cache a call returns is therefore
     only valid until the next call of the block."""
     make = type(top)._prepare_static_cache
     pool: OrderedDict[tuple, Any] = OrderedDict()
@@ -132,8 +133,8 @@ def _reused_caches(top: torch.nn.Module, size: int) -> Callable[..., Any]:
             cache = make(
                 top, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
             )
-            while len(pool) >= size:
-                pool.popitem(last=False)
+            while len(pool) >= step.max_graphs:
+                step.forget(pool.popitem(last=False)[1])
         else:
             cache.reset()
         pool[key] = cache

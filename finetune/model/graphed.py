@@ -67,17 +67,18 @@ class GraphedStep:
 
     def __call__(self, **kwargs: Any) -> Any:
         key = _signature(kwargs)
-        entry = self.entries.get(key)
+        entry = self.entries.pop(key, None)
         if entry is None:
             if len(self.entries) >= self.max_graphs:
-                # Oldest first: an evaluation's prompt chunks of many lengths would otherwise keep a
-                # graph and a KV cache alive for each.
+                # Least recently used first: an evaluation's prompt chunks of many lengths would
+                # otherwise keep a graph and a KV cache alive for each.
                 del self.entries[next(iter(self.entries))]
             start = time.perf_counter()
             entry = self.entries[key] = self._capture(kwargs)
             self.capture_seconds.append(time.perf_counter() - start)
             # Capture records kernels without running them: this replay is the call's own step.
         else:
+            self.entries[key] = entry  # now the most recently used
             for name, buffer in entry.inputs.items():
                 buffer.copy_(kwargs[name])
         # Replayed as captured, probe in place (a CUDA graph runs no Python; a stand-in that reruns
@@ -117,6 +118,10 @@ class GraphedStep:
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def forget(self, cache: Any) -> None:
+        """Drop the graphs captured on `cache` (its owner let it go: the graphs would keep it alive)."""
+        self.entries = {k: e for k, e in self.entries.items() if e.keep is not cache}
 
 
 def _signature(kwargs: dict[str, Any]) -> tuple:
