@@ -121,21 +121,22 @@ def variants(
     scales = decode.expert_block_scales(kw["absmax"], kw["nested"], ids, n * k // module.blocksize)
     code = kw["code"].float()
     for tile in PAIR_TILES:
-        label = "nf4_pair[BLOCK_N={},BLOCK_K={},warps={}]".format(*tile)
+        label = "nf4_pair[BLOCK_N={},BLOCK_K={},warps={},whole={}]".format(*tile)
         out[label] = lambda tile=tile: nf4_pair_gemv(
             x, ids, kw["packed"], scales, code, kw["shape"], kw["blocksize"], tile
         )
     return out
 
 
-PAIR_TILES = [
-    (16, 128, 2),
-    (32, 128, 4),
-    (64, 128, 4),
-    (32, 256, 4),
-    (64, 256, 8),
-    (128, 128, 8),
-    (16, 512, 4),
+PAIR_TILES = [  # (BLOCK_N, BLOCK_K, warps, whole steps)
+    (16, 128, 2, 0),
+    (16, 128, 2, 1),
+    (16, 256, 2, 1),
+    (16, 512, 4, 0),
+    (16, 512, 4, 1),
+    (32, 128, 4, 0),
+    (32, 128, 4, 1),
+    (64, 256, 8, 0),
 ]
 
 

@@ -14,6 +14,7 @@ from tests import interpreter
 CHECK = textwrap.dedent(
     """
     import torch
+    from finetune.kernels.nf4_pairs import nf4_pair_gemv
     from finetune.model import decode
     from finetune.model.experts import NF4Experts
     from tests.test_experts import tiny_model
@@ -32,6 +33,18 @@ CHECK = textwrap.dedent(
             assert got.shape == ref.shape, (got.shape, ref.shape)
             err = (got - ref).abs().max().item() / ref.abs().max().item()
             assert err < 1e-5, (name, double_quant, err)
+            # Other tiles, whole steps among them (K a multiple of BLOCK_K: one or two scales a row
+            # and step, broadcast over their values; where K is not, the masked path).
+            shape = module._shapes[name]
+            scales = decode.expert_block_scales(getattr(module, f"{name}_absmax"),
+                                                decode.nested_state(module, name), ids,
+                                                shape[1] * shape[2] // module.blocksize)
+            code = getattr(module, f"{name}_code").float()
+            for tile in ((16, 32, 2, 1), (16, 64, 2, 1), (32, 64, 4, 1), (16, 64, 2, 0)):
+                got = nf4_pair_gemv(x, ids, getattr(module, f"{name}_packed"), scales, code, shape,
+                                    module.blocksize, tile)
+                err = (got - ref).abs().max().item() / ref.abs().max().item()
+                assert err < 1e-5, (name, double_quant, tile, err)
     print("ok")
     """
 )

@@ -21,6 +21,11 @@ import triton.language as tl
 BLOCK_N = 16
 BLOCK_K = 128  # values a step: 64 bytes of each row
 NUM_WARPS = 2
+# Whole steps (K a multiple of BLOCK_K): unmasked byte loads and one scale per (row, block) broadcast
+# over its values. The masked path's mask follows the even columns (stride 2), so the compiler loads
+# the bytes one at a time (16 `ld.global.b8` a thread and step at the default tile, in the sm_90 PTX)
+# and each value's scale separately. Off by default until timed (benchmarks/nf4_decode.py sweeps it).
+WHOLE_STEPS = 0
 
 
 @triton.jit
@@ -36,6 +41,7 @@ def _pair_gemv_kernel(
     QB: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
     p = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,10 +56,20 @@ def _pair_gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + 2 * half  # even columns; odd = cols + 1
         k_mask = cols < K
-        mask = row_mask[:, None] & k_mask[None, :]
-        byte = tl.load(packed_ptr + byte_row[:, None] + (k0 // 2 + half)[None, :], mask=mask, other=0)
+        if WHOLE:  # rows past N read row N-1 (clamped above), columns never run past K
+            byte = tl.load(packed_ptr + byte_row[:, None] + (k0 // 2 + half)[None, :])
+            blocks = tl.load(
+                scale_ptr + scale_row[:, None] + (k0 // QB + tl.arange(0, BLOCK_K // QB))[None, :]
+            )
+            scale = tl.reshape(
+                tl.broadcast_to(blocks[:, :, None], (BLOCK_N, BLOCK_K // QB, QB // 2)),
+                (BLOCK_N, BLOCK_K // 2),
+            )
+        else:
+            mask = row_mask[:, None] & k_mask[None, :]
+            byte = tl.load(packed_ptr + byte_row[:, None] + (k0 // 2 + half)[None, :], mask=mask, other=0)
+            scale = tl.load(scale_ptr + scale_row[:, None] + (cols // QB)[None, :], mask=mask, other=0.0)
         byte = byte.to(tl.int32)
-        scale = tl.load(scale_ptr + scale_row[:, None] + (cols // QB)[None, :], mask=mask, other=0.0)
         hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(dt).to(tl.float32)
         lo = (tl.load(code_ptr + (byte & 0xF)) * scale).to(dt).to(tl.float32)
         x_even = tl.load(x_ptr + p * K + cols, mask=k_mask, other=0.0).to(tl.float32)
@@ -74,13 +90,14 @@ def _pair_gemv_op(
     tile: list[int],
 ) -> torch.Tensor:
     pairs, k = x.shape
-    block_n, block_k, warps = tile
+    block_n, block_k, warps, whole = tile
+    whole = bool(whole) and k % block_k == 0 and block_k % blocksize == 0
     y = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
     if pairs:
         grid = (pairs, triton.cdiv(n, block_n))
         _pair_gemv_kernel[grid](
             x, y, ids, packed.reshape(-1), scales, code, n, k,
-            QB=blocksize, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            QB=blocksize, BLOCK_N=block_n, BLOCK_K=block_k, WHOLE=whole, num_warps=warps,
         )  # fmt: skip
     return y
 
@@ -98,13 +115,14 @@ def nf4_pair_gemv(
     code: torch.Tensor,
     shape: tuple[int, int, int],
     blocksize: int,
-    tile: tuple[int, int, int] = (BLOCK_N, BLOCK_K, NUM_WARPS),
+    tile: tuple[int, int, int, int] = (BLOCK_N, BLOCK_K, NUM_WARPS, WHOLE_STEPS),
 ) -> torch.Tensor:
     """y [P, N]: y[p] = W[ids[p]] @ x[p] for NF4 experts W of `shape` [E, N, K].
 
     `scales` [P, N*K/blocksize] fp32: the block scales of each pair's expert (`decode.block_scales`);
     K must be a multiple of `blocksize` (each weight row starts a block). `tile`: (BLOCK_N, BLOCK_K,
-    warps), powers of two (benchmarks/nf4_decode.py sweeps them).
+    warps, whole steps 0/1), powers of two (benchmarks/nf4_decode.py sweeps them); whole steps apply
+    where K is a multiple of BLOCK_K and BLOCK_K of the blocksize.
     """
     _, n, k = shape
     if k % blocksize or x.shape[-1] != k:
