@@ -4,7 +4,8 @@ experts, as the evaluation harness and GRPO generate (transformers `generate`, g
 Variants as in benchmarks/moe_qlora.py (`stock`: bf16 experts through grouped_mm; `nf4-experts`; a `+kernels`
 suffix generates as `model.kernels: auto` does: static cache, compiled decode step replayed as our CUDA
 graphs, the stopping check read a step late; `+graphs` is that without the late stopping check,
-`+compiled` the compiled step through transformers' call, dynamo guards every token), all
+`+compiled` the compiled step through transformers' call, dynamo guards every token; `+absorbed` is
+`+kernels` with MLA's decode steps in latent space, finetune.model.absorbed), all
 with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
 (prompt 64, 64 new tokens, after one warm-up call, in a decoding block of its own, as a GRPO rollout or
 an evaluation starts one: its graph captured anew, `capture_s`), peak GPU memory, and the KV-cache
@@ -38,9 +39,10 @@ def measure(
     variant: str, layers: int, batches: list[int], prompt: int, new: int, repeats: int = 0
 ) -> list[dict]:
     base, _, mode = variant.rpartition("+")
-    fast = mode in ("kernels", "graphs", "compiled")  # model.kernels: auto on CUDA
-    graphs = None if mode in ("kernels", "graphs") else False
-    defer = None if mode == "kernels" else False
+    fast = mode in ("kernels", "graphs", "compiled", "absorbed")  # model.kernels: auto on CUDA
+    graphs = None if mode in ("kernels", "graphs", "absorbed") else False
+    defer = None if mode in ("kernels", "absorbed") else False
+    absorb = mode == "absorbed"
     model = build(base if fast else variant, layers, torch.bfloat16)
     model.gradient_checkpointing_disable()
     model.eval()
@@ -68,12 +70,16 @@ def measure(
             torch.cuda.synchronize()
             return out, time.perf_counter() - start
 
-        with generation.compiled_decoding(model, fast, graphs=graphs, defer_stop=defer) as extra:
+        with generation.compiled_decoding(
+            model, fast, graphs=graphs, defer_stop=defer, absorb=absorb
+        ) as extra:
             _, warmup = timed(extra)  # kernels, allocator, compilation with a static cache
         torch.cuda.reset_peak_memory_stats()
         # A new block, as every GRPO rollout and evaluation starts one: its first call captures the
         # step anew; later calls of the same shape reuse the cache and the graph (`--repeats`).
-        with generation.compiled_decoding(model, fast, graphs=graphs, defer_stop=defer) as extra:
+        with generation.compiled_decoding(
+            model, fast, graphs=graphs, defer_stop=defer, absorb=absorb
+        ) as extra:
             used = "get_compiled_call" in vars(top)  # whether our CUDA-graph step served the decode
             out, seconds = timed(extra)
             capture = sum(top.get_compiled_call().capture_seconds) if used else 0.0

@@ -76,7 +76,8 @@ def lora_model(request):
 # would not (the per-expert loop's counts.tolist(), the nonzero of LoRA on some experts only). The
 # grouped kernel traces in bf16 only; fp32 takes the per-expert loop, as on the CPU.
 @pytest.mark.parametrize("batch", [1, 5])
-def test_the_compiled_decode_step_has_no_graph_break(lora_model, batch):
+@pytest.mark.parametrize("absorb", [False, True])  # MLA in latent space (finetune.model.absorbed)
+def test_the_compiled_decode_step_has_no_graph_break(lora_model, batch, absorb):
     # A break inside a forward called through transformers' variadic wrappers (`func(*args, **kwargs)`)
     # cannot resume in the callers: whole frames fall back to eager, and the step is many graphs.
     from torch._dynamo.utils import counters
@@ -102,7 +103,7 @@ def test_the_compiled_decode_step_has_no_graph_break(lora_model, batch):
         torch._dynamo.reset()
         counters.clear()
         config = CompileConfig(backend=counting_backend, mode=None, fullgraph=False)
-        with generation.compiled_decoding(lora_model, True, compile_config=config) as extra:
+        with generation.compiled_decoding(lora_model, True, compile_config=config, absorb=absorb) as extra:
             fast = lora_model.generate(**kwargs, **extra)
     finally:
         for layer in layers:

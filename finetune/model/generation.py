@@ -21,7 +21,7 @@ import torch
 from transformers import CompileConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
 
-from finetune.model import graphed
+from finetune.model import absorbed, graphed
 
 KERNELS = ("auto", "off")
 _RECOMPILE_LIMIT = 64
@@ -50,6 +50,7 @@ def compiled_decoding(
     compile_config: CompileConfig | None = None,
     graphs: bool | Callable[[], Any] | None = None,
     defer_stop: bool | None = None,
+    absorb: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
 
@@ -58,6 +59,7 @@ def compiled_decoding(
     token); None = where the model is on CUDA and has no forward hooks but `graphed.observer`s,
     False = transformers' compiled call, or a graph factory (tests). `defer_stop`: let `generate` check
     its stopping criteria one step late (`_deferred_stop_check`); None = with our graphs on CUDA.
+    `absorb`: MLA decode steps in latent space (`absorbed.py`); off until timed on the GPU.
     """
     if not on:
         yield {}
@@ -99,7 +101,7 @@ def compiled_decoding(
     if defer_stop is None:
         defer_stop = bool(graphs) and on_cuda
     try:
-        with _deferred_stop_check(defer_stop):
+        with _deferred_stop_check(defer_stop), absorbed.absorbed(model, absorb):
             yield {"cache_implementation": "static"}
     finally:
         del top._valid_auto_compile_criteria
