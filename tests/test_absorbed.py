@@ -14,8 +14,8 @@ from finetune.model import absorbed, adapters
 from finetune.model.load import load_model, resolve_source
 
 
-def _lora_model(preset: str, dropout: float = 0.0):
-    base = load_model(resolve_source(preset, None), dtype="float32")
+def _lora_model(preset: str, dropout: float = 0.0, attn: str | None = None):
+    base = load_model(resolve_source(preset, None), dtype="float32", attn_implementation=attn)
     model = adapters.attach(base, r=8, alpha=16, dropout=dropout, targets=["mla"])
     with torch.no_grad():  # B starts at zero: give every LoRA a value
         for name, p in model.named_parameters():
@@ -48,9 +48,12 @@ def _steps(model, on: bool):
     return patched, out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-v2"])  # q_proj; q_a_proj / q_b_proj (V2)
-def test_latent_decode_gives_the_expanded_logits(preset, monkeypatch):
-    model = _lora_model(preset)
+@pytest.mark.parametrize(
+    "preset,attn",  # q_proj / q_a_proj + q_b_proj (V2); sdpa's boolean mask / eager's additive one
+    [("tiny", None), ("tiny-v2", None), ("tiny", "eager")],
+)
+def test_latent_decode_gives_the_expanded_logits(preset, attn, monkeypatch):
+    model = _lora_model(preset, attn=attn)
     count, plain, plain_logits = _steps(model, False)
     latent_steps = []
     weight = absorbed.effective_weight

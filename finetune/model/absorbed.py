@@ -111,15 +111,20 @@ def _forward(
 
     per_head = weight.view(heads, nope + self.v_head_dim, rank)
     w_uk, w_uv = per_head[:, :nope], per_head[:, nope:]  # [H, nope, rank], [H, v, rank]
-    q_latent = torch.matmul(q_nope, w_uk)  # [b, H, 1, rank]
-    scores = torch.matmul(q_latent, latent.transpose(-1, -2)) + torch.matmul(q_pe, k_pe.transpose(-1, -2))
-    scores = scores.float() * self.scaling  # [b, H, 1, T]
+    # Heads are a batch dimension of the weight products (einsum: no copy of the weight per sequence)
+    # and rows of one attention against the single latent "head" (bmm: no copy of the cache per head).
+    q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
+    rows, cached = heads * length, latent.shape[2]
+    scores = torch.bmm(q_latent.reshape(batch, rows, rank), latent[:, 0].transpose(1, 2))
+    scores = scores + torch.bmm(q_pe.reshape(batch, rows, rope), k_pe[:, 0].transpose(1, 2))
+    scores = scores.view(batch, heads, length, cached).float() * self.scaling
     if attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     else:
         scores = scores + attention_mask.float()
-    probs = scores.softmax(dim=-1).to(latent.dtype)
-    out = torch.matmul(torch.matmul(probs, latent), w_uv.transpose(-1, -2))  # [b, H, 1, v]
+    probs = scores.softmax(dim=-1).to(latent.dtype).view(batch, rows, cached)
+    out_latent = torch.bmm(probs, latent[:, 0]).view(batch, heads, length, rank)
+    out = torch.einsum("bhsc,hvc->bhsv", out_latent, w_uv)
     out = out.transpose(1, 2).reshape(batch, length, heads * self.v_head_dim)
     return self.o_proj(out), None
 
