@@ -98,3 +98,23 @@ def test_effective_weight_is_what_each_layer_applies():
     with pytest.warns(UserWarning, match="rounding"):  # PEFT's note on merging into 4 bits
         layer.merge()
     assert absorbed.effective_weight(layer, torch.float32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_decode_in_latent_space():
+    """On CUDA in bf16 through our graphs: the first decode step's logits as the expanded attention's,
+    to bf16 rounding (later steps may follow other tokens where two logits nearly tie)."""
+    from finetune.model import generation
+
+    base = load_model(resolve_source("tiny", None), dtype="bfloat16").cuda()
+    model = adapters.attach(base, r=8, alpha=16, dropout=0.0, targets=["mla"]).eval()
+    kwargs = {k: v for k, v in _inputs(model).items() if k not in ("cache_implementation", "disable_compile")}
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    logits = []
+    for absorb in (False, True):
+        with generation.compiled_decoding(model, True, absorb=absorb) as extra:
+            assert "get_compiled_call" in vars(generation._top(model))
+            logits.append(model.generate(**kwargs, **extra).logits[1].float())  # the first decode step
+    err = (logits[1] - logits[0]).abs().max() / logits[0].abs().max()
+    assert err < 2e-2, err
