@@ -44,7 +44,12 @@ import traceback
 from collections.abc import Callable
 
 import torch
-from timing import results_head, route, time_fn  # benchmarks/ is on sys.path when this script runs
+from timing import (  # benchmarks/ is on sys.path when this script runs
+    record_error,
+    results_head,
+    route,
+    time_fn,
+)
 
 from finetune.kernels import nf4_decode
 from finetune.kernels.nf4_pairs import nf4_pair_gemv
@@ -239,11 +244,8 @@ def main() -> None:
                     if variant.startswith("nf4_pair"):  # every pair streams its expert
                         pair_bytes = streamed_bytes(module, name, len(ids))
                         row["gb_s"] = round(pair_bytes / (row["median_ms"] * 1e-3) / 1e9, 1)
-                except Exception as err:  # record and go on: one failure must not lose the run
-                    row["error"] = f"{type(err).__name__}: {err}"[:2000]
-                    results["errors"].append({**row, "traceback": traceback.format_exc()[-4000:]})
-                    if cuda:
-                        torch.cuda.synchronize()
+                except Exception as err:
+                    record_error(results, row, err, cuda)
                 results["runs"].append(row)
                 save()
                 log(json.dumps(row))

@@ -30,12 +30,11 @@ import json
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable
 
 import bitsandbytes.functional as bnbf
 import torch
-from timing import results_head, time_fn  # benchmarks/ is on sys.path when this script runs
+from timing import record_error, results_head, time_fn  # benchmarks/ is on sys.path when this script runs
 
 from finetune.kernels import nf4_dequant
 
@@ -147,11 +146,8 @@ def main() -> None:
                     ref = y.clone()
                 if ref is not None:
                     row["equal"] = torch.equal(y, ref)
-            except Exception as err:  # record and go on: one failure must not lose the run
-                row["error"] = f"{type(err).__name__}: {err}"[:2000]
-                results["errors"].append({**row, "traceback": traceback.format_exc()[-4000:]})
-                if cuda:
-                    torch.cuda.synchronize()
+            except Exception as err:
+                record_error(results, row, err, cuda)
             results["runs"].append(row)
             save()
             log(json.dumps(row))

@@ -1,10 +1,12 @@
-"""Shared by the kernel benchmarks (nf4_gemm.py, nf4_decode.py): a skewed router, a timer, the JSON's head."""
+"""Shared by the kernel benchmarks (nf4_gemm.py, nf4_decode.py, nf4_dequant.py): a skewed router, a timer,
+the JSON's head, a failed measurement's record."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -67,3 +69,12 @@ def results_head(args: object, device: str) -> dict:
         "runs": [],
         "errors": [],
     }
+
+
+def record_error(results: dict, row: dict, err: Exception, cuda: bool) -> None:
+    """Inside `except`: the error on its row and, with the traceback, in the run's error list (one
+    failure must not lose the run); the device drained so the next measurement starts clean."""
+    row["error"] = f"{type(err).__name__}: {err}"[:2000]
+    results["errors"].append({**row, "traceback": traceback.format_exc()[-4000:]})
+    if cuda:
+        torch.cuda.synchronize()
