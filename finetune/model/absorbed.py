@@ -36,18 +36,21 @@ def effective_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | No
     from peft.tuners.lora import LoraLayer
 
     if isinstance(linear, LoraLayer):
-        base = _base_weight(linear.get_base_layer())
-        if base is None or linear.merged:
+        # Refusals first: they are decided without touching the weight, which is dequantized after.
+        if linear.merged:
             return None
-        if linear.disable_adapters:
-            return base.to(dtype)
-        adapters = [a for a in linear.active_adapters if a in linear.lora_A]
+        adapters = (
+            [] if linear.disable_adapters else [a for a in linear.active_adapters if a in linear.lora_A]
+        )
         for adapter in adapters:
             dropout = linear.lora_dropout[adapter]
             if linear.use_dora.get(adapter) or linear.lora_bias.get(adapter):
                 return None
             if linear.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 return None
+        base = _base_weight(linear.get_base_layer())
+        if base is None:
+            return None
         weight = base.to(dtype)
         for adapter in adapters:
             weight = weight + linear.get_delta_weight(adapter).to(dtype)
