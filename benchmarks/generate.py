@@ -4,8 +4,9 @@ experts, as the evaluation harness and GRPO generate (transformers `generate`, g
 Variants as in benchmarks/moe_qlora.py (`stock`: bf16 experts through grouped_mm; `nf4-experts`; a `+kernels`
 suffix generates as `model.kernels: auto` does: static cache, compiled decode step replayed as our CUDA
 graphs, the stopping check read a step late; `+graphs` is that without the late stopping check,
-`+compiled` the compiled step through transformers' call, dynamo guards every token; `+absorbed` is
-`+kernels` with MLA's decode steps in latent space, finetune.model.absorbed), all
+`+compiled` the compiled step through transformers' call, dynamo guards every token; `+expanded` is
+`+kernels` with transformers' MLA decode, which expands the cached latent every step, instead of
+finetune.model.absorbed's latent-space one; `+absorbed` is a former name of `+kernels`), all
 with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
 (prompt 64, 64 new tokens, after one warm-up call, in a decoding block of its own, as a GRPO rollout or
 an evaluation starts one: its graph captured anew, `capture_s`), peak GPU memory, and the KV-cache
@@ -39,10 +40,10 @@ def measure(
     variant: str, layers: int, batches: list[int], prompt: int, new: int, repeats: int = 0
 ) -> list[dict]:
     base, _, mode = variant.rpartition("+")
-    fast = mode in ("kernels", "graphs", "compiled", "absorbed")  # model.kernels: auto on CUDA
-    graphs = None if mode in ("kernels", "graphs", "absorbed") else False
-    defer = None if mode in ("kernels", "absorbed") else False
-    absorb = mode == "absorbed"
+    fast = mode in ("kernels", "graphs", "compiled", "absorbed", "expanded")  # model.kernels: auto on CUDA
+    graphs = None if mode in ("kernels", "graphs", "absorbed", "expanded") else False
+    defer = None if mode in ("kernels", "absorbed", "expanded") else False
+    absorb = mode != "expanded"
     model = build(base if fast else variant, layers, torch.bfloat16)
     model.gradient_checkpointing_disable()
     model.eval()

@@ -246,7 +246,9 @@ def test_step_signature_tells_shapes_and_values_apart():
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_cuda_graphs_give_observers_the_plain_records(backend):
     """Real CUDA graphs: the observers' records are the captured tensors, refreshed by each replay.
-    With the eager backend the graph replays the plain kernels, so every record is bit-equal."""
+    With the eager backend the graph replays the plain kernels, so every record is bit-equal. MLA runs as
+    transformers writes it on both sides (`absorb=False`): the latent-space decode rounds in another
+    order in bf16 and may flip a near-tied expert (its numerics: tests/test_absorbed.py)."""
     from finetune.model import replay, routing
 
     config = EAGER if backend == "eager" else None
@@ -258,7 +260,7 @@ def test_cuda_graphs_give_observers_the_plain_records(backend):
         recorder = replay.RoutingReplay(model, replay=False, eos_token_ids=[])
         monitor = routing.RouterMonitor(model)
         try:
-            with generation.compiled_decoding(model, on, compile_config=config) as extra:
+            with generation.compiled_decoding(model, on, compile_config=config, absorb=False) as extra:
                 assert ("get_compiled_call" in vars(generation._top(model))) == on
                 # The plain run uses the same static cache: the monitor counts padded positions too,
                 # whose (masked-out) hidden states depend on the cache's length.

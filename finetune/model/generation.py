@@ -50,7 +50,7 @@ def compiled_decoding(
     compile_config: CompileConfig | None = None,
     graphs: bool | Callable[[], Any] | None = None,
     defer_stop: bool | None = None,
-    absorb: bool = False,
+    absorb: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
 
@@ -59,7 +59,8 @@ def compiled_decoding(
     token); None = where the model is on CUDA and has no forward hooks but `graphed.observer`s,
     False = transformers' compiled call, or a graph factory (tests). `defer_stop`: let `generate` check
     its stopping criteria one step late (`_deferred_stop_check`); None = with our graphs on CUDA.
-    `absorb`: MLA decode steps in latent space (`absorbed.py`); off until timed on the GPU.
+    `absorb`: MLA decode steps in latent space (`absorbed.py`; batch 128 on the H200: 1.5x the new
+    tokens/s of transformers' expansion, docs/benchmarks.md).
     """
     if not on:
         yield {}
