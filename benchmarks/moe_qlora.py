@@ -10,6 +10,8 @@ Suffixes that combine with any variant:
                  instead of the model's full [tokens x vocab] logits
   +bf16          trainable parameters cast to bf16, as TRL's trainers do on a quantized model (else fp32)
   +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
+  +frozen        Python's heap frozen after the warm-up step, as every training stage does (finetune.heap):
+                 no full garbage collections walking the model and the compiled kernels' caches
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
@@ -129,6 +131,10 @@ def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset:
         torch.cuda.synchronize()
         if step:  # the first step warms up kernels and the allocator
             times.append(time.perf_counter() - start)
+        elif "frozen" in flags(variant):
+            gc.collect()
+            gc.freeze()
+    gc.unfreeze()  # (a no-op where nothing was frozen)
     step_s = sum(times) / len(times)
     step_times = [round(t, 4) for t in times]
     result = {
@@ -191,6 +197,8 @@ def summary(runs: list[dict], variants: list[str]) -> dict:
     out = {}
     for variant in variants:
         rows = [r for r in runs if r["variant"] == variant and "round" in r]
+        if not rows:  # not measured yet (the summary is written after every row)
+            continue
         ratios = [r["tokens_per_s"] / base[r["round"]] for r in rows if r["round"] in base]
         out[variant] = {
             "tokens_per_s": [r["tokens_per_s"] for r in rows],

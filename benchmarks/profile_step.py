@@ -44,7 +44,33 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_variant(variant: str, layers: int, batch: int, seq: int, rows: int) -> dict:
+def host_profile(step, rows: int) -> list[dict]:
+    """The host's time in one step by Python function (cProfile, own time): where a step whose GPU
+    waits for the host (step_ms > gpu_ms) spends it."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, prim, own, cumulative, callers)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:rows]
+    return [
+        {
+            "function": f"{f.rsplit('/', 2)[-1]}:{line} {name}",
+            "own_ms": round(v[2] * 1e3, 1),
+            "calls": v[0],
+            "cumulative_ms": round(v[3] * 1e3, 1),
+        }
+        for (f, line, name), v in top
+    ]
+
+
+def profile_variant(
+    variant: str, layers: int, batch: int, seq: int, rows: int, python_rows: bool = False
+) -> dict:
     model = build(variant, layers, torch.bfloat16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 100_000, (batch, seq), device="cuda")
@@ -65,6 +91,7 @@ def profile_variant(variant: str, layers: int, batch: int, seq: int, rows: int) 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    host = host_profile(step, rows) if python_rows else None
     # Kernels only: the device events, each counted once.
     events = [
         e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
@@ -80,6 +107,7 @@ def profile_variant(variant: str, layers: int, batch: int, seq: int, rows: int) 
         "gpu_ms": round(sum(by_cat.values()), 1),
         "kernels": sum(e.count for e in events),
         "by_category_ms": {k: round(v, 1) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "host_functions": host,
         "top_ops": [
             {"op": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count}
             for e in events[:rows]
@@ -99,16 +127,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--host", action="store_true", help="also one step under cProfile (host time)")
     args = parser.parse_args()
     results = []
     for variant in args.variants.split(","):
-        r = profile_variant(variant, args.layers, args.batch, args.seq, args.rows)
+        r = profile_variant(variant, args.layers, args.batch, args.seq, args.rows, args.host)
         results.append(r)
         print(
             f"== {variant}: step {r['step_ms']} ms, kernels {r['gpu_ms']} ms ({r['kernels']})  {json.dumps(r['by_category_ms'])}"
         )
         for row in r["top_ops"]:
             print(f"   {row['ms']:8.2f} ms {row['calls']:6d}  {row['op']}")
+        for row in r["host_functions"] or []:
+            print(
+                f"   host {row['own_ms']:8.1f} ms own {row['cumulative_ms']:8.1f} cum {row['calls']:6d}  {row['function']}"
+            )
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
 
