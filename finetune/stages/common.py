@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, rundir
+from finetune import data, distributed, heap, rundir
 from finetune.model import adapters, fsdp, fusion, generation, routing
 
 
@@ -20,6 +20,7 @@ def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None
     return [
         rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
         rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
+        heap.FreezeHeapAfterFirstStep(),  # no full collections walking the model and kernel caches
     ]
 
 
@@ -79,8 +80,13 @@ def fit(
     if fused and distributed.is_primary():
         # The first steps compile (a minute or two on V2-Lite shapes): say so, or it looks like a hang.
         print("model.kernels: auto — the first training steps compile the fused kernels", file=sys.stderr)
-    with fusion.fused(trainer.model, fused, regions=compiled_regions):
-        trained = train(trainer, out, resume_from)
+    try:
+        with fusion.fused(trainer.model, fused, regions=compiled_regions):
+            trained = train(trainer, out, resume_from)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, heap.FreezeHeapAfterFirstStep):
+                callback.thaw()
     return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
 
 
