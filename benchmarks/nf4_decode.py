@@ -17,8 +17,8 @@ timed as:
                       few-token decode path runs, each pair streaming its own expert, block scales
                       decoded in the call
 
-and the kernel once per tile config of `nf4_decode.CONFIGS` (a manual sweep next to the autotuner's
-pick, which is reported too), the pair GEMV once per tile of `PAIR_TILES` (scales decoded once, outside
+and the kernel once per tile config of `nf4_decode.CONFIGS` and `GEMV_STEPS` (K step, NF4 lookup by
+select tree or table loads; a manual sweep next to the autotuner's pick, which is reported too), the pair GEMV once per tile of `PAIR_TILES` (scales decoded once, outside
 the timing). A pair row's `gb_s` counts each pair's expert bytes. Times are CUDA events around one call, median of --iters after --warmup;
 each call is queued behind a GPU sleep so the host's launch cost is not counted (nf4_gemv_graph shows
 the host-free time of the kernel as a decode step would replay it). `gb_s` is the NF4 bytes of the
@@ -44,6 +44,7 @@ import traceback
 from collections.abc import Callable
 
 import torch
+import triton
 from timing import (  # benchmarks/ is on sys.path when this script runs
     record_error,
     results_head,
@@ -116,8 +117,11 @@ def variants(
         )
         out["gathered_compiled"] = lambda: gathered_c(x, ids)
         out["nf4_gemv_compiled"] = lambda: kernel_c(x, offsets)
-    for cfg in nf4_decode.CONFIGS:
-        label = f"nf4_gemv[BLOCK_N={cfg.kwargs['BLOCK_N']},warps={cfg.num_warps},stages={cfg.num_stages}]"
+    for cfg in [*nf4_decode.CONFIGS, *GEMV_STEPS]:
+        label = "nf4_gemv[BLOCK_N={},warps={},stages={},BLOCK_K={},select={}]".format(
+            cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+            cfg.kwargs.get("BLOCK_K", nf4_decode.BLOCK_K), int(cfg.kwargs.get("SELECT", nf4_decode.SELECT)),
+        )  # fmt: skip
         out[label] = lambda cfg=cfg: nf4_decode._launch(x, offsets, **kw, config=cfg)
     # The pair GEMV the few-token decode path runs (each pair streams its own expert), scales included.
     out["nf4_pair"] = lambda: decode.kernel_pair_products(module, name, x, ids)
@@ -133,6 +137,13 @@ def variants(
     return out
 
 
+# The grouped GEMV's K step and NF4 lookup (select tree or table loads) at two tiles.
+GEMV_STEPS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SELECT": select}, num_warps=w, num_stages=st)
+    for n, w, st in ((16, 2, 4), (64, 4, 3))
+    for k in (64, 128, 256)
+    for select in (True, False)
+]
 PAIR_TILES = [  # (BLOCK_N, BLOCK_K, warps, whole steps)
     (16, 128, 2, 0),
     (16, 128, 2, 1),

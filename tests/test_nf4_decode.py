@@ -131,9 +131,10 @@ def interpreted() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("lookup", ["", "/table"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_bitsandbytes(interpreted, case):
-    got = interpreted[case]
+def test_kernel_matches_bitsandbytes(interpreted, case, lookup):
+    got = interpreted[case + lookup]
     assert "error" not in got, got.get("error")
     assert got["dtype"] == CASES[case][7]
     assert got["rel"] <= TOL[got["dtype"]], f"{case}: relative error {got['rel']:.3g}"
@@ -146,8 +147,9 @@ def test_routing_covers_the_edge_cases(interpreted):
     assert CASES["experts_dq"][1] % 32 and not CASES["n_multiple_of_tile"][1] % 32
 
 
-def test_kernel_bf16_weight_is_bitsandbytes_bit_for_bit(interpreted):
-    assert interpreted["identity_bf16"] == {"equal": True, "nonzero": True}
+@pytest.mark.parametrize("lookup", ["", "/table"])
+def test_kernel_bf16_weight_is_bitsandbytes_bit_for_bit(interpreted, lookup):
+    assert interpreted["identity_bf16" + lookup] == {"equal": True, "nonzero": True}
 
 
 def test_kernel_comparison_can_fail(interpreted):
@@ -234,26 +236,93 @@ def test_input_errors():
         pytest.fail(f"{name}: no ValueError")
 
 
+# ----------------------------------------------------------------------------- wiring
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("i", [64, 32])  # 32: down's rows are not whole blocks, so it keeps the old path
+def test_experts_without_gradients_multiply_the_nf4_bytes_when_asked(monkeypatch, lora, i):
+    """`NF4Experts.grouped_kernel` (compiled decoding's `grouped=True`): steps without gradients go
+    through `nf4_expert_gemv` (here its plain-torch CPU path) with the same outputs as dequantize +
+    grouped product, expert LoRA added on top; with gradients the flag changes nothing."""
+    import torch
+
+    from finetune.kernels import nf4_decode
+    from finetune.model.experts import NF4Experts
+
+    gen = torch.Generator().manual_seed(3)
+    e, h = 6, 64
+    module = NF4Experts.from_weights(
+        torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), torch.nn.SiLU()
+    )
+    if lora:
+        module.add_lora(4, 8.0)
+        for name, p in module.named_parameters():
+            if name.endswith("_B"):
+                p.data.normal_(generator=gen)
+    x = torch.randn(10, h, generator=gen)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=gen)
+    calls = []
+    kernel = nf4_decode.nf4_expert_gemv
+    monkeypatch.setattr(nf4_decode, "nf4_expert_gemv", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        plain = module(x, ids, weights)
+        module.grouped_kernel = True
+        fast = module(x, ids, weights)
+    assert len(calls) == (2 if i == 64 else 1)  # gate_up and down, or gate_up only
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert fast.abs().max() > 0.1
+    x.requires_grad_(True)
+    module(x, ids, weights).sum().backward()  # with gradients: the autograd path
+    assert len(calls) == (2 if i == 64 else 1) and x.grad is not None
+    many = torch.randn(32 * e // 2 + 1, h, generator=gen)  # over 32 rows an expert: a prefill's rows
+    with torch.no_grad():
+        module(many, torch.randint(0, e, (len(many), 2), generator=gen), torch.rand(len(many), 2))
+    assert len(calls) == (2 if i == 64 else 1)
+
+
+def test_compiled_decoding_asks_for_the_grouped_kernel_only_when_told():
+    from finetune.model import generation
+    from finetune.model.experts import NF4Experts
+    from finetune.model.load import load_model, resolve_source
+
+    model = load_model(resolve_source("tiny", None), dtype="float32")
+    experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
+    with generation.compiled_decoding(model, True, graphs=False):
+        assert experts and not any(m.grouped_kernel for m in experts)  # default: off until timed
+    with generation.compiled_decoding(model, True, graphs=False, grouped=True):
+        assert all(m.grouped_kernel for m in experts)
+    assert not any(m.grouped_kernel for m in experts)
+
+
 # ----------------------------------------------------------------------------- the child process
 
 
 def _run_cases() -> dict:
     import torch
 
+    from finetune.kernels import nf4_decode
     from finetune.kernels.nf4_decode import nf4_expert_gemv
 
     out: dict = {}
-    for seed, case in enumerate(CASES):
-        try:
-            kwargs, ref, counts = build(case, seed)
-            y = nf4_expert_gemv(**kwargs)
-            out[case] = {"rel": rel(y, ref), "counts": counts, "dtype": str(y.dtype).removeprefix("torch.")}
-        except Exception:
-            out[case] = {"error": traceback.format_exc()}
+    for select in (True, False):  # NF4 values by the select tree, then by table loads
+        nf4_decode.SELECT = select
+        suffix = "" if select else "/table"
+        for seed, case in enumerate(CASES):
+            try:
+                kwargs, ref, counts = build(case, seed)
+                y = nf4_expert_gemv(**kwargs)
+                dtype = str(y.dtype).removeprefix("torch.")
+                out[case + suffix] = {"rel": rel(y, ref), "counts": counts, "dtype": dtype}
+            except Exception:
+                out[case + suffix] = {"error": traceback.format_exc()}
 
-    kwargs, expected = identity_case()
-    y = nf4_expert_gemv(**kwargs)
-    out["identity_bf16"] = {"equal": torch.equal(y, expected), "nonzero": bool(expected.abs().sum() > 0)}
+        kwargs, expected = identity_case()
+        y = nf4_expert_gemv(**kwargs)
+        equal = torch.equal(y, expected)
+        out["identity_bf16" + suffix] = {"equal": equal, "nonzero": bool(expected.abs().sum() > 0)}
+    nf4_decode.SELECT = True
 
     kwargs, ref, _ = build("no_dq", seed=1)
     packed = kwargs["packed"]

@@ -9,11 +9,14 @@ element once per 16-row chunk of its expert, in registers, and never writes a 16
 Layout (see `decode.gathered_weights`): W [E, N, K] is quantized flattened; element i sits in byte i // 2
 (even i in the high nibble) and is `code[nibble] * scale[i // blocksize]`, the scale fp32 absmax or, with
 double quantization, `code2[absmax_u8[b]] * absmax2[b // QB2] + offset`. With K % blocksize == 0 every row
-starts a block, so a K step of 64 (or the blocksize, if smaller) has one scale per row n: the kernel loads
-a [BLOCK_N] scale vector per step and the packed bytes as a [BLOCK_N, BLOCK_K / 2] tile, whose high nibbles
-are the even columns and low nibbles the odd ones; x's even and odd columns (stride-2 loads) multiply them
-in two `tl.dot`s. No join/reshape, no per-element scale gathers (the training kernel `nf4_grouped` does
-both and is slower than dequantize + grouped_mm).
+starts a block; a K step of BLOCK_K values (a divisor of K: unmasked loads) reads a [BLOCK_N, BLOCK_K / 2]
+tile of packed bytes and one scale per (row, block), broadcast over the block's bytes. High nibbles are
+the even columns and low nibbles the odd ones; x's even and odd columns (stride-2 loads) multiply them in
+two `tl.dot`s. NF4 values come from a select tree over the 16 code values held in registers (`SELECT`):
+a table load per nibble is a 4-byte gather, and in the pipelined dot loop the compiler turns each into an
+asynchronous copy to shared memory (60 of the 74 copies a step in the sm_90 PTX; 16 with the tree).
+The first version (BLOCK_K 64, table loads, offsets from the flat element index) streamed at 30-40 GB/s
+on the H200; this one is untimed (benchmarks/nf4_decode.py sweeps K step and lookup).
 
 Grid (E, cdiv(N, BLOCK_N)): program (g, nb) owns expert g's rows offsets[g-1]..offsets[g] (int32
 cumulative row ends on the device) and returns at once if there are none; nothing is read on the host,
@@ -23,6 +26,7 @@ so the op can be captured in a CUDA graph. `nf4_expert_gemv` is the entry point;
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,6 +50,26 @@ def _rne(v, ROUND_BITS: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
     return v
+
+
+@triton.jit
+def _pick(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+    """code[nib] from 16 scalars by a tree of selects on nib's bits: no memory access. (A table load
+    per nibble is a 4-byte gather; in a pipelined dot loop each becomes an async copy to shared memory.)"""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    lo = tl.where(
+        b2,
+        tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4)),
+        tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0)),
+    )
+    hi = tl.where(
+        b2,
+        tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12)),
+        tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8)),
+    )
+    return tl.where((nib & 8) != 0, hi, lo)
 
 
 @triton.jit
@@ -73,8 +97,10 @@ def _nf4_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SUB: tl.constexpr,  # scale blocks a K step covers: BLOCK_K // QB, at least 1
+    SELECT: tl.constexpr,  # the code table as a select tree in registers (`_pick`), not gathers
 ):
-    """y[rows of g, n-tile] = x_g @ W_g[n-tile].T, W decoded from NF4 step by step (BLOCK_K divides QB)."""
+    """y[rows of g, n-tile] = x_g @ W_g[n-tile].T, W decoded from NF4 step by step (K % BLOCK_K == 0)."""
     g = tl.program_id(0)
     nb = tl.program_id(1)
     row_end = tl.load(offsets_ptr + g)
@@ -84,13 +110,36 @@ def _nf4_gemv_kernel(
     dt = x_ptr.dtype.element_ty
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < N
-    # Columns past N read row N-1 (unmasked, vectorized loads) and are never stored.
-    row_flat = g.to(tl.int64) * N * K + tl.minimum(cols, N - 1).to(tl.int64) * K  # flat index of W[g, n, 0]
-    row_byte = row_flat // 2
-    row_block = row_flat // QB
+    # Columns past N read row N-1 (unmasked loads) and are never stored. Byte and block offsets are
+    # built from K // 2 and K // QB (K is specialized as a multiple of 16), so the compiler can prove
+    # each row's bytes aligned and load them in vectors; from the flat element index it could not.
+    n64 = tl.minimum(cols, N - 1).to(tl.int64)
+    row_byte = g.to(tl.int64) * N * (K // 2) + n64 * (K // 2)
+    row_block = g.to(tl.int64) * N * (K // QB) + n64 * (K // QB)
     half = tl.arange(0, BLOCK_K // 2)
+    sub = tl.arange(0, SUB) * QB
     if DQ:
         offset = tl.load(offset_ptr)
+    # The code table in registers, for SELECT (16 scalar loads a program; unused otherwise).
+    c0, c1, c2, c3 = tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
+    c4, c5, c6, c7 = (
+        tl.load(code_ptr + 4),
+        tl.load(code_ptr + 5),
+        tl.load(code_ptr + 6),
+        tl.load(code_ptr + 7),
+    )
+    c8, c9, c10, c11 = (
+        tl.load(code_ptr + 8),
+        tl.load(code_ptr + 9),
+        tl.load(code_ptr + 10),
+        tl.load(code_ptr + 11),
+    )
+    c12, c13, c14, c15 = (
+        tl.load(code_ptr + 12),
+        tl.load(code_ptr + 13),
+        tl.load(code_ptr + 14),
+        tl.load(code_ptr + 15),
+    )
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         m_mask = rows < row_end
@@ -98,7 +147,7 @@ def _nf4_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + half)[None, :]).to(tl.int32)
-            block = row_block + k0 // QB
+            block = row_block[:, None] + ((k0 + sub) // QB)[None, :]  # [BLOCK_N, SUB]
             if DQ:
                 scale = tl.load(code2_ptr + tl.load(absmax_ptr + block).to(tl.int32)) * tl.load(
                     absmax2_ptr + block // QB2
@@ -106,9 +155,20 @@ def _nf4_gemv_kernel(
                 scale = scale + offset
             else:
                 scale = tl.load(absmax_ptr + block)
+            # One scale per (row, block), broadcast over the block's bytes.
+            scale = tl.reshape(
+                tl.broadcast_to(scale[:, :, None], (BLOCK_N, SUB, BLOCK_K // 2 // SUB)),
+                (BLOCK_N, BLOCK_K // 2),
+            )
             # code * scale in fp32, then rounded to the compute dtype: what bnb's dequantize_4bit returns.
-            w_hi = _rne(tl.load(code_ptr + (byte >> 4)) * scale[:, None], ROUND_BITS).to(dt)
-            w_lo = _rne(tl.load(code_ptr + (byte & 0xF)) * scale[:, None], ROUND_BITS).to(dt)
+            if SELECT:
+                v_hi = _pick(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+                v_lo = _pick(byte & 0xF, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+            else:
+                v_hi = tl.load(code_ptr + (byte >> 4))
+                v_lo = tl.load(code_ptr + (byte & 0xF))
+            w_hi = _rne(v_hi * scale, ROUND_BITS).to(dt)
+            w_lo = _rne(v_lo * scale, ROUND_BITS).to(dt)
             x_even = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=m_mask[:, None], other=0.0)
             x_odd = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=m_mask[:, None], other=0.0)
             acc = _mm(x_even, tl.trans(w_hi), acc, PRECISION, DOT_FP32)
@@ -138,6 +198,11 @@ CONFIGS = [
 ]
 _tuned = triton.autotune(CONFIGS, key=["N", "K", "DQ", "ROWS_HINT"])(_nf4_gemv_kernel)
 BLOCK_M = 16
+# Values a K step decodes (a power of two; the launch takes its gcd with K, so every step is whole):
+# 128 is 64 bytes of each row, the pair GEMV's fastest whole-step tile (kernels/nf4_pairs.py).
+BLOCK_K = 128
+# NF4 values by a select tree rather than table loads: untimed (benchmarks/nf4_decode.py sweeps both).
+SELECT = True
 _INTERPRET_CONFIG = _config(32, 4, 1)  # under the interpreter: one fixed tile, nothing to tune
 
 # ------------------------------------------------------------------------------------------ python
@@ -207,16 +272,19 @@ def _launch(
         DOT_FP32=interpret and x.dtype != torch.float32,
         ROUND_BITS=interpret and x.dtype == torch.bfloat16,
         BLOCK_M=BLOCK_M,
-        BLOCK_K=min(blocksize, 64),
+        BLOCK_K=math.gcd(config.kwargs.get("BLOCK_K", BLOCK_K) if config else BLOCK_K, k),
     )
     if interpret and config is None:
         config = _INTERPRET_CONFIG
+    meta["SUB"] = max(meta["BLOCK_K"] // blocksize, 1)
+    meta["SELECT"] = bool(config.kwargs.get("SELECT", SELECT) if config else SELECT)
     if config is None:
         _tuned[lambda c: (e, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
     else:
         grid = (e, triton.cdiv(n, config.kwargs["BLOCK_N"]))
+        tile = {"BLOCK_N": config.kwargs["BLOCK_N"]}
         _nf4_gemv_kernel[grid](
-            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            *args, **meta, **tile, num_warps=config.num_warps, num_stages=config.num_stages
         )
     return y
 

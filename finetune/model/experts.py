@@ -139,6 +139,10 @@ def _grouped_linear(
     return torch.cat(outs)
 
 
+# Mean rows an expert up to which `NF4Experts.grouped_kernel` applies (two of the kernel's 16-row chunks).
+_GROUPED_KERNEL_ROWS = 32
+
+
 class _NF4GroupedLinear(torch.autograd.Function):
     """Grouped `x_g @ W_g.T` with W dequantized from NF4 inside forward and again inside backward.
 
@@ -211,6 +215,9 @@ class NF4Experts(nn.Module):
         # Whole-weight dequantization through our Triton kernel on CUDA, bit for bit bitsandbytes' result
         # (set by generation.compiled_decoding; in training it measured no faster: docs/benchmarks.md).
         self.dequant_kernel = False
+        # Steps without gradients multiply the NF4 bytes directly (kernels/nf4_decode.py: no 16-bit copy
+        # of the layer's experts); set by generation.compiled_decoding where asked, untimed so far.
+        self.grouped_kernel = False
         # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
         self.checkpointed: Callable[[], bool] = lambda: False
 
@@ -454,6 +461,24 @@ class NF4Experts(nn.Module):
         delta = _grouped_linear(low, b, offsets, host)
         return base + delta if rows is None else base.index_add(0, rows, delta)
 
+    def _base_product(
+        self, name: str, x: torch.Tensor, offsets: torch.Tensor, host: list[int] | None, keep: bool
+    ) -> torch.Tensor:
+        """x_g @ W_g.T over the experts' sorted rows, W = weight `name` without LoRA."""
+        # The kernel needs rows of whole blocks (K a multiple of the blocksize), as V2-Lite's 2,048 / 1,408,
+        # and decodes the weight again for every 16 rows of an expert: decode steps, not a long prefill.
+        whole_blocks = self._shapes[name][2] % self.blocksize == 0
+        few_rows = x.shape[0] <= _GROUPED_KERNEL_ROWS * self.num_experts
+        if self.grouped_kernel and whole_blocks and few_rows and not torch.is_grad_enabled():  # CPU: torch
+            from finetune.kernels.nf4_decode import nf4_expert_gemv  # triton: imported where used
+
+            packed, absmax, code = (getattr(self, f"{name}_{part}") for part in ("packed", "absmax", "code"))
+            nested = decode.nested_state(self, name)
+            return nf4_expert_gemv(
+                x, offsets, packed, absmax, nested, code, self._shapes[name], self.blocksize
+            )
+        return _NF4GroupedLinear.apply(x, self, name, offsets, host, keep)
+
     def _grouped(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """Grouped kernel for products of `x`'s dtype/device over `dims`, or the per-expert loop."""
         if self.use_grouped_mm is not None:
@@ -504,7 +529,7 @@ class NF4Experts(nn.Module):
 
         # (autograd.Function.forward runs without grad mode: decided here)
         keep = self.fused and self.checkpointed() and torch.is_grad_enabled()
-        gate_up = _NF4GroupedLinear.apply(x, self, "gate_up", offsets, host, keep)
+        gate_up = self._base_product("gate_up", x, offsets, host, keep)
         lora = self.has_lora and self.lora_enabled
         if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
@@ -513,7 +538,7 @@ class NF4Experts(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
-        y = _NF4GroupedLinear.apply(h, self, "down", offsets, host, keep)
+        y = self._base_product("down", h, offsets, host, keep)
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
@@ -547,6 +572,11 @@ class PlainExperts(NF4Experts):
         module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = nn.Parameter(down, requires_grad=False)
         return module
+
+    def _base_product(
+        self, name: str, x: torch.Tensor, offsets: torch.Tensor, host: list[int] | None, keep: bool
+    ) -> torch.Tensor:
+        return _NF4GroupedLinear.apply(x, self, name, offsets, host, keep)  # 16-bit: no NF4 kernel
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         weight = getattr(self, f"{name}_proj")

@@ -51,6 +51,7 @@ def compiled_decoding(
     graphs: bool | Callable[[], Any] | None = None,
     defer_stop: bool | None = None,
     absorb: bool = True,
+    grouped: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yields extra `generate` keyword arguments; while on, generate compiles its decode step.
 
@@ -60,7 +61,9 @@ def compiled_decoding(
     False = transformers' compiled call, or a graph factory (tests). `defer_stop`: let `generate` check
     its stopping criteria one step late (`_deferred_stop_check`); None = with our graphs on CUDA.
     `absorb`: MLA decode steps in latent space (`absorbed.py`; batch 128 on the H200: 1.5x the new
-    tokens/s of transformers' expansion, docs/benchmarks.md).
+    tokens/s of transformers' expansion, docs/benchmarks.md). `grouped`: NF4 experts multiply their
+    packed bytes directly in steps of more tokens than experts (`kernels/nf4_decode.py`) instead of
+    dequantizing the layer's experts and calling `grouped_mm`; off until timed on the GPU.
     """
     if not on:
         yield {}
@@ -88,9 +91,11 @@ def compiled_decoding(
         del embeddings._forward_hooks[k]
     on_cuda = next(model.parameters()).device.type == "cuda"
     # NF4 experts dequantize whole weights (steps of more tokens than experts) through our kernel.
-    dequant = {m: m.dequant_kernel for m in model.modules() if hasattr(m, "dequant_kernel")}
+    dequant = {
+        m: (m.dequant_kernel, m.grouped_kernel) for m in model.modules() if hasattr(m, "dequant_kernel")
+    }
     for m in dequant:
-        m.dequant_kernel = True
+        m.dequant_kernel, m.grouped_kernel = True, grouped
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
         graphs = on_cuda and not graphed.blocks_graphs(model)
     if graphs:
@@ -113,8 +118,8 @@ def compiled_decoding(
         torch._dynamo.config.recompile_limit = limit
         torch._dynamo.config.skip_nnmodule_hook_guards = skip_hooks
         embeddings._forward_hooks.update(hooks)
-        for m, previous_dequant in dequant.items():
-            m.dequant_kernel = previous_dequant
+        for m, (previous_dequant, previous_grouped) in dequant.items():
+            m.dequant_kernel, m.grouped_kernel = previous_dequant, previous_grouped
 
 
 def _reused_caches(top: torch.nn.Module, step: graphed.GraphedStep) -> Callable[..., Any]:
