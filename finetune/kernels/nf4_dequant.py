@@ -218,21 +218,13 @@ def _bitsandbytes(
     """bitsandbytes' `dequantize_4bit` into `out` (devices without the kernel: the CPU)."""
     import bitsandbytes.functional as bnbf
 
-    import finetune.model  # noqa: F401  (installs exact plain-torch CPU 4-bit ops on every CPU)
+    # (finetune.model also installs exact plain-torch CPU 4-bit ops on every CPU)
+    from finetune.model.experts import nf4_quant_state
 
-    state2 = None
-    if absmax2 is not None:
-        state2 = bnbf.QuantState(absmax=absmax2, code=code2, blocksize=nested_blocksize, dtype=torch.float32)
-    state = bnbf.QuantState(
-        absmax=absmax,
-        shape=torch.Size(shape),
-        code=code,
-        blocksize=blocksize,
-        quant_type="nf4",
-        dtype=out.dtype,
-        offset=offset,
-        state2=state2,
-    )
+    nested = None
+    if absmax2 is not None and code2 is not None and offset is not None:
+        nested = (absmax2, code2, offset, nested_blocksize)
+    state = nf4_quant_state(absmax, code, shape, blocksize, out.dtype, nested)
     out.view(-1).copy_(bnbf.dequantize_4bit(packed, state).reshape(-1))
 
 

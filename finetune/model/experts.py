@@ -76,6 +76,32 @@ def _quantize(
     return torch.cat(packed), state
 
 
+def nf4_quant_state(
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    shape: tuple[int, ...] | list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+) -> bnbf.QuantState:
+    """bitsandbytes' NF4 QuantState from its tensors; `nested` = (absmax2, code2, offset, nested
+    blocksize) under double quantization (`decode.nested_state`'s form), else None."""
+    state2 = offset = None
+    if nested is not None:
+        absmax2, code2, offset, nested_blocksize = nested
+        state2 = bnbf.QuantState(absmax=absmax2, code=code2, blocksize=nested_blocksize, dtype=torch.float32)
+    return bnbf.QuantState(
+        absmax=absmax,
+        shape=torch.Size(shape),
+        code=code,
+        blocksize=blocksize,
+        quant_type="nf4",
+        dtype=dtype,
+        offset=offset,
+        state2=state2,
+    )
+
+
 def _dequantize(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
     """`bnbf.dequantize_4bit(packed, state)`, for tensors of any size."""
     numel = math.prod(state.shape)
@@ -291,23 +317,10 @@ class NF4Experts(nn.Module):
 
     def quant_state(self, name: str, dtype: torch.dtype | None = None) -> bnbf.QuantState:
         """The bitsandbytes QuantState of `gate_up` or `down`, rebuilt from the stored tensors (on their device)."""
-        nested = None
-        if name in self._nested_blocksize:
-            nested = bnbf.QuantState(
-                absmax=getattr(self, f"{name}_absmax2"),
-                code=getattr(self, f"{name}_code2"),
-                blocksize=self._nested_blocksize[name],
-                dtype=torch.float32,
-            )
-        return bnbf.QuantState(
-            absmax=getattr(self, f"{name}_absmax"),
-            shape=torch.Size(self._shapes[name]),
-            code=getattr(self, f"{name}_code"),
-            blocksize=self.blocksize,
-            quant_type="nf4",
-            dtype=dtype or self.compute_dtype,
-            offset=getattr(self, f"{name}_offset") if nested is not None else None,
-            state2=nested,
+        absmax, code = getattr(self, f"{name}_absmax"), getattr(self, f"{name}_code")
+        nested = decode.nested_state(self, name)
+        return nf4_quant_state(
+            absmax, code, self._shapes[name], self.blocksize, dtype or self.compute_dtype, nested
         )
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -467,9 +480,13 @@ class NF4Experts(nn.Module):
         """x_g @ W_g.T over the experts' sorted rows, W = weight `name` without LoRA."""
         # The kernel needs rows of whole blocks (K a multiple of the blocksize), as V2-Lite's 2,048 / 1,408,
         # and decodes the weight again for every 16 rows of an expert: decode steps, not a long prefill.
-        whole_blocks = self._shapes[name][2] % self.blocksize == 0
-        few_rows = x.shape[0] <= _GROUPED_KERNEL_ROWS * self.num_experts
-        if self.grouped_kernel and whole_blocks and few_rows and not torch.is_grad_enabled():  # CPU: torch
+        # (On a CPU the op runs its plain-torch path.)
+        if (
+            self.grouped_kernel
+            and not torch.is_grad_enabled()
+            and self._shapes[name][2] % self.blocksize == 0
+            and x.shape[0] <= _GROUPED_KERNEL_ROWS * self.num_experts
+        ):
             from finetune.kernels.nf4_decode import nf4_expert_gemv  # triton: imported where used
 
             packed, absmax, code = (getattr(self, f"{name}_{part}") for part in ("packed", "absmax", "code"))
