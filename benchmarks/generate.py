@@ -42,16 +42,10 @@ def measure(
     variant: str, layers: int, batches: list[int], prompt: int, new: int, repeats: int = 0
 ) -> list[dict]:
     base, _, mode = variant.rpartition("+")
-    fast = mode in (
-        "kernels",
-        "graphs",
-        "compiled",
-        "absorbed",
-        "expanded",
-        "grouped",
-    )  # model.kernels: auto on CUDA
-    graphs = None if mode in ("kernels", "graphs", "absorbed", "expanded", "grouped") else False
-    defer = None if mode in ("kernels", "absorbed", "expanded", "grouped") else False
+    auto = mode in ("kernels", "absorbed", "expanded", "grouped")  # model.kernels: auto on CUDA, or a twin
+    fast = auto or mode in ("graphs", "compiled")
+    graphs = None if auto or mode == "graphs" else False
+    defer = None if auto else False
     absorb = mode != "expanded"
     model = build(base if fast else variant, layers, torch.bfloat16)
     model.gradient_checkpointing_disable()
