@@ -68,8 +68,64 @@ def host_profile(step, rows: int) -> list[dict]:
     ]
 
 
+def gpu_gaps(step, rows: int) -> dict:
+    """Where the GPU idles inside one step: the gaps between its kernels, with the host calls that ran
+    while it waited (CUDA runtime calls such as synchronizations, and aten ops, by time inside gaps), and
+    the synchronizing calls `torch.cuda.set_sync_debug_mode` reports, with their callers."""
+    import warnings
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    gaps, busy_end = [], kernels[0][0]
+    for start, end in kernels:
+        if start > busy_end:
+            gaps.append((busy_end, start))
+        busy_end = max(busy_end, end)
+    span = busy_end - kernels[0][0]
+    in_gaps: dict[str, float] = {}
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    for e in host:
+        # Own time inside gaps of at least 50 us; nested ops count in their parents too.
+        for g0, g1 in gaps:
+            if g1 - g0 < 50:
+                continue
+            overlap = min(e.time_range.end, g1) - max(e.time_range.start, g0)
+            if overlap > 0:
+                in_gaps[e.name] = in_gaps.get(e.name, 0.0) + overlap
+    syncs: dict[str, int] = {}
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        key = f"{str(w.message)[:60]} @ {w.filename.rsplit('/', 2)[-1]}:{w.lineno}"
+        syncs[key] = syncs.get(key, 0) + 1
+    big = sorted((g1 - g0 for g0, g1 in gaps), reverse=True)
+    return {
+        "kernel_span_ms": round(span / 1e3, 1),
+        "idle_ms": round(sum(g1 - g0 for g0, g1 in gaps) / 1e3, 1),
+        "gaps_over_1ms": sum(1 for g in big if g >= 1000),
+        "largest_gaps_ms": [round(g / 1e3, 2) for g in big[:10]],
+        "host_in_gaps_ms": {
+            k: round(v / 1e3, 1) for k, v in sorted(in_gaps.items(), key=lambda kv: -kv[1])[:rows]
+        },
+        "syncs": syncs,
+    }
+
+
 def profile_variant(
-    variant: str, layers: int, batch: int, seq: int, rows: int, python_rows: bool = False
+    variant: str, layers: int, batch: int, seq: int, rows: int, python_rows: bool = False, gaps: bool = False
 ) -> dict:
     model = build(variant, layers, torch.bfloat16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -92,6 +148,7 @@ def profile_variant(
         step()
         torch.cuda.synchronize()
     host = host_profile(step, rows) if python_rows else None
+    idle = gpu_gaps(step, rows) if gaps else None
     # Kernels only: the device events, each counted once.
     events = [
         e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
@@ -108,6 +165,7 @@ def profile_variant(
         "kernels": sum(e.count for e in events),
         "by_category_ms": {k: round(v, 1) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "host_functions": host,
+        "gpu_gaps": idle,
         "top_ops": [
             {"op": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count}
             for e in events[:rows]
@@ -128,10 +186,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--host", action="store_true", help="also one step under cProfile (host time)")
+    parser.add_argument("--gaps", action="store_true", help="also where the GPU idles in one step, and syncs")
     args = parser.parse_args()
     results = []
     for variant in args.variants.split(","):
-        r = profile_variant(variant, args.layers, args.batch, args.seq, args.rows, args.host)
+        r = profile_variant(variant, args.layers, args.batch, args.seq, args.rows, args.host, args.gaps)
         results.append(r)
         print(
             f"== {variant}: step {r['step_ms']} ms, kernels {r['gpu_ms']} ms ({r['kernels']})  {json.dumps(r['by_category_ms'])}"
@@ -142,6 +201,8 @@ def main() -> None:
             print(
                 f"   host {row['own_ms']:8.1f} ms own {row['cumulative_ms']:8.1f} cum {row['calls']:6d}  {row['function']}"
             )
+        if r["gpu_gaps"]:
+            print("   gaps", json.dumps(r["gpu_gaps"]))
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bitsandbytes.nn import Linear4bit
 from conftest import base_recipe, write_recipe
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2Attention,
@@ -97,9 +98,12 @@ def test_apply_patches_each_module_kind_and_remove_gives_the_eager_model_back(tm
     # compiled graph), so only attention and MLP modules become compiled regions.
     assert counts["compiled_regions"] == attention + counts["mlp"]
     assert all(m.fused for m in modules if isinstance(m, NF4Experts))
+    assert counts["linear4bit"] == sum(isinstance(m, Linear4bit) for m in modules) > 0
     fusion.remove(model)
     assert not any(
-        "forward" in m.__dict__ for m in modules if isinstance(m, DeepseekV2RMSNorm | DeepseekV2MLP)
+        "forward" in m.__dict__
+        for m in modules
+        if isinstance(m, DeepseekV2RMSNorm | DeepseekV2MLP | Linear4bit)
     )
     assert not any(m.fused for m in modules if isinstance(m, NF4Experts))
     again, again_grads = _step(model)

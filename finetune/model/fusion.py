@@ -174,11 +174,11 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
     `finetune.model.lm_head` in place of TRL's fused LM head (not where generation runs inside
     training, GRPO: its decode steps change shape every token). The routers stay eager:
     their hooks (expert load, aux loss, routing replay) mutate Python state. Idempotent."""
-    from finetune.model import lm_head
+    from finetune.model import linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
     remove(model)
-    counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0}
     counts["lm_head"] = int(regions and lm_head.patch(model))
     for module in model.modules():
         if isinstance(module, DeepseekV2RMSNorm):
@@ -201,6 +201,9 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
         elif isinstance(module, DeepseekV2Attention) and regions:
             _region(module, type(module).forward)
             counts["compiled_regions"] += 1
+        elif linear4bit.supported(module):
+            linear4bit.patch(module)
+            counts["linear4bit"] += 1
     for layer in model.modules():  # transformers' GradientCheckpointingLayer: the decoder layers
         if hasattr(layer, "gradient_checkpointing"):
             for module in layer.modules():
@@ -213,11 +216,13 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
 
 def remove(model: nn.Module) -> None:
     """Back to the eager forwards."""
-    from finetune.model import lm_head
+    from finetune.model import linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
     lm_head.unpatch(model)
     for module in model.modules():
+        if linear4bit.supported(module):
+            linear4bit.unpatch(module)
         if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP, DeepseekV2Attention, NF4Experts)):
             module.__dict__.pop("forward", None)  # the class's forward again
         if isinstance(module, NF4Experts):

@@ -1,0 +1,104 @@
+"""bitsandbytes `Linear4bit` layers (the MLA projections, the dense MLP) in training, through our NF4
+dequantize kernel.
+
+Why: profiled on the H200 (docs/benchmarks.md), `bnb.matmul_4bit` on a training batch costs ~0.2 ms of
+host time a call (bitsandbytes' op dispatch and QuantState handling, two kernel launches: the nested
+absmax, then the weight), 378 calls a V2-Lite step whose GPU often waits for the host, plus ~40 ms a
+step of GPU time in bitsandbytes' dequantize kernels. Here: one launch of `finetune.kernels.nf4_dequant`
+(nested scales inside, the same bits), then `F.linear`. The backward dequantizes again rather than keep
+a 16-bit copy of the weight, as bitsandbytes' `MatMul4Bit` does. A single row without gradients (a
+decode step) keeps bitsandbytes' GEMV.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _dequantized(packed: torch.Tensor, parts: tuple, meta: tuple, dtype: torch.dtype) -> torch.Tensor:
+    from finetune.kernels.nf4_dequant import _nf4_dequantize_op  # triton: imported where used
+
+    absmax, code, absmax2, code2, offset = parts
+    shape, blocksize, nested_blocksize, state_dtype, config = meta
+    weight = _nf4_dequantize_op(
+        packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, state_dtype, config
+    )
+    return weight.to(dtype)  # rounded to the state's dtype first, as bitsandbytes' dequantize_4bit does
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x @ W.T (+ bias) with W dequantized from NF4 in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, meta):  # type: ignore[override]
+        parts = (absmax, code, absmax2, code2, offset)
+        ctx.save_for_backward(packed, *parts)
+        ctx.meta = meta
+        ctx.has_bias = bias is not None
+        return F.linear(x, _dequantized(packed, parts, meta, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        packed, *parts = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _dequantized(packed, tuple(parts), ctx.meta, grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None, None, None, None, None, None
+
+
+def _parts(weight: Any) -> tuple[tuple, tuple]:
+    """The dequantize kernel's tensors and its static arguments for a Params4bit weight."""
+    from finetune.kernels.nf4_dequant import BLOCK, NUM_WARPS
+
+    state = weight.quant_state
+    absmax2 = code2 = offset = None
+    nested_blocksize = 256
+    if state.nested:
+        absmax2, code2, nested_blocksize = state.state2.absmax, state.state2.code, state.state2.blocksize
+        offset = state.offset.reshape(1).float()
+    tensors = (state.absmax, state.code, absmax2, code2, offset)
+    meta = (list(state.shape), state.blocksize, nested_blocksize, state.dtype, [BLOCK, NUM_WARPS])
+    return tensors, meta
+
+
+def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    if x.numel() == x.shape[-1] and not x.requires_grad:  # one row, no gradient: bitsandbytes' GEMV
+        return type(self).forward(self, x)
+    fix_4bit_weight_quant_state_from_module(self)
+    if not self.compute_type_is_set:
+        self.set_compute_type(x)
+        self.compute_type_is_set = True
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    tensors, meta = _parts(self.weight)
+    return _NF4Linear.apply(x, bias, self.weight.data.reshape(-1), *tensors, meta).to(inp_dtype)
+
+
+def supported(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit with an NF4 weight: what `patch` takes over."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return False
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return isinstance(module, Linear4bit) and state is not None and state.quant_type == "nf4"
+
+
+def patch(module: nn.Module) -> None:
+    """`module.forward` through the dequantize kernel (undone by `unpatch`)."""
+    module.forward = types.MethodType(_forward, module)
+
+
+def unpatch(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
