@@ -12,6 +12,8 @@ Suffixes that combine with any variant:
   +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
   +frozen        Python's heap frozen after the warm-up step, as every training stage does (finetune.heap):
                  no full garbage collections walking the model and the compiled kernels' caches
+  +bnblinear     with +kernels: the 4-bit MLA projections stay on bitsandbytes' matmul_4bit (without it
+                 they go through finetune.model.linear4bit, as `kernels: auto` trains them)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
@@ -34,7 +36,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DeepseekV2ForCausalLM
 
-from finetune.model import adapters, fusion
+from finetune.model import adapters, fusion, linear4bit
 from finetune.model.experts import NF4Experts, quantize_experts
 from finetune.model.inspect import report
 from finetune.model.presets import preset_config
@@ -106,6 +108,10 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
     model.enable_input_require_grads()
     if "kernels" in flags(variant):
         fusion.apply(model)
+        if "bnblinear" in flags(variant):
+            for module in model.modules():
+                if linear4bit.supported(module):
+                    linear4bit.unpatch(module)
     return model
 
 
