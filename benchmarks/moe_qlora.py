@@ -12,6 +12,8 @@ Suffixes that combine with any variant:
   +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
   +frozen        Python's heap frozen after the warm-up step, as every training stage does (finetune.heap):
                  no full garbage collections walking the model and the compiled kernels' caches
+  +tritondq      the experts' whole-weight dequantize through finetune/kernels/nf4_dequant.py (decoding's),
+                 not bitsandbytes' dequantize_4bit (the same bits)
   +bnblinear     with +kernels: the 4-bit MLA projections stay on bitsandbytes' matmul_4bit (without it
                  they go through finetune.model.linear4bit, as `kernels: auto` trains them)
 
@@ -106,6 +108,10 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
                 p.data = p.data.to(dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    if "tritondq" in flags(variant):
+        for module in model.modules():
+            if isinstance(module, NF4Experts):
+                module.dequant_kernel = True
     if "kernels" in flags(variant):
         fusion.apply(model)
         if "bnblinear" in flags(variant):
