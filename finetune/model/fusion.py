@@ -5,7 +5,8 @@ elementwise and cast kernels, and the eager NF4 step was host-bound (Python and 
 LoRA, bitsandbytes' dequantize and the routing: 375 ms of kernels in a 627 ms step). So each
 attention, MLP and routed-experts module runs as one inductor graph (`torch.compile` of its forward),
 the norms as a compiled RMSNorm, and the experts' permute / weighted combine as autograd Functions
-whose backwards are gathers; all patched into the modules of one model, and removed after.
+whose backwards are gathers, and the 4-bit linears through `finetune.model.linear4bit` (bitsandbytes'
+host-heavy `matmul_4bit` replaced); all patched into the modules of one model, and removed after.
 
 Why not liger-kernel's `apply_liger_kernel_to_deepseek_v2`: its `swiglu` swaps the routed-experts module
 (it would replace `NF4Experts`), and its RMSNorm swap is class-wide (it would leak into a model loaded
