@@ -143,6 +143,9 @@ GEMV_STEPS = [
     for n, w, st in ((16, 2, 4), (64, 4, 3))
     for k in (64, 128, 256)
     for select in (True, False)
+] + [  # byte permutes (SELECT=2): one scale block a K step, scale applied to the partial product
+    triton.Config({"BLOCK_N": n, "BLOCK_K": 64, "SELECT": 2}, num_warps=w, num_stages=st)
+    for n, w, st in ((16, 2, 4), (32, 2, 4), (32, 4, 4), (64, 4, 3), (64, 4, 5), (128, 4, 4), (128, 8, 4))
 ]
 PAIR_TILES = [  # (BLOCK_N, BLOCK_K, warps, whole steps)
     (16, 128, 2, 0),
@@ -194,7 +197,13 @@ def main() -> None:
     )
     parser.add_argument("--with-compiled", action="store_true", help="also the torch.compile variants")
     parser.add_argument("--no-sweep", action="store_true", help="skip the per-config sweep")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only variants containing one of these comma-separated strings (and the reference)",
+    )
     args = parser.parse_args()
+    args.only = tuple(p for p in args.only.split(",") if p)
     cuda = args.device.startswith("cuda")
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
@@ -237,6 +246,8 @@ def main() -> None:
                 continue
             for variant, fn in fns.items():
                 if args.no_sweep and variant.startswith(("nf4_gemv[", "nf4_pair[")):
+                    continue
+                if args.only and variant != "dequant+grouped_mm" and not any(o in variant for o in args.only):
                     continue
                 row = {"tokens": tokens, "rows": len(ids), "weight": name, "N": n, "K": k, "variant": variant}
                 try:
