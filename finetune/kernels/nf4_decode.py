@@ -80,41 +80,33 @@ def _pick(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, 
 # nibble picks between them (a byte mask from `prmt`'s sign-replicate mode, merged by `lop3`); then two
 # permutes interleave low and high bytes into bf16 pairs. ~3.5 instructions a value where the select
 # tree takes ~20 in the sm_90 SASS. Each 32-bit table input arrives as 4 registers (pack=4): $5, $9, ...
-_PRMT_ASM = tl.constexpr(
-    """
-{
-.reg .b32 u, t, s, m, a, b, h, l, z;
-mov.b32 z, 0;
-shr.b32 u, $4, 4;
+
+
+def _nibble_set(nibbles: str, mask: str, out: tuple[str, str]) -> str:
+    """PTX of one nibble set: `nibbles` leaves them (one a byte) in u, `mask` leaves bit 3's byte mask
+    in m; then selectors, the two permutes a byte table, the merge, and the interleave into `out`."""
+    return f"""{nibbles}
 and.b32 u, u, 0x07070707;
 shr.b32 t, u, 4;
 or.b32 t, t, u;
 prmt.b32 s, t, z, 0x4420;
-prmt.b32 m, $4, z, 0xBA98;
+{mask}
 prmt.b32 a, $5, $9, s;
 prmt.b32 b, $13, $17, s;
 lop3.b32 h, a, b, m, 0xD8;
 prmt.b32 a, $21, $25, s;
 prmt.b32 b, $29, $33, s;
 lop3.b32 l, a, b, m, 0xD8;
-prmt.b32 $0, l, h, 0x5140;
-prmt.b32 $1, l, h, 0x7362;
-and.b32 u, $4, 0x07070707;
-shr.b32 t, u, 4;
-or.b32 t, t, u;
-prmt.b32 s, t, z, 0x4420;
-shl.b32 t, $4, 4;
-prmt.b32 m, t, z, 0xBA98;
-prmt.b32 a, $5, $9, s;
-prmt.b32 b, $13, $17, s;
-lop3.b32 h, a, b, m, 0xD8;
-prmt.b32 a, $21, $25, s;
-prmt.b32 b, $29, $33, s;
-lop3.b32 l, a, b, m, 0xD8;
-prmt.b32 $2, l, h, 0x5140;
-prmt.b32 $3, l, h, 0x7362;
-}
+prmt.b32 {out[0]}, l, h, 0x5140;
+prmt.b32 {out[1]}, l, h, 0x7362;
 """
+
+
+_PRMT_ASM = tl.constexpr(
+    "{\n.reg .b32 u, t, s, m, a, b, h, l, z;\nmov.b32 z, 0;\n"
+    + _nibble_set("shr.b32 u, $4, 4;", "prmt.b32 m, $4, z, 0xBA98;", ("$0", "$1"))
+    + _nibble_set("mov.b32 u, $4;", "shl.b32 t, $4, 4;\nprmt.b32 m, t, z, 0xBA98;", ("$2", "$3"))
+    + "}\n"
 )
 
 
