@@ -296,14 +296,30 @@ def nf4_dequantize(
     `num_warps` are the launch config: benchmarks/nf4_dequant.py sweeps them. On CUDA (or under Triton's
     interpreter) the Triton kernel runs; elsewhere bitsandbytes' `dequantize_4bit`.
     """
-    packed, absmax, code, nested, shape, qb, qb2, state_dtype = _parts(packed, state_or_weight)
-    dtype = dtype or state_dtype or torch.bfloat16
-    _check(packed, absmax, code, nested, math.prod(shape), qb, dtype)
+    tensors, statics = op_args(packed, state_or_weight, dtype, block=block, num_warps=num_warps)
+    packed, absmax, code, *nested = tensors
+    shape, qb, _, dtype, _ = statics
+    _check(packed, absmax, code, tuple(nested), math.prod(shape), qb, dtype)
     _check_config(block, num_warps)
+    return _nf4_dequantize_op(*tensors, *statics)
+
+
+def op_args(
+    packed: torch.Tensor | None,
+    state_or_weight: Any,
+    dtype: torch.dtype | None = None,
+    *,
+    block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
+) -> tuple[tuple, tuple]:
+    """The custom op's arguments, unchecked: (packed, absmax, code, absmax2, code2, offset) and (shape,
+    blocksize, nested blocksize, dtype, config), so `_nf4_dequantize_op(*tensors, *statics)` equals
+    `nf4_dequantize(packed, state_or_weight, dtype)`. For callers that hold the tensors across autograd
+    (finetune.model.linear4bit), where a QuantState object cannot travel."""
+    packed, absmax, code, nested, shape, qb, qb2, state_dtype = _parts(packed, state_or_weight)
     packed = packed if packed.is_contiguous() else packed.contiguous()
-    absmax = absmax.contiguous()
     absmax2, code2, offset = nested
     if offset is not None:
         offset = offset.reshape(1).float()  # a view of a 0-d fp32 tensor: nothing leaves the device
-    config = [block, num_warps]
-    return _nf4_dequantize_op(packed, absmax, code, absmax2, code2, offset, shape, qb, qb2, dtype, config)
+    tensors = (packed, absmax.contiguous(), code, absmax2, code2, offset)
+    return tensors, (shape, qb, qb2, dtype or state_dtype or torch.bfloat16, [block, num_warps])

@@ -13,59 +13,38 @@ decode step) keeps bitsandbytes' GEMV.
 from __future__ import annotations
 
 import types
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _dequantized(packed: torch.Tensor, parts: tuple, meta: tuple, dtype: torch.dtype) -> torch.Tensor:
+def _dequantized(tensors: tuple, statics: tuple, dtype: torch.dtype) -> torch.Tensor:
     from finetune.kernels.nf4_dequant import _nf4_dequantize_op  # triton: imported where used
 
-    absmax, code, absmax2, code2, offset = parts
-    shape, blocksize, nested_blocksize, state_dtype, config = meta
-    weight = _nf4_dequantize_op(
-        packed, absmax, code, absmax2, code2, offset, shape, blocksize, nested_blocksize, state_dtype, config
-    )
-    return weight.to(dtype)  # rounded to the state's dtype first, as bitsandbytes' dequantize_4bit does
+    # Rounded to the state's dtype first, then cast, as bitsandbytes' dequantize_4bit + .to() does.
+    return _nf4_dequantize_op(*tensors, *statics).to(dtype)
 
 
 class _NF4Linear(torch.autograd.Function):
     """y = x @ W.T (+ bias) with W dequantized from NF4 in the forward and again in the backward."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, meta):  # type: ignore[override]
-        parts = (absmax, code, absmax2, code2, offset)
-        ctx.save_for_backward(packed, *parts)
-        ctx.meta = meta
+    def forward(ctx, x, bias, packed, absmax, code, absmax2, code2, offset, statics):  # type: ignore[override]
+        tensors = (packed, absmax, code, absmax2, code2, offset)
+        ctx.save_for_backward(*tensors)
+        ctx.statics = statics
         ctx.has_bias = bias is not None
-        return F.linear(x, _dequantized(packed, parts, meta, x.dtype), bias)
+        return F.linear(x, _dequantized(tensors, statics, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        packed, *parts = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _dequantized(packed, tuple(parts), ctx.meta, grad.dtype)
+            grad_x = grad @ _dequantized(tuple(ctx.saved_tensors), ctx.statics, grad.dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None, None, None, None, None, None
-
-
-def _parts(weight: Any) -> tuple[tuple, tuple]:
-    """The dequantize kernel's tensors and its static arguments for a Params4bit weight."""
-    from finetune.kernels.nf4_dequant import BLOCK, NUM_WARPS
-
-    state = weight.quant_state
-    absmax2 = code2 = offset = None
-    nested_blocksize = 256
-    if state.nested:
-        absmax2, code2, nested_blocksize = state.state2.absmax, state.state2.code, state.state2.blocksize
-        offset = state.offset.reshape(1).float()
-    tensors = (state.absmax, state.code, absmax2, code2, offset)
-    meta = (list(state.shape), state.blocksize, nested_blocksize, state.dtype, [BLOCK, NUM_WARPS])
-    return tensors, meta
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +60,10 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if self.compute_dtype is not None:
         x = x.to(self.compute_dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
-    tensors, meta = _parts(self.weight)
-    return _NF4Linear.apply(x, bias, self.weight.data.reshape(-1), *tensors, meta).to(inp_dtype)
+    from finetune.kernels.nf4_dequant import op_args
+
+    tensors, statics = op_args(self.weight.data, self.weight.quant_state)
+    return _NF4Linear.apply(x, bias, *tensors, statics).to(inp_dtype)
 
 
 def supported(module: nn.Module) -> bool:
