@@ -16,7 +16,8 @@ multiply them in two `tl.dot`s. NF4 values come from a select tree over the 16 c
 a table load per nibble is a 4-byte gather, and in the pipelined dot loop the compiler turns each into an
 asynchronous copy to shared memory (60 of the 74 copies a step in the sm_90 PTX; 16 with the tree).
 The first version (BLOCK_K 64, table loads, offsets from the flat element index) streamed at 30-40 GB/s
-on the H200; this one is untimed (benchmarks/nf4_decode.py sweeps K step and lookup).
+on the H200; this one at ~200 GB/s of NF4 bytes at batch 128, still 0.77-0.81x dequantize + grouped_mm
+(docs/benchmarks.md). `SELECT = 2` looks the values up by byte permutes instead (untimed).
 
 Grid (E, cdiv(N, BLOCK_N)): program (g, nb) owns expert g's rows offsets[g-1]..offsets[g] (int32
 cumulative row ends on the device) and returns at once if there are none; nothing is read on the host,
@@ -231,8 +232,8 @@ def _nf4_gemv_kernel(
                     pack=4,
                 )
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                part = _mm(x_even.to(tl.bfloat16), tl.trans(v_hi), part, PRECISION, DOT_FP32)
-                part = _mm(x_odd.to(tl.bfloat16), tl.trans(v_lo), part, PRECISION, DOT_FP32)
+                part = _mm(x_even, tl.trans(v_hi), part, PRECISION, DOT_FP32)  # x is bf16 here
+                part = _mm(x_odd, tl.trans(v_lo), part, PRECISION, DOT_FP32)
                 acc += part * tl.reshape(scale, (BLOCK_N,))[None, :]
             else:
                 # One scale per (row, block), broadcast over the block's bytes.
@@ -284,7 +285,7 @@ BLOCK_M = 16
 # Values a K step decodes (a power of two; the launch takes its gcd with K, so every step is whole):
 # 128 is 64 bytes of each row, the pair GEMV's fastest whole-step tile (kernels/nf4_pairs.py).
 BLOCK_K = 128
-# NF4 values by a select tree rather than table loads: untimed (benchmarks/nf4_decode.py sweeps both).
+# NF4 values by a select tree: 3-5x table loads on the H200 (benchmarks/nf4_decode.py sweeps all three).
 SELECT = True
 _INTERPRET_CONFIG = _config(32, 4, 1)  # under the interpreter: one fixed tile, nothing to tune
 
