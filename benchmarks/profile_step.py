@@ -91,11 +91,10 @@ def gpu_gaps(step, rows: int) -> dict:
     span = busy_end - kernels[0][0]
     in_gaps: dict[str, float] = {}
     host = [e for e in events if e.device_type == DeviceType.CPU]
+    wide = [(g0, g1) for g0, g1 in gaps if g1 - g0 >= 50]
     for e in host:
-        # Own time inside gaps of at least 50 us; nested ops count in their parents too.
-        for g0, g1 in gaps:
-            if g1 - g0 < 50:
-                continue
+        # Time inside gaps of at least 50 us (inclusive: nested ops count in their parents too).
+        for g0, g1 in wide:
             overlap = min(e.time_range.end, g1) - max(e.time_range.start, g0)
             if overlap > 0:
                 in_gaps[e.name] = in_gaps.get(e.name, 0.0) + overlap
