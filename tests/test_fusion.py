@@ -226,6 +226,7 @@ def sft_losses(tmp_path_factory):
 def test_sft_with_kernels_patches_the_model_and_matches_20_losses(sft_losses):
     (on, seen_on), (off, seen_off) = sft_losses
     assert seen_on["lm_head"] == 1 and seen_on["compiled_regions"] > 0 and not seen_off
+    assert seen_on["linear4bit"] > 0  # the 4-bit MLA projections train through linear4bit
     assert len(on) == len(off) == 20
     assert max(abs(a - b) / abs(b) for a, b in zip(on, off, strict=True)) < 0.01
     assert on[-1] < on[0]  # and it learns
@@ -249,6 +250,7 @@ def test_grpo_with_kernels_keeps_routing_replay_and_compiles_no_regions(tmp_path
     summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
     assert seen["experts"] == 2 and seen["rms_norm"] > 0
     assert seen["compiled_regions"] == 0 and seen["lm_head"] == 0
+    assert seen["linear4bit"] > 0  # with or without regions: a patch of the layers, not a compiled graph
     assert summary["routing"]["router_mismatch"] > 0.05  # the router moved (0.32 measured) ...
     assert summary["routing"]["mismatch"] == 0.0  # ... and training still used the rollout's experts
 
