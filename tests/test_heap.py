@@ -20,8 +20,10 @@ def test_the_callback_freezes_once_after_the_first_step_and_thaws_at_the_end():
         callback.on_step_end(None, None, None)
         frozen = gc.get_freeze_count()
         assert frozen >= len(kept)
+        fresh = [[] for _ in range(1000)]  # alive after the first step: a second freeze would take them
         callback.on_step_end(None, None, None)  # later steps freeze nothing more
-        assert gc.get_freeze_count() == frozen
+        # (a frozen object freed by its reference count leaves the frozen generation: the count may drop)
+        assert gc.get_freeze_count() <= frozen, len(fresh)
     finally:
         callback.on_train_end(None, None, None)
     assert gc.get_freeze_count() == 0
