@@ -16,6 +16,8 @@ Suffixes that combine with any variant:
                  not bitsandbytes' dequantize_4bit (the same bits)
   +bnblinear     with +kernels: the 4-bit MLA projections stay on bitsandbytes' matmul_4bit (without it
                  they go through finetune.model.linear4bit, as `kernels: auto` trains them)
+  +modules       with +kernels: each attention, MLP and experts module compiled as a region of its own,
+                 not each decoder layer as two (finetune.model.blocks)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
@@ -44,7 +46,7 @@ from finetune.model.inspect import report
 from finetune.model.presets import preset_config
 
 
-def quantize_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def quantize_linears(model: torch.nn.Module, dtype: torch.dtype, device: str = "cuda") -> None:
     """Swap every nn.Linear except lm_head for an NF4 bnb Linear4bit, in place, one at a time."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
@@ -62,10 +64,11 @@ def quantize_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
             q.weight = bnb.nn.Params4bit(
                 child.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
             )
-            q.weight = q.weight.cuda()  # Params4bit quantizes when moved to the GPU
+            q.weight = q.weight.to(device)  # Params4bit quantizes when moved to its device
             setattr(module, child_name, q)
             del child
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def flags(variant: str) -> set[str]:
@@ -79,14 +82,16 @@ def step_loss(model: torch.nn.Module, ids: torch.Tensor, variant: str) -> torch.
     return model(input_ids=ids, labels=ids).loss
 
 
-def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite") -> torch.nn.Module:
+def build(
+    variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite", device: str = "cuda"
+) -> torch.nn.Module:
     cfg = preset_config(preset)
     cfg.num_hidden_layers = layers
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = DeepseekV2ForCausalLM._from_config(cfg, dtype=dtype)
     model.set_experts_implementation("grouped_mm")
-    quantize_linears(model, dtype)
+    quantize_linears(model, dtype, device)
     if not variant.startswith("stock"):
         quantize_experts(model, compute_dtype=dtype)
     if "head" in flags(variant):
@@ -101,7 +106,7 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
         for module in model.modules():
             if isinstance(module, NF4Experts):
                 module.add_lora(r=16, alpha=32)
-        model.cuda()
+        model.to(device)
     if "bf16" in flags(variant):
         for p in model.parameters():
             if p.requires_grad:
@@ -113,7 +118,7 @@ def build(variant: str, layers: int, dtype: torch.dtype, preset: str = "v2-lite"
             if isinstance(module, NF4Experts):
                 module.dequant_kernel = True
     if "kernels" in flags(variant):
-        fusion.apply(model)
+        fusion.apply(model, layer_regions="modules" not in flags(variant))
         if "bnblinear" in flags(variant):
             for module in model.modules():
                 if linear4bit.supported(module):

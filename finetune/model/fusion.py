@@ -168,25 +168,49 @@ def _region(module: nn.Module, forward: Any) -> None:
     module.forward = torch.compile(types.MethodType(forward, module))
 
 
-def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
+def _compiles_whole(experts: nn.Module) -> bool:
+    """Whether a routed-experts module traces as one graph (else its host-side loop would break it)."""
+    from finetune.model.experts import NF4Experts
+
+    if not (isinstance(experts, NF4Experts) and _is_silu(experts.act_fn)):
+        return False
+    probe = torch.empty(0, dtype=experts.compute_dtype, device=next(experts.parameters()).device)
+    return experts.compiles_whole(probe)
+
+
+def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
-    `regions`: also compile whole attention, MLP and routed-experts modules, and put
-    `finetune.model.lm_head` in place of TRL's fused LM head (not where generation runs inside
-    training, GRPO: its decode steps change shape every token). The routers stay eager:
-    their hooks (expert load, aux loss, routing replay) mutate Python state. Idempotent."""
-    from finetune.model import linear4bit, lm_head
+    `regions`: also compile each decoder layer as two regions (`finetune.model.blocks`; attention,
+    MLP and routed-experts modules outside such a layer each as one), and put `finetune.model.lm_head`
+    in place of TRL's fused LM head (not where generation runs inside training, GRPO: its decode
+    steps change shape every token). The routers stay eager: their hooks (expert load, aux loss,
+    routing replay) mutate Python state. `layer_regions=False`: every module its own region (the scheme
+    before `blocks`, kept for benchmarks to compare). Idempotent."""
+    from finetune.model import blocks, linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
     remove(model)
-    counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0, "layers": 0}
     counts["lm_head"] = int(regions and lm_head.patch(model))
+    inside: set[int] = set()  # modules traced inside a layer's regions: not compiled on their own
+    for layer in model.modules() if regions and layer_regions else ():
+        if blocks.supported(layer):
+            mlp = layer.mlp
+            moe = hasattr(mlp, "experts")
+            moe_region = moe and _compiles_whole(mlp.experts)
+            blocks.patch(layer, moe_region=moe_region)
+            inside.add(id(layer.self_attn))
+            if not moe or moe_region:
+                inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
+            counts["layers"] += 1
     for module in model.modules():
+        own_region = regions and id(module) not in inside
         if isinstance(module, DeepseekV2RMSNorm):
             module.forward = types.MethodType(_rms_norm_forward, module)
             counts["rms_norm"] += 1
         elif isinstance(module, DeepseekV2MLP) and _is_silu(module.act_fn):
-            if regions:
+            if own_region:
                 _region(module, _mlp_forward)
                 counts["compiled_regions"] += 1
             else:
@@ -195,11 +219,10 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
         elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
             module.fused = True
             counts["experts"] += 1
-            probe = torch.empty(0, dtype=module.compute_dtype, device=next(module.parameters()).device)
-            if regions and module.compiles_whole(probe):  # else its host-side loop would break the graph
+            if own_region and _compiles_whole(module):
                 _region(module, type(module).forward)
                 counts["compiled_regions"] += 1
-        elif isinstance(module, DeepseekV2Attention) and regions:
+        elif isinstance(module, DeepseekV2Attention) and own_region:
             _region(module, type(module).forward)
             counts["compiled_regions"] += 1
         elif linear4bit.supported(module):
@@ -217,11 +240,12 @@ def apply(model: nn.Module, *, regions: bool = True) -> dict[str, int]:
 
 def remove(model: nn.Module) -> None:
     """Back to the eager forwards."""
-    from finetune.model import linear4bit, lm_head
+    from finetune.model import blocks, linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
     lm_head.unpatch(model)
     for module in model.modules():
+        blocks.unpatch(module)
         if linear4bit.supported(module):
             linear4bit.unpatch(module)
         if isinstance(module, (DeepseekV2RMSNorm, DeepseekV2MLP, DeepseekV2Attention, NF4Experts)):

@@ -1,0 +1,113 @@
+"""A decoder layer in training as two compiled regions around its eager router (`model.kernels: auto`).
+
+Compiled per module (`fusion._region`), a MoE layer entered five regions a pass: two norms, attention,
+routed experts, shared experts, and ten with the checkpoint's recomputation. Every entry costs the host
+dynamo's guard evaluation (~1,100 guards in attention alone: each parameter, each PEFT and bitsandbytes
+attribute) and AOTAutograd's wrappers; on the H200 the step is partly host-bound (docs/benchmarks.md).
+Here a layer is
+  [input norm, attention, residual add, post-attention norm] -> router -> [routed + shared experts,
+  residual add]          (a dense layer: [MLP, residual add])
+two entries a pass, the residual adds fused into the regions' kernels. The router stays eager between
+them: its hooks (expert load, balance loss, routing replay) mutate Python state.
+
+transformers 5 checkpoints a layer by wrapping its class's `forward`; an instance's `forward` replaces
+that wrapper, so `_forward` checkpoints itself under the same conditions (training, gradients on).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2Attention,
+    DeepseekV2DecoderLayer,
+    DeepseekV2MLP,
+    DeepseekV2Moe,
+    DeepseekV2RMSNorm,
+)
+
+_compiled: dict[str, Any] = {}
+
+
+def _region(name: str, fn: Any) -> Any:
+    # One compiled function per block kind, shared by every layer: with nn.Module inputs inlined,
+    # dynamo guards on the modules' structure, not their identity, so all layers reuse one graph.
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn)
+    return _compiled[name]
+
+
+def _attention(
+    layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the residual stream after attention, its post-attention norm)."""
+    attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    hidden = hidden_states + attended
+    return hidden, layer.post_attention_layernorm(hidden)
+
+
+def _moe(
+    moe: DeepseekV2Moe,
+    normed: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    # DeepseekV2Moe.forward after its router, then the layer's residual add, in their order.
+    routed = moe.experts(normed.view(-1, normed.shape[-1]), indices, weights).view(normed.shape)
+    return residual + (routed + moe.shared_experts(normed))
+
+
+def _mlp(mlp: DeepseekV2MLP, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return residual + mlp(normed)
+
+
+def _body(layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    hidden, normed = _region("attention", _attention)(layer, hidden_states, **kwargs)
+    mlp = layer.mlp
+    if isinstance(mlp, DeepseekV2Moe):
+        if not layer.moe_region:
+            return hidden + mlp(normed)  # its modules' own regions and kernels (fusion.apply)
+        _, weights, indices = mlp.gate(normed)
+        return _region("moe", _moe)(mlp, normed, indices, weights, hidden)
+    return _region("mlp", _mlp)(mlp, normed, hidden)
+
+
+def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        # As transformers' wrapper: no cache is written twice by the recomputation.
+        kwargs.update(use_cache=False, cache=None)
+        return self._gradient_checkpointing_func(functools.partial(_body, self, **kwargs), hidden_states)
+    return _body(self, hidden_states, **kwargs)
+
+
+def supported(layer: nn.Module) -> bool:
+    """A DeepSeek-V2 decoder layer of the modules `_body` knows (RMSNorms, MLA, a SiLU MLP or a MoE)."""
+    from finetune.model.fusion import _is_silu
+
+    if not isinstance(layer, DeepseekV2DecoderLayer) or not isinstance(layer.self_attn, DeepseekV2Attention):
+        return False
+    if not all(
+        isinstance(n, DeepseekV2RMSNorm) for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ):
+        return False
+    mlp = layer.mlp
+    if isinstance(mlp, DeepseekV2Moe):
+        mlp = mlp.shared_experts
+    return isinstance(mlp, DeepseekV2MLP) and _is_silu(mlp.act_fn)
+
+
+def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool) -> None:
+    """`moe_region`: the routed and shared experts as one region (the experts' module traces whole)."""
+    layer.moe_region = moe_region
+    layer.forward = types.MethodType(_forward, layer)
+
+
+def unpatch(layer: nn.Module) -> None:
+    """The class's forward again, where `patch` set this one (other modules are left alone)."""
+    if layer.__dict__.pop("moe_region", None) is not None:
+        layer.__dict__.pop("forward", None)

@@ -1,0 +1,134 @@
+"""A decoder layer as two compiled regions (finetune.model.blocks), against the eager layer."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from test_fusion import IDS, _model, _rel, _step
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2Attention,
+    DeepseekV2DecoderLayer,
+    DeepseekV2MLP,
+)
+
+from finetune.model import adapters, blocks, fusion
+from finetune.model import experts as experts_module
+from finetune.model.experts import NF4Experts
+
+
+def _grouped(model):
+    for layer in adapters.expert_layers(model).values():
+        layer.use_grouped_mm = True  # the CUDA path: the experts' module traces whole
+    return model
+
+
+def _grouped_mm_reference(x, w, offs):
+    """torch's grouped product in plain ops (every group's product, each row keeping its own group's):
+    it traces in fp32, where the grouped kernel's compiled form accepts bf16 only."""
+    group = torch.searchsorted(offs, torch.arange(x.shape[0], device=x.device), right=True)
+    mask = torch.nn.functional.one_hot(group, w.shape[0]).T.unsqueeze(-1).to(x.dtype)
+    return (torch.stack([x @ w[g] for g in range(w.shape[0])]) * mask).sum(0)
+
+
+@pytest.fixture
+def fp32_grouped(monkeypatch):
+    monkeypatch.setattr(experts_module, "_grouped_mm_op", lambda: _grouped_mm_reference)
+
+
+@pytest.fixture
+def entries(monkeypatch):
+    """Calls of each block kind's compiled function."""
+    seen: collections.Counter = collections.Counter()
+    region = blocks._region
+
+    def counted(name, fn):
+        compiled = region(name, fn)
+
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return compiled(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(blocks, "_region", counted)
+    return seen
+
+
+def test_layers_compile_as_blocks_that_match_the_eager_step_in_fp32(tmp_path, entries, fp32_grouped):
+    model = _grouped(_model(tmp_path))
+    logits, grads = _step(model)
+    counts = fusion.apply(model)
+    assert counts["layers"] == 3 and counts["compiled_regions"] == 0
+    # Nothing inside a block is compiled on its own (a nested region would be a second entry).
+    for m in model.modules():
+        if isinstance(m, DeepseekV2Attention | NF4Experts):
+            assert "forward" not in m.__dict__
+        if isinstance(m, DeepseekV2MLP):
+            assert not hasattr(m.forward, "_torchdynamo_orig_callable")
+    fused_logits, fused_grads = _step(model)
+    # One layer dense, two MoE; each entered in the forward and again in the checkpoint's recomputation.
+    assert entries == {"attention": 6, "moe": 4, "mlp": 2}
+    assert set(fused_grads) == set(grads) and any(".experts.lora_" in n for n in grads)
+    assert _rel(fused_logits, logits) < 1e-5
+    assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
+    # The scheme before blocks: each attention, MLP and experts module compiled on its own.
+    assert fusion.apply(model, layer_regions=False) == {**counts, "layers": 0, "compiled_regions": 8}
+    assert all(
+        hasattr(m.forward, "_torchdynamo_orig_callable")
+        for m in model.modules()
+        if isinstance(m, DeepseekV2MLP)
+    )
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer))
+    fusion.remove(model)
+    again, again_grads = _step(model)
+    assert torch.equal(again, logits) and all(torch.equal(again_grads[n], g) for n, g in grads.items())
+
+
+def test_a_layer_without_checkpointing_or_gradients_runs_its_blocks_once(tmp_path, entries, fp32_grouped):
+    model = _grouped(_model(tmp_path))
+    model.gradient_checkpointing_disable()
+    logits, grads = _step(model)
+    with fusion.fused(model, True):
+        fused_logits, fused_grads = _step(model)
+        assert entries == {"attention": 3, "moe": 2, "mlp": 1}
+        entries.clear()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.no_grad():  # evaluation inside training: no checkpoint, no backward
+            evaluated = model(input_ids=IDS).logits
+        assert entries == {"attention": 3, "moe": 2, "mlp": 1}
+    assert _rel(fused_logits, logits) < 1e-5 and _rel(evaluated, logits) < 1e-5
+    assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
+
+
+def test_moe_layers_whose_experts_do_not_trace_whole_keep_their_modules_regions(tmp_path, entries):
+    """LoRA on some experts only selects rows by a data-dependent `nonzero`: such experts break a graph,
+    so their layer's MoE runs outside the blocks, the shared experts compiled on their own."""
+    model = _grouped(_model(tmp_path))
+    for experts in adapters.expert_layers(model).values():
+        state = experts.lora_state_dict()
+        experts.remove_lora()
+        experts.add_lora(8, 16.0, experts=[0, 2])
+        with torch.no_grad():
+            experts.lora_gate_up_B.normal_(std=0.1)
+        assert state  # (the fixture's adapters were on all experts)
+    logits, grads = _step(model)
+    counts = fusion.apply(model)
+    assert counts["layers"] == 3 and counts["compiled_regions"] == 2  # the two shared experts
+    fused_logits, fused_grads = _step(model)
+    assert entries == {"attention": 6, "mlp": 2}
+    assert _rel(fused_logits, logits) < 1e-5
+    assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
+    fusion.remove(model)
+
+
+def test_only_deepseek_layers_of_known_modules_are_supported(tmp_path):
+    model = _model(tmp_path)
+    layers = [m for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer)]
+    assert all(blocks.supported(layer) for layer in layers)
+    assert not blocks.supported(layers[0].self_attn)
+    layers[0].mlp.act_fn = torch.nn.GELU()  # a dense MLP of another activation: not SwiGLU
+    assert not blocks.supported(layers[0])
+    blocks.unpatch(layers[1])  # never patched: its class forward stays
+    assert "forward" not in layers[1].__dict__
