@@ -18,6 +18,8 @@ Suffixes that combine with any variant:
                  they go through finetune.model.linear4bit, as `kernels: auto` trains them)
   +modules       with +kernels: each attention, MLP and experts module compiled as a region of its own,
                  not each decoder layer as two (finetune.model.blocks)
+  +cppwrapper    with +kernels: inductor's C++ wrapper launches the compiled graphs' kernels instead of
+                 its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
@@ -29,6 +31,7 @@ H200 two runs of one commit differed by up to 25 % (docs/benchmarks.md), a singl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -126,7 +129,26 @@ def build(
     return model
 
 
+@contextlib.contextmanager
+def inductor_config(variant: str):
+    """The variant's inductor settings; graphs compiled under others are dropped before and after."""
+    if "cppwrapper" not in flags(variant):
+        yield
+        return
+    torch._dynamo.reset()  # every compiled function compiles again, under the setting
+    try:
+        with torch._inductor.config.patch(cpp_wrapper=True):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
 def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str = "v2-lite") -> dict:
+    with inductor_config(variant):
+        return _measure(variant, layers, steps, batch, seq, preset)
+
+
+def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str) -> dict:
     dtype = torch.bfloat16
     torch.cuda.reset_peak_memory_stats()
     model = build(variant, layers, dtype, preset)
