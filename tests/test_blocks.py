@@ -132,3 +132,31 @@ def test_only_deepseek_layers_of_known_modules_are_supported(tmp_path):
     assert not blocks.supported(layers[0])
     blocks.unpatch(layers[1])  # never patched: its class forward stays
     assert "forward" not in layers[1].__dict__
+
+
+def test_a_classify_stage_trains_through_the_blocks_as_it_does_eagerly(tmp_path, monkeypatch):
+    """The sequence-classification model's decoder layers are the same blocks (its head stays eager)."""
+    from test_classify import _stage_recipe
+
+    from finetune import pipeline, recipe, rundir
+    from finetune.model import generation
+    from finetune.stages import classify
+
+    rows = [{"text": w, "label": w[0]} for w in ["abcd", "wxyz", "hijk", "mnop"] * 4]
+    seen: dict = {}
+    apply = fusion.apply
+    monkeypatch.setattr(fusion, "apply", lambda model, **kw: seen.update(apply(model, **kw)) or seen)
+    losses = {}
+    for kernels in ("auto", "off"):
+        monkeypatch.setattr(generation, "enabled", lambda k, m: k == "auto")
+        data = _stage_recipe(tmp_path / kernels, rows)
+        data["model"]["kernels"] = kernels
+        r = recipe.Recipe.model_validate(data)
+        plan = pipeline.plan(r)
+        (tmp_path / kernels / "run").mkdir(parents=True)
+        classify.run("cls", r.stages["cls"], plan.inputs["cls"], plan.context)
+        rows_logged = rundir.read_metrics(tmp_path / kernels / "run" / "cls" / "metrics.jsonl")
+        losses[kernels] = [row["loss"] for row in rows_logged if "loss" in row]
+    assert seen["layers"] == 3
+    assert len(losses["auto"]) == len(losses["off"]) == 2
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses["auto"], losses["off"], strict=True)) < 1e-3
