@@ -3,8 +3,8 @@
 Profiled on the H200 (docs/benchmarks.md), the stock step spends half its GPU time in eager
 elementwise and cast kernels, and the eager NF4 step was host-bound (Python and launches of PEFT's
 LoRA, bitsandbytes' dequantize and the routing: 375 ms of kernels in a 627 ms step). So each
-attention, MLP and routed-experts module runs as one inductor graph (`torch.compile` of its forward),
-the norms as a compiled RMSNorm, and the experts' permute / weighted combine as autograd Functions
+decoder layer runs as two inductor graphs around its router (`finetune.model.blocks`; a module outside
+such a layer as one graph of its own), the norms as a compiled RMSNorm, and the experts' permute / weighted combine as autograd Functions
 whose backwards are gathers, and the 4-bit linears through `finetune.model.linear4bit` (bitsandbytes'
 host-heavy `matmul_4bit` replaced); all patched into the modules of one model, and removed after.
 
