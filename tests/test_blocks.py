@@ -160,3 +160,24 @@ def test_a_classify_stage_trains_through_the_blocks_as_it_does_eagerly(tmp_path,
     assert seen["layers"] == 3
     assert len(losses["auto"]) == len(losses["off"]) == 2
     assert max(abs(a - b) / abs(b) for a, b in zip(losses["auto"], losses["off"], strict=True)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tmp_path, entries):
+    """On CUDA in bf16 (the path `kernels: auto` takes): both MoE layers as blocks, torch's grouped kernel
+    inside; within bf16 tolerance of the eager step and of the per-module regions."""
+    model = _model(tmp_path, dtype="bfloat16").cuda()
+    ids = IDS.cuda()
+    logits, grads = _step(model, ids)
+    counts = fusion.apply(model)
+    assert counts["layers"] == 3 and counts["compiled_regions"] == 0
+    fused_logits, fused_grads = _step(model, ids)
+    assert entries == {"attention": 6, "moe": 4, "mlp": 2}
+    fusion.apply(model, layer_regions=False)
+    module_logits, module_grads = _step(model, ids)
+    fusion.remove(model)
+    # tests/test_fusion.py's bf16 tolerance: logits within 3 %, LoRA gradients within 15 %.
+    for want, want_grads in ((logits, grads), (module_logits, module_grads)):
+        assert _rel(fused_logits.float(), want.float()) < 0.03
+        assert max(_rel(fused_grads[n].float(), g.float()) for n, g in want_grads.items()) < 0.15
