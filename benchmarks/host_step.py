@@ -8,8 +8,10 @@ host-bound (docs/benchmarks.md), so what this cuts is what the GPU waits for the
 interleaved in one process:
   layers    each decoder layer as two compiled regions (finetune.model.blocks, the default)
   modules   each attention, MLP and experts module compiled as a region of its own (the earlier scheme)
+  noguards  (with --noguards) `layers` with dynamo's guard evaluation skipped after the warm-up
+            (`skip_guard_eval_unsafe`): what the guards cost, not a mode to train in
 
-    python benchmarks/host_step.py [--layers 27] [--rounds 5] [--steps 10] [--expert-lora] [--out host.json]
+    python benchmarks/host_step.py [--layers 27] [--rounds 5] [--steps 10] [--expert-lora] [--noguards] [--out host.json]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from finetune.model import fusion
 from finetune.model.experts import NF4Experts
 
-VARIANTS = {"layers": True, "modules": False}
+VARIANTS = {"layers": True, "modules": False, "noguards": True}  # name: layer regions
 
 
 def region_entries(step) -> int:
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--expert-lora", action="store_true")
+    parser.add_argument("--noguards", action="store_true")
     parser.add_argument("--out", default="host_step.json")
     args = parser.parse_args()
     variant = "nf4-experts+bf16+head" + ("+lora" if args.expert_lora else "")
@@ -60,20 +63,23 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    variants = {n: v for n, v in VARIANTS.items() if args.noguards or n != "noguards"}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     entries: dict[str, int] = {}
     for round_ in range(args.rounds):
-        for name, layer_regions in VARIANTS.items():
+        for name, layer_regions in variants.items():
             fusion.apply(model, layer_regions=layer_regions)
             for _ in range(2):  # compiles (first round) and warms up
                 step()
             if round_ == 0:
                 entries[name] = region_entries(step)
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=name == "noguards")
             steps = []
             for _ in range(args.steps):
                 start = time.perf_counter()
                 step()
                 steps.append(time.perf_counter() - start)
+            torch.compiler.set_stance("default")
             times[name].append(statistics.median(steps) * 1e3)
             print(f"round {round_} {name}: {times[name][-1]:.1f} ms", flush=True)
     fusion.remove(model)

@@ -20,6 +20,9 @@ Suffixes that combine with any variant:
                  not each decoder layer as two (finetune.model.blocks)
   +cppwrapper    with +kernels: inductor's C++ wrapper launches the compiled graphs' kernels instead of
                  its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
+  +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
+                 (`skip_guard_eval_unsafe`): a measurement of what the guards cost the host, not a mode
+                 to train in (a changed model would run stale graphs)
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
@@ -170,10 +173,14 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
         torch.cuda.synchronize()
         if step:  # the first step warms up kernels and the allocator
             times.append(time.perf_counter() - start)
-        elif "frozen" in flags(variant):
+            continue
+        if "frozen" in flags(variant):
             gc.collect()
             gc.freeze()
+        if "noguards" in flags(variant):
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     gc.unfreeze()  # (a no-op where nothing was frozen)
+    torch.compiler.set_stance("default")
     step_s = sum(times) / len(times)
     step_times = [round(t, 4) for t in times]
     result = {
