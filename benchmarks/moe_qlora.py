@@ -20,6 +20,8 @@ Suffixes that combine with any variant:
                  not each decoder layer as two (finetune.model.blocks)
   +cppwrapper    with +kernels: inductor's C++ wrapper launches the compiled graphs' kernels instead of
                  its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
+  +cudagraphs    with +kernels: the compiled regions replayed as CUDA graphs (inductor's cudagraph trees,
+                 what `mode="reduce-overhead"` sets; compiled afresh): no launches from the host
   +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
                  (`skip_guard_eval_unsafe`): a measurement of what the guards cost the host, not a mode
                  to train in (a changed model would run stale graphs)
@@ -40,6 +42,7 @@ import json
 import os
 import statistics
 import time
+import traceback
 
 import bitsandbytes as bnb
 import torch
@@ -135,20 +138,28 @@ def build(
 @contextlib.contextmanager
 def inductor_config(variant: str):
     """The variant's inductor settings; graphs compiled under others are dropped before and after."""
-    if "cppwrapper" not in flags(variant):
+    settings = {"cpp_wrapper": "cppwrapper", "triton.cudagraphs": "cudagraphs"}
+    patch = {key: True for key, flag in settings.items() if flag in flags(variant)}
+    if not patch:
         yield
         return
-    torch._dynamo.reset()  # every compiled function compiles again, under the setting
+    torch._dynamo.reset()  # every compiled function compiles again, under the settings
     try:
-        with torch._inductor.config.patch(cpp_wrapper=True):
+        with torch._inductor.config.patch(patch):
             yield
     finally:
         torch._dynamo.reset()
 
 
 def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str = "v2-lite") -> dict:
-    with inductor_config(variant):
-        return _measure(variant, layers, steps, batch, seq, preset)
+    try:
+        with inductor_config(variant):
+            return _measure(variant, layers, steps, batch, seq, preset)
+    finally:  # also after a failed variant: the next one starts as a plain process would
+        gc.unfreeze()  # (a no-op where nothing was frozen)
+        torch.compiler.set_stance("default")
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str) -> dict:
@@ -166,6 +177,8 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
     for step in range(steps + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
+        if "cudagraphs" in flags(variant):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
         loss = step_loss(model, ids, variant)
         loss.backward()
         opt.step()
@@ -179,8 +192,7 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
             gc.freeze()
         if "noguards" in flags(variant):
             torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    gc.unfreeze()  # (a no-op where nothing was frozen)
-    torch.compiler.set_stance("default")
+    gc.unfreeze()  # before the model is dropped: frozen cycles would never be collected
     step_s = sum(times) / len(times)
     step_times = [round(t, 4) for t in times]
     result = {
@@ -226,7 +238,11 @@ def main() -> None:
     variants = args.variants.split(",")
     for round_ in range(args.rounds):
         for variant in variants:
-            row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
+            try:
+                row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
+            except Exception as e:  # an experimental variant that fails is a result; the others go on
+                traceback.print_exc()
+                row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:2000]}
             row["round"] = round_
             print(json.dumps(row))
             results["runs"].append(row)
@@ -239,10 +255,12 @@ def main() -> None:
 def summary(runs: list[dict], variants: list[str]) -> dict:
     """Per variant: tokens/s of every round, their median, and the median of its ratio to the first
     variant's tokens/s in the same round (the comparison least moved by the machine's drift)."""
-    base = {r["round"]: r["tokens_per_s"] for r in runs if r["variant"] == variants[0] and "round" in r}
+    base = {
+        r["round"]: r["tokens_per_s"] for r in runs if r["variant"] == variants[0] and "tokens_per_s" in r
+    }
     out = {}
     for variant in variants:
-        rows = [r for r in runs if r["variant"] == variant and "round" in r]
+        rows = [r for r in runs if r["variant"] == variant and "round" in r and "error" not in r]
         if not rows:  # not measured yet (the summary is written after every row)
             continue
         ratios = [r["tokens_per_s"] / base[r["round"]] for r in rows if r["round"] in base]
