@@ -243,6 +243,9 @@ def main() -> None:
             except Exception as e:  # an experimental variant that fails is a result; the others go on
                 traceback.print_exc()
                 row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:2000]}
+            if "error" in row:  # its traceback is gone now: the model it held can be collected
+                gc.collect()
+                torch.cuda.empty_cache()
             row["round"] = round_
             print(json.dumps(row))
             results["runs"].append(row)
