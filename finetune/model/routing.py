@@ -106,6 +106,9 @@ class RouterMonitor:
 
     def _router_hook(self, index: int):
         def hook(module: DeepseekV2TopkRouter, args, output):
+            aux = bool(self.aux_loss_coef) and module.training and torch.is_grad_enabled()
+            if not (self._active or aux):  # a checkpoint's recomputation without the balance loss
+                return
             logits, _, top_k = output
             experts = logits.shape[-1]
             with torch.no_grad():
@@ -113,7 +116,7 @@ class RouterMonitor:
                 flat = top_k.flatten()
                 counts = torch.zeros(experts, dtype=torch.long, device=flat.device)
                 counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
-            if self.aux_loss_coef and module.training and torch.is_grad_enabled():
+            if aux:
                 # Computed in the checkpoint recomputation too (then discarded): non-reentrant
                 # checkpointing requires the recomputed graph to save the same tensors as the forward.
                 f = counts.float() * experts / max(top_k.numel(), 1)
