@@ -87,7 +87,7 @@ def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs
 
 def supported(layer: nn.Module) -> bool:
     """A DeepSeek-V2 decoder layer of the modules `_body` knows (RMSNorms, MLA, a SiLU MLP or a MoE)."""
-    from finetune.model.fusion import _is_silu
+    from finetune.model.fusion import is_silu
 
     if not isinstance(layer, DeepseekV2DecoderLayer) or not isinstance(layer.self_attn, DeepseekV2Attention):
         return False
@@ -98,7 +98,7 @@ def supported(layer: nn.Module) -> bool:
     mlp = layer.mlp
     if isinstance(mlp, DeepseekV2Moe):
         mlp = mlp.shared_experts
-    return isinstance(mlp, DeepseekV2MLP) and _is_silu(mlp.act_fn)
+    return isinstance(mlp, DeepseekV2MLP) and is_silu(mlp.act_fn)
 
 
 def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool) -> None:

@@ -4,9 +4,10 @@ Profiled on the H200 (docs/benchmarks.md), the stock step spends half its GPU ti
 elementwise and cast kernels, and the eager NF4 step was host-bound (Python and launches of PEFT's
 LoRA, bitsandbytes' dequantize and the routing: 375 ms of kernels in a 627 ms step). So each
 decoder layer runs as two inductor graphs around its router (`finetune.model.blocks`; a module outside
-such a layer as one graph of its own), the norms as a compiled RMSNorm, and the experts' permute / weighted combine as autograd Functions
-whose backwards are gathers, and the 4-bit linears through `finetune.model.linear4bit` (bitsandbytes'
-host-heavy `matmul_4bit` replaced); all patched into the modules of one model, and removed after.
+such a layer as one graph of its own), the norms as a compiled RMSNorm, the experts' permute /
+weighted combine as autograd Functions whose backwards are gathers, and the 4-bit linears through
+`finetune.model.linear4bit` (bitsandbytes' host-heavy `matmul_4bit` replaced); all patched into the
+modules of one model, and removed after.
 
 Why not liger-kernel's `apply_liger_kernel_to_deepseek_v2`: its `swiglu` swaps the routed-experts module
 (it would replace `NF4Experts`), and its RMSNorm swap is class-wide (it would leak into a model loaded
@@ -154,7 +155,8 @@ def _mlp_forward(self: DeepseekV2MLP, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(compiled("swiglu")(self.gate_proj(x), self.up_proj(x)))
 
 
-def _is_silu(act: nn.Module) -> bool:
+def is_silu(act: nn.Module) -> bool:
+    """Whether `act` is SiLU (torch's or transformers' module): the SwiGLU the fused pieces compute."""
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
@@ -172,7 +174,7 @@ def _compiles_whole(experts: nn.Module) -> bool:
     """Whether a routed-experts module traces as one graph (else its host-side loop would break it)."""
     from finetune.model.experts import NF4Experts
 
-    if not (isinstance(experts, NF4Experts) and _is_silu(experts.act_fn)):
+    if not (isinstance(experts, NF4Experts) and is_silu(experts.act_fn)):
         return False
     probe = torch.empty(0, dtype=experts.compute_dtype, device=next(experts.parameters()).device)
     return experts.compiles_whole(probe)
@@ -209,14 +211,14 @@ def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True)
         if isinstance(module, DeepseekV2RMSNorm):
             module.forward = types.MethodType(_rms_norm_forward, module)
             counts["rms_norm"] += 1
-        elif isinstance(module, DeepseekV2MLP) and _is_silu(module.act_fn):
+        elif isinstance(module, DeepseekV2MLP) and is_silu(module.act_fn):
             if own_region:
                 _region(module, _mlp_forward)
                 counts["compiled_regions"] += 1
             else:
                 module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
-        elif isinstance(module, NF4Experts) and _is_silu(module.act_fn):
+        elif isinstance(module, NF4Experts) and is_silu(module.act_fn):
             module.fused = True
             counts["experts"] += 1
             if own_region and _compiles_whole(module):
