@@ -136,7 +136,7 @@ def test_fused_training_step_matches_eager_in_fp32(tmp_path):
 def test_fused_training_step_in_bf16_stays_within_bf16_tolerance(tmp_path):
     model = _model(tmp_path, dtype="bfloat16")
     for layer in adapters.expert_layers(model).values():
-        layer.use_grouped_mm = True  # the CUDA path: the experts' module becomes a compiled region too
+        layer.use_grouped_mm = True  # the CUDA path: the experts trace whole, inside their layer's region
     logits, grads = _step(model)
     counts = fusion.apply(model)
     # The CUDA path: every layer is two regions, nothing is compiled on its own.
