@@ -56,8 +56,12 @@ def entries(monkeypatch):
     return seen
 
 
-def test_layers_compile_as_blocks_that_match_the_eager_step_in_fp32(tmp_path, entries, fp32_grouped):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_layers_compile_as_blocks_that_match_the_eager_step_in_fp32(
+    tmp_path, entries, fp32_grouped, reentrant
+):
     model = _grouped(_model(tmp_path))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     logits, grads = _step(model)
     counts = fusion.apply(model)
     assert counts["layers"] == 3 and counts["compiled_regions"] == 0
