@@ -22,6 +22,8 @@ Suffixes that combine with any variant:
                  its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
   +cudagraphs    with +kernels: the compiled regions replayed as CUDA graphs (inductor's cudagraph trees,
                  what `mode="reduce-overhead"` sets; compiled afresh): no launches from the host
+  +combo         with +kernels: inductor's combo kernels (independent kernels of a graph launched as one,
+                 `torch._inductor.config.combo_kernels`; compiled afresh): fewer launches
   +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
                  (`skip_guard_eval_unsafe`): a measurement of what the guards cost the host, not a mode
                  to train in (a changed model would run stale graphs)
@@ -138,7 +140,7 @@ def build(
 @contextlib.contextmanager
 def inductor_config(variant: str):
     """The variant's inductor settings; graphs compiled under others are dropped before and after."""
-    settings = {"cpp_wrapper": "cppwrapper", "triton.cudagraphs": "cudagraphs"}
+    settings = {"cpp_wrapper": "cppwrapper", "triton.cudagraphs": "cudagraphs", "combo_kernels": "combo"}
     patch = {key: True for key, flag in settings.items() if flag in flags(variant)}
     if not patch:
         yield
