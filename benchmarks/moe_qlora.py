@@ -22,6 +22,8 @@ Suffixes that combine with any variant:
                  its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
   +cudagraphs    with +kernels: the compiled regions replayed as CUDA graphs (inductor's cudagraph trees,
                  what `mode="reduce-overhead"` sets; compiled afresh): no launches from the host
+  +reentrant     reentrant gradient checkpointing (else non-reentrant, as TRL's trainers set it);
+                 inductor's cudagraph trees fail under a non-reentrant checkpoint (pytorch#154306)
   +combo         with +kernels: inductor's combo kernels (independent kernels of a graph launched as one,
                  `torch._inductor.config.combo_kernels`; compiled afresh): fewer launches
   +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
@@ -122,7 +124,8 @@ def build(
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reentrant = "reentrant" in flags(variant)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     if "tritondq" in flags(variant):
         for module in model.modules():
