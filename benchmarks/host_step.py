@@ -26,7 +26,6 @@ from moe_qlora import build, step_loss
 from torch.profiler import ProfilerActivity, profile
 
 from finetune.model import fusion
-from finetune.model.experts import NF4Experts
 
 VARIANTS = {"layers": True, "modules": False, "noguards": True}  # name: layer regions
 
@@ -50,10 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default="host_step.json")
     args = parser.parse_args()
     variant = "nf4-experts+bf16+head" + ("+lora" if args.expert_lora else "")
-    model = build(variant, args.layers, torch.bfloat16, preset="tiny", device="cpu")
-    for module in model.modules():
-        if isinstance(module, NF4Experts):
-            module.use_grouped_mm = True  # the CUDA path (torch's grouped kernel also runs on the CPU)
+    model = build(variant, args.layers, torch.bfloat16, preset="tiny", device="cpu")  # grouped experts
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))

@@ -32,6 +32,9 @@ Suffixes that combine with any variant:
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_qlora.py --out results.json [--layers 27] [--steps 3] [--rounds 3]
 
+`--device cpu --preset tiny` is a dry run of the same code on the CPU (the experts through torch's grouped
+kernel, as on CUDA; no memory figures): a variant's bug costs no device time.
+
 `--rounds N` measures the variant list N times over, interleaved (stock, ours, stock, ours, ...), and
 adds per variant the median tokens/s and its ratio to the first variant's in the same round: on the
 H200 two runs of one commit differed by up to 25 % (docs/benchmarks.md), a single round's ratio less.
@@ -127,10 +130,11 @@ def build(
     reentrant = "reentrant" in flags(variant)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
-    if "tritondq" in flags(variant):
-        for module in model.modules():
-            if isinstance(module, NF4Experts):
-                module.dequant_kernel = True
+    for module in model.modules():
+        if isinstance(module, NF4Experts):
+            module.dequant_kernel = "tritondq" in flags(variant)
+            if device != "cuda":
+                module.use_grouped_mm = True  # the CUDA path's structure (torch's kernel runs on the CPU)
     if "kernels" in flags(variant):
         fusion.apply(model, layer_regions="modules" not in flags(variant))
         if "bnblinear" in flags(variant):
@@ -156,31 +160,48 @@ def inductor_config(variant: str):
         torch._dynamo.reset()
 
 
-def measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str = "v2-lite") -> dict:
+def measure(
+    variant: str,
+    layers: int,
+    steps: int,
+    batch: int,
+    seq: int,
+    preset: str = "v2-lite",
+    device: str = "cuda",
+) -> dict:
     try:
         with inductor_config(variant):
-            return _measure(variant, layers, steps, batch, seq, preset)
+            return _measure(variant, layers, steps, batch, seq, preset, device)
     finally:  # also after a failed variant: the next one starts as a plain process would
         gc.unfreeze()  # (a no-op where nothing was frozen)
         torch.compiler.set_stance("default")
-        gc.collect()
+        _free(device)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
         torch.cuda.empty_cache()
 
 
-def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str) -> dict:
+def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset: str, device: str) -> dict:
     dtype = torch.bfloat16
-    torch.cuda.reset_peak_memory_stats()
-    model = build(variant, layers, dtype, preset)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build(variant, layers, dtype, preset, device)
     weights = report(model)
-    weight_bytes = torch.cuda.memory_allocated()
+    weight_bytes = torch.cuda.memory_allocated() if cuda else 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, 100_000, (batch, seq), device="cuda")
+    ids = torch.randint(0, min(100_000, model.config.vocab_size), (batch, seq), device=device)
     model.train()
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(steps + 1):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         if "cudagraphs" in flags(variant):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
@@ -188,7 +209,7 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if step:  # the first step warms up kernels and the allocator
             times.append(time.perf_counter() - start)
             continue
@@ -209,7 +230,7 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
         "step_s": round(step_s, 4),
         "step_times": step_times,
         "tokens_per_s": round(batch * seq / step_s),
-        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "allocated_after_build_gb": round(weight_bytes / 1e9, 2),
         "weights_gb": round(weights["total"]["bytes"] / 1e9, 2),
         "by_kind_gb": {k: round(v["bytes"] / 1e9, 3) for k, v in weights.items()},
@@ -217,8 +238,7 @@ def _measure(variant: str, layers: int, steps: int, batch: int, seq: int, preset
         "loss": round(loss.item(), 4),
     }
     del model, opt, params, loss
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free(device)
     return result
 
 
@@ -232,11 +252,13 @@ def main() -> None:
     parser.add_argument("--variants", default="stock,nf4-experts,nf4-experts+lora")
     parser.add_argument("--preset", default="v2-lite", help="v2 for DeepSeek-V2 (236B) shapes; cut --layers")
     parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run (with --preset tiny)")
     parser.add_argument(
         "--rounds", type=int, default=1, help="the variant list measured N times, interleaved"
     )
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    results = {"device": name, "torch": torch.__version__, "runs": []}
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
@@ -244,13 +266,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant in variants:
             try:
-                row = measure(variant, args.layers, args.steps, args.batch, args.seq, args.preset)
+                row = measure(
+                    variant, args.layers, args.steps, args.batch, args.seq, args.preset, args.device
+                )
             except Exception as e:  # an experimental variant that fails is a result; the others go on
                 traceback.print_exc()
                 row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:2000]}
             if "error" in row:  # its traceback is gone now: the model it held can be collected
-                gc.collect()
-                torch.cuda.empty_cache()
+                _free(args.device)
             row["round"] = round_
             print(json.dumps(row))
             results["runs"].append(row)

@@ -1,0 +1,45 @@
+"""The GPU benchmarks' own code, dry-run on the CPU before device time is spent on it (slow: not in the
+default run; `python -m pytest -m slow tests/test_benchmarks.py`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+VARIANTS = [
+    "stock+bf16",
+    "nf4-experts+bf16+head+kernels+frozen",
+    "nf4-experts+bf16+head+kernels+frozen+modules+bnblinear",
+    "nf4-experts+lora+bf16+head+kernels+frozen+noguards+tritondq",
+    "nf4-experts+lora+bf16+head+kernels+frozen+cppwrapper+reentrant",
+]
+
+
+@pytest.mark.slow
+def test_moe_qlora_runs_every_variant_on_the_cpu(tmp_path):
+    out = tmp_path / "moe.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--layers", "2", "--steps", "1", "--batch", "1"]
+    args += ["--seq", "16", "--rounds", "2", "--out", str(out), "--variants", ",".join(VARIANTS)]
+    subprocess.run([sys.executable, "moe_qlora.py", *args], cwd=REPO / "benchmarks", check=True)
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["runs"]] == VARIANTS * 2
+    assert not [r for r in result["runs"] if "error" in r]
+    assert set(result["summary"]) == set(VARIANTS)
+    trainable = {r["variant"]: r["trainable_params"] for r in result["runs"]}
+    assert trainable[VARIANTS[3]] > trainable[VARIANTS[1]]  # + expert LoRA
+
+
+@pytest.mark.slow
+def test_host_step_compares_the_two_region_schemes(tmp_path):
+    out = tmp_path / "host.json"
+    args = ["--layers", "2", "--rounds", "1", "--steps", "2", "--noguards", "--out", str(out)]
+    subprocess.run([sys.executable, "host_step.py", *args], cwd=REPO / "benchmarks", check=True)
+    result = json.loads(out.read_text())
+    # A dense and a MoE layer, each pass (forward, recomputation) two entries a layer, or one a module
+    # (two norms, attention, then MLP or routed + shared experts); plus the final norm and the LM head.
+    entries = result["region_entries_per_step"]
+    assert entries == {"layers": 2 * 2 * 2 + 2, "modules": 2 * (4 + 5) + 2, "noguards": 2 * 2 * 2 + 2}
