@@ -8,6 +8,8 @@ host-bound (docs/benchmarks.md), so what this cuts is what the GPU waits for the
 interleaved in one process:
   layers    each decoder layer as two compiled regions (finetune.model.blocks, the default)
   modules   each attention, MLP and experts module compiled as a region of its own (the earlier scheme)
+  ingraph   `layers` with the recomputation inside the regions' backward graphs instead of torch's
+            checkpoint (`fusion.apply(recompute_in_graph=True)`)
   noguards  (with --noguards) `layers` with dynamo's guard evaluation skipped after the warm-up
             (`skip_guard_eval_unsafe`): what the guards cost, not a mode to train in
 
@@ -27,7 +29,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from finetune.model import fusion
 
-VARIANTS = {"layers": True, "modules": False, "noguards": True}  # name: layer regions
+VARIANTS = {  # name: fusion.apply's arguments
+    "layers": {},
+    "modules": {"layer_regions": False},
+    "ingraph": {"recompute_in_graph": True},
+    "noguards": {},
+}
 
 
 def region_entries(step) -> int:
@@ -63,8 +70,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     entries: dict[str, int] = {}
     for round_ in range(args.rounds):
-        for name, layer_regions in variants.items():
-            fusion.apply(model, layer_regions=layer_regions)
+        for name, options in variants.items():
+            fusion.apply(model, **options)
             for _ in range(2):  # compiles (first round) and warms up
                 step()
             if round_ == 0:

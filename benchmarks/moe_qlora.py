@@ -24,6 +24,8 @@ Suffixes that combine with any variant:
                  what `mode="reduce-overhead"` sets; compiled afresh): no launches from the host
   +reentrant     reentrant gradient checkpointing (else non-reentrant, as TRL's trainers set it);
                  inductor's cudagraph trees fail under a non-reentrant checkpoint (pytorch#154306)
+  +ingraph       with +kernels: the layers' recomputation inside their regions' backward graphs instead of
+                 torch's checkpoint (finetune.model.blocks, `recompute_in_graph`)
   +combo         with +kernels: inductor's combo kernels (independent kernels of a graph launched as one,
                  `torch._inductor.config.combo_kernels`; compiled afresh): fewer launches
   +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
@@ -136,7 +138,11 @@ def build(
             if device != "cuda":
                 module.use_grouped_mm = True  # the CUDA path's structure (torch's kernel runs on the CPU)
     if "kernels" in flags(variant):
-        fusion.apply(model, layer_regions="modules" not in flags(variant))
+        fusion.apply(
+            model,
+            layer_regions="modules" not in flags(variant),
+            recompute_in_graph="ingraph" in flags(variant),
+        )
         if "bnblinear" in flags(variant):
             for module in model.modules():
                 if linear4bit.supported(module):

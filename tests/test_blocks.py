@@ -43,8 +43,8 @@ def entries(monkeypatch):
     seen: collections.Counter = collections.Counter()
     region = blocks._region
 
-    def counted(name, fn):
-        compiled = region(name, fn)
+    def counted(name, fn, in_graph=False):
+        compiled = region(name, fn, in_graph)
 
         def call(*args, **kwargs):
             seen[name] += 1
@@ -104,6 +104,62 @@ def test_a_layer_without_checkpointing_or_gradients_runs_its_blocks_once(tmp_pat
         assert entries == {"attention": 3, "moe": 2, "mlp": 1}
     assert _rel(fused_logits, logits) < 1e-5 and _rel(evaluated, logits) < 1e-5
     assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
+
+
+def _saved_bytes(model, ids=IDS) -> tuple[int, set[tuple[int, ...]]]:
+    """Bytes and shapes of the tensors a training forward keeps for its backward, parameters and
+    buffers aside (what activation checkpointing exists to bound)."""
+    held = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        if t.data_ptr() not in held:
+            saved[t.data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(t.numel() * t.element_size() for t in saved.values()), {tuple(t.shape) for t in saved.values()}
+
+
+def test_recomputation_inside_the_graphs_matches_eager_and_saves_only_the_regions_inputs(
+    tmp_path, entries, fp32_grouped
+):
+    model = _grouped(_model(tmp_path))
+    logits, grads = _step(model)
+    model.gradient_checkpointing_disable()
+    kept_all, _ = _saved_bytes(model)  # no recomputation at all
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counts = fusion.apply(model, recompute_in_graph=True)
+    assert counts["layers"] == 3
+    assert all(m.recompute_in_graph for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer))
+    fused_logits, fused_grads = _step(model)
+    assert entries == {"attention": 3, "moe": 2, "mlp": 1}  # no second forward pass
+    assert _rel(fused_logits, logits) < 1e-5
+    assert max(_rel(fused_grads[n], g) for n, g in grads.items()) < 1e-4
+    kept, shapes = _saved_bytes(model)
+    experts = next(iter(adapters.expert_layers(model).values()))
+    assert not shapes & set(experts._shapes.values())  # no dequantized expert weight kept
+    assert kept < kept_all / 3, (kept, kept_all)
+    with torch.no_grad():  # evaluation: the plain regions, nothing to recompute
+        entries.clear()
+        assert _rel(model(input_ids=IDS).logits, logits) < 1e-5 and entries["attention"] == 3
+    fusion.remove(model)
+    assert not any("recompute_in_graph" in m.__dict__ for m in model.modules())
+
+
+def test_a_layer_with_an_eager_part_keeps_torch_checkpoint_under_recompute_in_graph(tmp_path, entries):
+    """Experts that do not trace whole run eagerly between the regions: their activations are bounded
+    by torch's checkpoint only, so such a layer keeps it."""
+    model = _model(tmp_path)  # fp32 on the CPU: the experts' loop, not a region
+    counts = fusion.apply(model, recompute_in_graph=True)
+    layers = [m for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer)]
+    assert counts["layers"] == 3 and [m.recompute_in_graph for m in layers] == [True, False, False]
+    _step(model)
+    assert entries == {"attention": 1 + 2 * 2, "mlp": 1}  # MoE layers recomputed, the dense one not
+    fusion.remove(model)
 
 
 def test_moe_layers_whose_experts_do_not_trace_whole_keep_their_modules_regions(tmp_path, entries):

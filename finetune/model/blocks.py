@@ -12,6 +12,13 @@ them: its hooks (expert load, balance loss, routing replay) mutate Python state.
 
 transformers 5 checkpoints a layer by wrapping its class's `forward`; an instance's `forward` replaces
 that wrapper, so `_forward` checkpoints itself under the same conditions (training, gradients on).
+
+`recompute_in_graph`: where checkpointing is asked for and both of a layer's parts are regions, the
+regions are compiled with AOTAutograd's activation memory budget at 0 instead, which saves their inputs
+and recomputes the rest inside their backward graphs: the same recomputation without a second forward
+pass through Python, dynamo's entries and the checkpoint's hooks for every saved tensor (on the CPU
+proxy, `benchmarks/host_step.py`, a quarter of the step's host time). Off by default until timed on the
+GPU: it saves the layer's two [tokens, hidden] region inputs and its routing, not one input.
 """
 
 from __future__ import annotations
@@ -30,15 +37,24 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2RMSNorm,
 )
 
-_compiled: dict[str, Any] = {}
+_compiled: dict[tuple[str, bool], Any] = {}
 
 
-def _region(name: str, fn: Any) -> Any:
+def _region(name: str, fn: Any, in_graph: bool = False) -> Any:
     # One compiled function per block kind, shared by every layer: with nn.Module inputs inlined,
     # dynamo guards on the modules' structure, not their identity, so all layers reuse one graph.
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn)
-    return _compiled[name]
+    key = (name, in_graph)
+    if key not in _compiled:
+        if in_graph:
+            # Dynamo keeps compiled graphs on the function's code object, whichever wrapper compiled
+            # them, and the budget is no guard: a code object of its own keeps these graphs apart.
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_in_graph")
+            fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        compiled = torch.compile(fn)
+        if in_graph:  # the partitioner reads the budget when it compiles (first call, recompiles)
+            compiled = torch._functorch.config.patch(activation_memory_budget=0.0)(compiled)
+        _compiled[key] = compiled
+    return _compiled[key]
 
 
 def _attention(
@@ -66,23 +82,37 @@ def _mlp(mlp: DeepseekV2MLP, normed: torch.Tensor, residual: torch.Tensor) -> to
     return residual + mlp(normed)
 
 
-def _body(layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    hidden, normed = _region("attention", _attention)(layer, hidden_states, **kwargs)
+def _body(
+    layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, in_graph: bool = False, **kwargs: Any
+) -> torch.Tensor:
+    hidden, normed = _region("attention", _attention, in_graph)(layer, hidden_states, **kwargs)
     mlp = layer.mlp
     if isinstance(mlp, DeepseekV2Moe):
         if not layer.moe_region:
             return hidden + mlp(normed)  # its modules' own regions and kernels (fusion.apply)
         _, weights, indices = mlp.gate(normed)
-        return _region("moe", _moe)(mlp, normed, indices, weights, hidden)
-    return _region("mlp", _mlp)(mlp, normed, hidden)
+        return _region("moe", _moe, in_graph)(mlp, normed, indices, weights, hidden)
+    return _region("mlp", _mlp, in_graph)(mlp, normed, hidden)
+
+
+def checkpointed(layer: nn.Module) -> bool:
+    """Whether `layer` runs under torch's checkpoint now (training, gradients on, asked for, and not
+    recomputed inside its regions' graphs)."""
+    return bool(
+        layer.gradient_checkpointing
+        and layer.training
+        and torch.is_grad_enabled()
+        and not layer.__dict__.get("recompute_in_graph", False)
+    )
 
 
 def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-        # As transformers' wrapper: no cache is written twice by the recomputation.
+    asked = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+    if asked:  # as transformers' wrapper: no cache is written twice by a recomputation
         kwargs.update(use_cache=False, cache=None)
+    if asked and not self.recompute_in_graph:
         return self._gradient_checkpointing_func(functools.partial(_body, self, **kwargs), hidden_states)
-    return _body(self, hidden_states, **kwargs)
+    return _body(self, hidden_states, in_graph=asked, **kwargs)
 
 
 def supported(layer: nn.Module) -> bool:
@@ -101,9 +131,12 @@ def supported(layer: nn.Module) -> bool:
     return isinstance(mlp, DeepseekV2MLP) and is_silu(mlp.act_fn)
 
 
-def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool) -> None:
-    """`moe_region`: the routed and shared experts as one region (the experts' module traces whole)."""
+def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool, recompute_in_graph: bool = False) -> None:
+    """`moe_region`: the routed and shared experts as one region (the experts' module traces whole).
+    `recompute_in_graph` (see the module docstring) applies only with `moe_region` or a dense MLP: an
+    eager part would keep all its activations."""
     layer.moe_region = moe_region
+    layer.recompute_in_graph = recompute_in_graph and (moe_region or not isinstance(layer.mlp, DeepseekV2Moe))
     layer.forward = types.MethodType(_forward, layer)
 
 
@@ -111,3 +144,4 @@ def unpatch(layer: nn.Module) -> None:
     """The class's forward again, where `patch` set this one (other modules are left alone)."""
     if layer.__dict__.pop("moe_region", None) is not None:
         layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("recompute_in_graph", None)

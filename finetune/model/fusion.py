@@ -180,7 +180,9 @@ def _compiles_whole(experts: nn.Module) -> bool:
     return experts.compiles_whole(probe)
 
 
-def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True) -> dict[str, int]:
+def apply(
+    model: nn.Module, *, regions: bool = True, layer_regions: bool = True, recompute_in_graph: bool = False
+) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
     `regions`: also compile each decoder layer as two regions (`finetune.model.blocks`; attention,
@@ -188,7 +190,8 @@ def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True)
     in place of TRL's fused LM head (not where generation runs inside training, GRPO: its decode
     steps change shape every token). The routers stay eager: their hooks (expert load, aux loss,
     routing replay) mutate Python state. `layer_regions=False`: every module its own region (the scheme
-    before `blocks`, kept for benchmarks to compare). Idempotent."""
+    before `blocks`, kept for benchmarks to compare). `recompute_in_graph`: `blocks`' in-graph
+    recomputation instead of torch's checkpoint (untimed on the GPU, off). Idempotent."""
     from finetune.model import blocks, linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
@@ -201,7 +204,7 @@ def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True)
             mlp = layer.mlp
             moe = hasattr(mlp, "experts")
             moe_region = moe and _compiles_whole(mlp.experts)
-            blocks.patch(layer, moe_region=moe_region)
+            blocks.patch(layer, moe_region=moe_region, recompute_in_graph=recompute_in_graph)
             inside.add(id(layer.self_attn))
             if not moe or moe_region:
                 inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
@@ -234,9 +237,7 @@ def apply(model: nn.Module, *, regions: bool = True, layer_regions: bool = True)
         if hasattr(layer, "gradient_checkpointing"):
             for module in layer.modules():
                 if isinstance(module, NF4Experts):
-                    module.checkpointed = lambda layer=layer: bool(
-                        layer.gradient_checkpointing and layer.training
-                    )
+                    module.checkpointed = lambda layer=layer: blocks.checkpointed(layer)
     return counts
 
 
