@@ -12,7 +12,7 @@ from conftest import REPO
 
 VARIANTS = [
     "stock+bf16",
-    "nf4-experts+bf16+head+kernels+frozen",
+    "nf4-experts+bf16+head+kernels+frozen+ingraph",
     "nf4-experts+bf16+head+kernels+frozen+modules+bnblinear",
     "nf4-experts+lora+bf16+head+kernels+frozen+noguards+tritondq",
     "nf4-experts+lora+bf16+head+kernels+frozen+cppwrapper+reentrant",
@@ -40,6 +40,8 @@ def test_host_step_compares_the_two_region_schemes(tmp_path):
     subprocess.run([sys.executable, "host_step.py", *args], cwd=REPO / "benchmarks", check=True)
     result = json.loads(out.read_text())
     # A dense and a MoE layer, each pass (forward, recomputation) two entries a layer, or one a module
-    # (two norms, attention, then MLP or routed + shared experts); plus the final norm and the LM head.
+    # (two norms, attention, then MLP or routed + shared experts); recomputed inside the graphs, one
+    # pass; plus the final norm and the LM head.
     entries = result["region_entries_per_step"]
-    assert entries == {"layers": 2 * 2 * 2 + 2, "modules": 2 * (4 + 5) + 2, "noguards": 2 * 2 * 2 + 2}
+    layers = 2 * 2 * 2 + 2
+    assert entries == {"layers": layers, "modules": 2 * (4 + 5) + 2, "ingraph": 2 * 2 + 2, "noguards": layers}
