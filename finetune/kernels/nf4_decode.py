@@ -209,7 +209,6 @@ def _nf4_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             raw = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + half)[None, :])
-            byte = raw.to(tl.int32)
             block = row_block[:, None] + ((k0 + sub) // QB)[None, :]  # [BLOCK_N, SUB]
             if DQ:
                 scale = tl.load(code2_ptr + tl.load(absmax_ptr + block).to(tl.int32)) * tl.load(
@@ -242,6 +241,7 @@ def _nf4_gemv_kernel(
                     (BLOCK_N, BLOCK_K // 2),
                 )
                 # code * scale in fp32, then rounded to the compute dtype: what bnb's dequantize_4bit returns.
+                byte = raw.to(tl.int32)
                 if SELECT:
                     v_hi = _pick(
                         byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15

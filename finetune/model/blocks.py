@@ -95,19 +95,19 @@ def _body(
     return _region("mlp", _mlp, in_graph)(mlp, normed, hidden)
 
 
+def _recomputed(layer: nn.Module) -> bool:
+    """Checkpointing asked for, in training with gradients: the layer's activations are recomputed
+    (by torch's checkpoint, or inside its regions' graphs)."""
+    return bool(layer.gradient_checkpointing and layer.training and torch.is_grad_enabled())
+
+
 def checkpointed(layer: nn.Module) -> bool:
-    """Whether `layer` runs under torch's checkpoint now (training, gradients on, asked for, and not
-    recomputed inside its regions' graphs)."""
-    return bool(
-        layer.gradient_checkpointing
-        and layer.training
-        and torch.is_grad_enabled()
-        and not layer.__dict__.get("recompute_in_graph", False)
-    )
+    """Whether `layer` runs under torch's checkpoint now (recomputed, and not inside its graphs)."""
+    return _recomputed(layer) and not layer.__dict__.get("recompute_in_graph", False)
 
 
 def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    asked = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+    asked = _recomputed(self)
     if asked:  # as transformers' wrapper: no cache is written twice by a recomputation
         kwargs.update(use_cache=False, cache=None)
     if asked and not self.recompute_in_graph:
@@ -136,8 +136,13 @@ def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool, recompute_in_graph
     `recompute_in_graph` (see the module docstring) applies only with `moe_region` or a dense MLP: an
     eager part would keep all its activations."""
     layer.moe_region = moe_region
-    layer.recompute_in_graph = recompute_in_graph and (moe_region or not isinstance(layer.mlp, DeepseekV2Moe))
+    layer.recompute_in_graph = recompute_in_graph and all_regions(layer)
     layer.forward = types.MethodType(_forward, layer)
+
+
+def all_regions(layer: DeepseekV2DecoderLayer) -> bool:
+    """Whether both parts of a patched `layer` are compiled regions (no eager MoE between them)."""
+    return layer.moe_region or not isinstance(layer.mlp, DeepseekV2Moe)
 
 
 def unpatch(layer: nn.Module) -> None:

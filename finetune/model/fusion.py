@@ -28,6 +28,7 @@ from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2Attention,
     DeepseekV2MLP,
+    DeepseekV2Moe,
     DeepseekV2RMSNorm,
 )
 
@@ -202,11 +203,11 @@ def apply(
     for layer in model.modules() if regions and layer_regions else ():
         if blocks.supported(layer):
             mlp = layer.mlp
-            moe = hasattr(mlp, "experts")
+            moe = isinstance(mlp, DeepseekV2Moe)
             moe_region = moe and _compiles_whole(mlp.experts)
             blocks.patch(layer, moe_region=moe_region, recompute_in_graph=recompute_in_graph)
             inside.add(id(layer.self_attn))
-            if not moe or moe_region:
+            if blocks.all_regions(layer):
                 inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
             counts["layers"] += 1
     for module in model.modules():
