@@ -6,9 +6,10 @@ suffix generates as `model.kernels: auto` does: static cache, compiled decode st
 graphs, the stopping check read a step late; `+graphs` is that without the late stopping check,
 `+compiled` the compiled step through transformers' call, dynamo guards every token; `+expanded` is
 `+kernels` with transformers' MLA decode, which expands the cached latent every step, instead of
-finetune.model.absorbed's latent-space one; `+grouped` is `+kernels` with steps of more tokens than
-experts multiplying the NF4 bytes directly (kernels/nf4_decode.py, `compiled_decoding(grouped=True)`)
-instead of dequantize + grouped_mm; `+absorbed` is a former name of `+kernels`), all
+finetune.model.absorbed's latent-space one; `+kernels` multiplies the NF4 bytes directly in steps of
+more tokens than experts (kernels/nf4_decode.py; `+grouped` a former name), `+dequant` is `+kernels`
+dequantizing the layer's experts and calling grouped_mm instead (`compiled_decoding(grouped=False)`, the
+default before 2026-11-29); `+absorbed` is a former name of `+kernels`), all
 with the NF4 linear layers and LoRA r=16 on MLA, in eval mode. For each batch size: new tokens per second
 (prompt 64, 64 new tokens, after one warm-up call, in a decoding block of its own, as a GRPO rollout or
 an evaluation starts one: its graph captured anew, `capture_s`), peak GPU memory, and the KV-cache
@@ -42,7 +43,13 @@ def measure(
     variant: str, layers: int, batches: list[int], prompt: int, new: int, repeats: int = 0
 ) -> list[dict]:
     base, _, mode = variant.rpartition("+")
-    auto = mode in ("kernels", "absorbed", "expanded", "grouped")  # model.kernels: auto on CUDA, or a twin
+    auto = mode in (
+        "kernels",
+        "absorbed",
+        "expanded",
+        "grouped",
+        "dequant",
+    )  # model.kernels: auto on CUDA, or a twin
     fast = auto or mode in ("graphs", "compiled")
     graphs = None if auto or mode == "graphs" else False
     defer = None if auto else False
@@ -75,14 +82,24 @@ def measure(
             return out, time.perf_counter() - start
 
         with generation.compiled_decoding(
-            model, fast, graphs=graphs, defer_stop=defer, absorb=absorb, grouped=mode == "grouped"
+            model,
+            fast,
+            graphs=graphs,
+            defer_stop=defer,
+            absorb=absorb,
+            grouped=None if mode != "dequant" else False,
         ) as extra:
             _, warmup = timed(extra)  # kernels, allocator, compilation with a static cache
         torch.cuda.reset_peak_memory_stats()
         # A new block, as every GRPO rollout and evaluation starts one: its first call captures the
         # step anew; later calls of the same shape reuse the cache and the graph (`--repeats`).
         with generation.compiled_decoding(
-            model, fast, graphs=graphs, defer_stop=defer, absorb=absorb, grouped=mode == "grouped"
+            model,
+            fast,
+            graphs=graphs,
+            defer_stop=defer,
+            absorb=absorb,
+            grouped=None if mode != "dequant" else False,
         ) as extra:
             used = "get_compiled_call" in vars(top)  # whether our CUDA-graph step served the decode
             out, seconds = timed(extra)

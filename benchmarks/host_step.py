@@ -6,10 +6,10 @@ r=16 on MLA, optionally on every expert): little arithmetic, the same modules, c
 guards, autograd nodes and checkpoint hooks a V2-Lite step has. On the H200 that step is partly
 host-bound (docs/benchmarks.md), so what this cuts is what the GPU waits for there. Variants,
 interleaved in one process:
-  layers    each decoder layer as two compiled regions (finetune.model.blocks, the default)
+  layers    each decoder layer as two compiled regions (finetune.model.blocks), torch's checkpoint
   modules   each attention, MLP and experts module compiled as a region of its own (the earlier scheme)
   ingraph   `layers` with the recomputation inside the regions' backward graphs instead of torch's
-            checkpoint (`fusion.apply(recompute_in_graph=True)`)
+            checkpoint (`fusion.apply(recompute_in_graph=True)`, the default)
   noguards  (with --noguards) `layers` with dynamo's guard evaluation skipped after the warm-up
             (`skip_guard_eval_unsafe`): what the guards cost, not a mode to train in
 
@@ -30,10 +30,10 @@ from torch.profiler import ProfilerActivity, profile
 from finetune.model import fusion
 
 VARIANTS = {  # name: fusion.apply's arguments
-    "layers": {},
+    "layers": {"recompute_in_graph": False},
     "modules": {"layer_regions": False},
     "ingraph": {"recompute_in_graph": True},
-    "noguards": {},
+    "noguards": {"recompute_in_graph": False},
 }
 
 

@@ -24,8 +24,9 @@ Suffixes that combine with any variant:
                  what `mode="reduce-overhead"` sets; compiled afresh): no launches from the host
   +reentrant     reentrant gradient checkpointing (else non-reentrant, as TRL's trainers set it);
                  inductor's cudagraph trees fail under a non-reentrant checkpoint (pytorch#154306)
-  +ingraph       with +kernels: the layers' recomputation inside their regions' backward graphs instead of
-                 torch's checkpoint (finetune.model.blocks, `recompute_in_graph`)
+  +checkpoint    with +kernels: the layers' recomputation through torch's checkpoint instead of inside
+                 their regions' backward graphs (finetune.model.blocks, `recompute_in_graph=False`; the
+                 default before 2026-11-29; `+ingraph`, the default now, is accepted and changes nothing)
   +combo         with +kernels: inductor's combo kernels (independent kernels of a graph launched as one,
                  `torch._inductor.config.combo_kernels`; compiled afresh): fewer launches
   +noguards      with +kernels: after the warm-up step, dynamo skips guard evaluation
@@ -141,7 +142,7 @@ def build(
         fusion.apply(
             model,
             layer_regions="modules" not in flags(variant),
-            recompute_in_graph="ingraph" in flags(variant),
+            recompute_in_graph="checkpoint" not in flags(variant),
         )
         if "bnblinear" in flags(variant):
             for module in model.modules():

@@ -12,7 +12,7 @@ from conftest import REPO
 
 VARIANTS = [
     "stock+bf16",
-    "nf4-experts+bf16+head+kernels+frozen+ingraph",
+    "nf4-experts+bf16+head+kernels+frozen+checkpoint",
     "nf4-experts+bf16+head+kernels+frozen+modules+bnblinear",
     "nf4-experts+lora+bf16+head+kernels+frozen+noguards+tritondq",
     "nf4-experts+lora+bf16+head+kernels+frozen+cppwrapper+reentrant",

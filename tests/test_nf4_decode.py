@@ -282,7 +282,7 @@ def test_experts_without_gradients_multiply_the_nf4_bytes_when_asked(monkeypatch
     assert len(calls) == (2 if i == 64 else 1)
 
 
-def test_compiled_decoding_asks_for_the_grouped_kernel_only_when_told():
+def test_compiled_decoding_asks_for_the_grouped_kernel_on_cuda_or_when_told():
     from finetune.model import generation
     from finetune.model.experts import NF4Experts
     from finetune.model.load import load_model, resolve_source
@@ -290,9 +290,11 @@ def test_compiled_decoding_asks_for_the_grouped_kernel_only_when_told():
     model = load_model(resolve_source("tiny", None), dtype="float32")
     experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
     with generation.compiled_decoding(model, True, graphs=False):
-        assert experts and not any(m.grouped_kernel for m in experts)  # default: off until timed
+        assert experts and not any(m.grouped_kernel for m in experts)  # default: on CUDA only
     with generation.compiled_decoding(model, True, graphs=False, grouped=True):
         assert all(m.grouped_kernel for m in experts)
+    with generation.compiled_decoding(model, True, graphs=False, grouped=False):
+        assert not any(m.grouped_kernel for m in experts)
     assert not any(m.grouped_kernel for m in experts)
 
 
@@ -306,6 +308,7 @@ def _run_cases() -> dict:
     from finetune.kernels.nf4_decode import nf4_expert_gemv
 
     out: dict = {}
+    default = nf4_decode.SELECT  # byte permutes have no interpreter path: the launcher takes the tree
     for select in (True, False):  # NF4 values by the select tree, then by table loads
         nf4_decode.SELECT = select
         suffix = "" if select else "/table"
@@ -322,7 +325,7 @@ def _run_cases() -> dict:
         y = nf4_expert_gemv(**kwargs)
         equal = torch.equal(y, expected)
         out["identity_bf16" + suffix] = {"equal": equal, "nonzero": bool(expected.abs().sum() > 0)}
-    nf4_decode.SELECT = True
+    nf4_decode.SELECT = default
 
     kwargs, ref, _ = build("no_dq", seed=1)
     packed = kwargs["packed"]

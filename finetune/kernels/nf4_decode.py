@@ -16,8 +16,9 @@ multiply them in two `tl.dot`s. NF4 values come from a select tree over the 16 c
 a table load per nibble is a 4-byte gather, and in the pipelined dot loop the compiler turns each into an
 asynchronous copy to shared memory (60 of the 74 copies a step in the sm_90 PTX; 16 with the tree).
 The first version (BLOCK_K 64, table loads, offsets from the flat element index) streamed at 30-40 GB/s
-on the H200; this one at ~200 GB/s of NF4 bytes at batch 128, still 0.77-0.81x dequantize + grouped_mm
-(docs/benchmarks.md). `SELECT = 2` looks the values up by byte permutes instead (untimed).
+on the H200; the select tree at ~200 GB/s of NF4 bytes at batch 128, still 0.77-0.81x dequantize +
+grouped_mm. `SELECT = 2` (the default on CUDA with bf16) looks the values up by byte permutes, one scale
+block a K step: ~390-450 GB/s, 1.6-1.75x dequantize + grouped_mm at batch 128 (docs/benchmarks.md).
 
 Grid (E, cdiv(N, BLOCK_N)): program (g, nb) owns expert g's rows offsets[g-1]..offsets[g] (int32
 cumulative row ends on the device) and returns at once if there are none; nothing is read on the host,
@@ -285,8 +286,9 @@ BLOCK_M = 16
 # Values a K step decodes (a power of two; the launch takes its gcd with K, so every step is whole):
 # 128 is 64 bytes of each row, the pair GEMV's fastest whole-step tile (kernels/nf4_pairs.py).
 BLOCK_K = 128
-# NF4 values by a select tree: 3-5x table loads on the H200 (benchmarks/nf4_decode.py sweeps all three).
-SELECT = True
+# NF4 values by byte permutes (2; CUDA bf16, else the select tree, 1): on the H200 at batch 128 about half
+# the select tree's time, and that 3-5x table loads' (benchmarks/nf4_decode.py sweeps all three).
+SELECT = 2
 _INTERPRET_CONFIG = _config(32, 4, 1)  # under the interpreter: one fixed tile, nothing to tune
 
 # ------------------------------------------------------------------------------------------ python

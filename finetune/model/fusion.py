@@ -182,7 +182,7 @@ def _compiles_whole(experts: nn.Module) -> bool:
 
 
 def apply(
-    model: nn.Module, *, regions: bool = True, layer_regions: bool = True, recompute_in_graph: bool = False
+    model: nn.Module, *, regions: bool = True, layer_regions: bool = True, recompute_in_graph: bool = True
 ) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
@@ -192,7 +192,7 @@ def apply(
     steps change shape every token). The routers stay eager: their hooks (expert load, aux loss,
     routing replay) mutate Python state. `layer_regions=False`: every module its own region (the scheme
     before `blocks`, kept for benchmarks to compare). `recompute_in_graph`: `blocks`' in-graph
-    recomputation instead of torch's checkpoint (untimed on the GPU, off). Idempotent."""
+    recomputation instead of torch's checkpoint (False: torch's, for benchmarks to compare). Idempotent."""
     from finetune.model import blocks, linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
