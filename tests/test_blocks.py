@@ -219,7 +219,11 @@ def test_a_classify_stage_trains_through_the_blocks_as_it_does_eagerly(tmp_path,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tmp_path, entries):
     """On CUDA in bf16 (the path `kernels: auto` takes): both MoE layers as blocks, torch's grouped kernel
-    inside; within bf16 tolerance of the eager step and of the per-module regions."""
+    inside, recomputed inside their graphs. bf16 tolerance, stated against the truth (the same model's
+    fp32 eager step on the CPU): the blocks' error is at most 1.5x the eager bf16 step's own + 1 %, and
+    as small for the per-module regions (bf16 rounds differently in every scheme: a fused kernel keeps
+    fp32 where eager rounds after each op, and a recomputation inside a graph is fused anew)."""
+    truth_logits, truth_grads = _step(_model(tmp_path / "fp32"))
     model = _model(tmp_path, dtype="bfloat16").cuda()
     ids = IDS.cuda()
     logits, grads = _step(model, ids)
@@ -230,7 +234,19 @@ def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tm
     fusion.apply(model, layer_regions=False)
     module_logits, module_grads = _step(model, ids)
     fusion.remove(model)
-    # tests/test_fusion.py's bf16 tolerance: logits within 3 %, LoRA gradients within 15 %.
-    for want, want_grads in ((logits, grads), (module_logits, module_grads)):
-        assert _rel(fused_logits.float(), want.float()) < 0.03
-        assert max(_rel(fused_grads[n].float(), g.float()) for n, g in want_grads.items()) < 0.15
+
+    def error(got_logits, got_grads) -> tuple[float, float]:
+        assert set(got_grads) == set(truth_grads)
+        worst = max(_rel(got_grads[n].float().cpu(), g) for n, g in truth_grads.items())
+        return _rel(got_logits.float().cpu(), truth_logits), worst
+
+    eager, fused, modules = (
+        error(logits, grads),
+        error(fused_logits, fused_grads),
+        error(module_logits, module_grads),
+    )
+    print(
+        f"relative error against fp32 (logits, worst LoRA gradient): eager {eager}, blocks {fused}, modules {modules}"
+    )
+    for got in (fused, modules):
+        assert got[0] < 1.5 * eager[0] + 0.01 and got[1] < 1.5 * eager[1] + 0.01, (got, eager)
