@@ -223,7 +223,10 @@ def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tm
     fp32 eager step on the CPU): the blocks' error is at most 1.5x the eager bf16 step's own + 1 %, and
     as small for the per-module regions (bf16 rounds differently in every scheme: a fused kernel keeps
     fp32 where eager rounds after each op, and a recomputation inside a graph is fused anew)."""
-    truth_logits, truth_grads = _step(_model(tmp_path / "fp32"))
+    truth = _model(tmp_path / "fp32")  # placed where the pipeline puts it (CUDA here)
+    truth_logits, truth_grads = _step(truth, IDS.to(truth.device))
+    truth_logits, truth_grads = truth_logits.cpu(), {n: g.cpu() for n, g in truth_grads.items()}
+    del truth
     model = _model(tmp_path, dtype="bfloat16").cuda()
     ids = IDS.cuda()
     logits, grads = _step(model, ids)
