@@ -18,8 +18,8 @@ regions are compiled with AOTAutograd's activation memory budget at 0 instead, w
 and recomputes the rest inside their backward graphs: the same recomputation without a second forward
 pass through Python, dynamo's entries and the checkpoint's hooks for every saved tensor (on the CPU
 proxy, `benchmarks/host_step.py`, a quarter of the step's host time; on the H200 at V2-Lite shapes
-1.07-1.16x the tokens/s of torch's checkpoint, docs/benchmarks.md). The default: it saves the layer's
-two [tokens, hidden] region inputs and its routing, not one input (peak +0.7-0.8 GB at V2-Lite).
+1.06-1.16x the tokens/s of torch's checkpoint, docs/benchmarks.md). The default: it saves the layer's
+two [tokens, hidden] region inputs and its routing, not one input (peak +0.7-1.1 GB at V2-Lite).
 """
 
 from __future__ import annotations
