@@ -22,6 +22,7 @@ which reuse its cache and graph (`new_tokens_per_s_again`: their median).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -43,18 +44,23 @@ def measure(
     variant: str, layers: int, batches: list[int], prompt: int, new: int, repeats: int = 0
 ) -> list[dict]:
     base, _, mode = variant.rpartition("+")
-    auto = mode in (
-        "kernels",
-        "absorbed",
-        "expanded",
-        "grouped",
-        "dequant",
-    )  # model.kernels: auto on CUDA, or a twin
+    # model.kernels: auto on CUDA, or a twin
+    auto = mode in ("kernels", "absorbed", "expanded", "grouped", "dequant")
     fast = auto or mode in ("graphs", "compiled")
     graphs = None if auto or mode == "graphs" else False
     defer = None if auto else False
     absorb = mode != "expanded"
+    grouped = False if mode == "dequant" else None  # None: the default, the GEMV on CUDA
     model = build(base if fast else variant, layers, torch.bfloat16)
+    decoding = functools.partial(
+        generation.compiled_decoding,
+        model,
+        fast,
+        graphs=graphs,
+        defer_stop=defer,
+        absorb=absorb,
+        grouped=grouped,
+    )
     model.gradient_checkpointing_disable()
     model.eval()
     rows = []
@@ -81,26 +87,12 @@ def measure(
             torch.cuda.synchronize()
             return out, time.perf_counter() - start
 
-        with generation.compiled_decoding(
-            model,
-            fast,
-            graphs=graphs,
-            defer_stop=defer,
-            absorb=absorb,
-            grouped=None if mode != "dequant" else False,
-        ) as extra:
+        with decoding() as extra:
             _, warmup = timed(extra)  # kernels, allocator, compilation with a static cache
         torch.cuda.reset_peak_memory_stats()
         # A new block, as every GRPO rollout and evaluation starts one: its first call captures the
         # step anew; later calls of the same shape reuse the cache and the graph (`--repeats`).
-        with generation.compiled_decoding(
-            model,
-            fast,
-            graphs=graphs,
-            defer_stop=defer,
-            absorb=absorb,
-            grouped=None if mode != "dequant" else False,
-        ) as extra:
+        with decoding() as extra:
             used = "get_compiled_call" in vars(top)  # whether our CUDA-graph step served the decode
             out, seconds = timed(extra)
             capture = sum(top.get_compiled_call().capture_seconds) if used else 0.0
