@@ -242,7 +242,7 @@ class NF4Experts(nn.Module):
         # (set by generation.compiled_decoding; in training it measured no faster: docs/benchmarks.md).
         self.dequant_kernel = False
         # Steps without gradients multiply the NF4 bytes directly (kernels/nf4_decode.py: no 16-bit copy
-        # of the layer's experts); set by generation.compiled_decoding (on CUDA by default).
+        # of the layer's experts); set by generation.compiled_decoding (by default on CUDA in bf16).
         self.grouped_kernel = False
         # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
         self.checkpointed: Callable[[], bool] = lambda: False

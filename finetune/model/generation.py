@@ -63,8 +63,9 @@ def compiled_decoding(
     `absorb`: MLA decode steps in latent space (`absorbed.py`; batch 128 on the H200: 1.5x the new
     tokens/s of transformers' expansion, docs/benchmarks.md). `grouped`: NF4 experts multiply their
     packed bytes directly in steps of more tokens than experts (`kernels/nf4_decode.py`) instead of
-    dequantizing the layer's experts and calling `grouped_mm`; None = on CUDA (batch 128 on the H200:
-    1.57x the new tokens/s; on a CPU the op's plain-torch path has nothing to win).
+    dequantizing the layer's experts and calling `grouped_mm`; None = on CUDA for experts computing in
+    bf16, where the kernel's byte-permute lookup runs (batch 128 on the H200: 1.57x the new tokens/s; in
+    fp16 / fp32 its select tree is 0.8x, and on a CPU the op's plain-torch path has nothing to win).
     """
     if not on:
         yield {}
@@ -95,10 +96,9 @@ def compiled_decoding(
     dequant = {
         m: (m.dequant_kernel, m.grouped_kernel) for m in model.modules() if hasattr(m, "dequant_kernel")
     }
-    if grouped is None:
-        grouped = on_cuda
     for m in dequant:
-        m.dequant_kernel, m.grouped_kernel = True, grouped
+        permutes = on_cuda and m.compute_dtype == torch.bfloat16
+        m.dequant_kernel, m.grouped_kernel = True, permutes if grouped is None else grouped
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
         graphs = on_cuda and not graphed.blocks_graphs(model)
     if graphs:
