@@ -192,7 +192,8 @@ def apply(
     steps change shape every token). The routers stay eager: their hooks (expert load, aux loss,
     routing replay) mutate Python state. `layer_regions=False`: every module its own region (the scheme
     before `blocks`, kept for benchmarks to compare). `recompute_in_graph`: `blocks`' in-graph
-    recomputation instead of torch's checkpoint (False: torch's, for benchmarks to compare). Idempotent."""
+    recomputation instead of torch's checkpoint where every layer is all regions (False: torch's, for
+    benchmarks to compare). Idempotent."""
     from finetune.model import blocks, linear4bit, lm_head
     from finetune.model.experts import NF4Experts
 
@@ -200,16 +201,24 @@ def apply(
     counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0, "layers": 0}
     counts["lm_head"] = int(regions and lm_head.patch(model))
     inside: set[int] = set()  # modules traced inside a layer's regions: not compiled on their own
-    for layer in model.modules() if regions and layer_regions else ():
-        if blocks.supported(layer):
-            mlp = layer.mlp
-            moe = isinstance(mlp, DeepseekV2Moe)
-            moe_region = moe and _compiles_whole(mlp.experts)
-            blocks.patch(layer, moe_region=moe_region, recompute_in_graph=recompute_in_graph)
-            inside.add(id(layer.self_attn))
-            if blocks.all_regions(layer):
-                inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
-            counts["layers"] += 1
+    layers = [m for m in model.modules() if regions and layer_regions and blocks.supported(m)]
+    moe_region = {
+        layer: isinstance(layer.mlp, DeepseekV2Moe) and _compiles_whole(layer.mlp.experts) for layer in layers
+    }
+    # Recomputed inside the graphs only where every layer is all regions: with some MoE layers eager
+    # (under torch's checkpoint), attention would compile twice, with and without the budget, for a
+    # dense layer's gain.
+    in_graph = recompute_in_graph and all(
+        moe_region[m] or not isinstance(m.mlp, DeepseekV2Moe) for m in layers
+    )
+    for layer in layers:
+        mlp = layer.mlp
+        moe = isinstance(mlp, DeepseekV2Moe)
+        blocks.patch(layer, moe_region=moe_region[layer], recompute_in_graph=in_graph)
+        inside.add(id(layer.self_attn))
+        if blocks.all_regions(layer):
+            inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
+        counts["layers"] += 1
     for module in model.modules():
         own_region = regions and id(module) not in inside
         if isinstance(module, DeepseekV2RMSNorm):
