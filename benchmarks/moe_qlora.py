@@ -182,7 +182,6 @@ def measure(
     finally:  # also after a failed variant: the next one starts as a plain process would
         gc.unfreeze()  # (a no-op where nothing was frozen)
         torch.compiler.set_stance("default")
-        _free(device)
 
 
 def _free(device: str) -> None:

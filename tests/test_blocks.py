@@ -220,7 +220,7 @@ def test_a_classify_stage_trains_through_the_blocks_as_it_does_eagerly(tmp_path,
 def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tmp_path, entries):
     """On CUDA in bf16 (the path `kernels: auto` takes): both MoE layers as blocks, torch's grouped kernel
     inside, recomputed inside their graphs. bf16 tolerance, stated against the truth (the same model's
-    fp32 eager step on the CPU): the blocks' error is at most 1.5x the eager bf16 step's own + 1 %, and
+    fp32 eager step): the blocks' error is at most 1.5x the eager bf16 step's own + 1 %, and
     as small for the per-module regions (bf16 rounds differently in every scheme: a fused kernel keeps
     fp32 where eager rounds after each op, and a recomputation inside a graph is fused anew)."""
     truth = _model(tmp_path / "fp32")  # placed where the pipeline puts it (CUDA here)

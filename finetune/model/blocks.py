@@ -13,7 +13,7 @@ them: its hooks (expert load, balance loss, routing replay) mutate Python state.
 transformers 5 checkpoints a layer by wrapping its class's `forward`; an instance's `forward` replaces
 that wrapper, so `_forward` checkpoints itself under the same conditions (training, gradients on).
 
-`recompute_in_graph`: where checkpointing is asked for and both of a layer's parts are regions, the
+`recompute_in_graph`: where checkpointing is asked for and both parts of every layer are regions, the
 regions are compiled with AOTAutograd's activation memory budget at 0 instead, which saves their inputs
 and recomputes the rest inside their backward graphs: the same recomputation without a second forward
 pass through Python, dynamo's entries and the checkpoint's hooks for every saved tensor (on the CPU
@@ -132,13 +132,17 @@ def supported(layer: nn.Module) -> bool:
     return isinstance(mlp, DeepseekV2MLP) and is_silu(mlp.act_fn)
 
 
-def patch(layer: DeepseekV2DecoderLayer, *, moe_region: bool, recompute_in_graph: bool = True) -> None:
-    """`moe_region`: the routed and shared experts as one region (the experts' module traces whole).
-    `recompute_in_graph` (see the module docstring) applies only with `moe_region` or a dense MLP: an
-    eager part would keep all its activations."""
-    layer.moe_region = moe_region
-    layer.recompute_in_graph = recompute_in_graph and all_regions(layer)
-    layer.forward = types.MethodType(_forward, layer)
+def patch(layers: dict[DeepseekV2DecoderLayer, bool], *, recompute_in_graph: bool = True) -> None:
+    """Patch a model's `layers`, each mapped to its `moe_region`: the routed and shared experts as one
+    region (the experts' module traces whole). `recompute_in_graph` (see the module docstring) applies
+    only where every layer is all regions: an eager MoE would keep all its activations without torch's
+    checkpoint, and layers of both schemes would compile attention twice, with and without the budget."""
+    for layer, moe_region in layers.items():
+        layer.moe_region = moe_region
+        layer.forward = types.MethodType(_forward, layer)
+    in_graph = recompute_in_graph and all(map(all_regions, layers))
+    for layer in layers:
+        layer.recompute_in_graph = in_graph
 
 
 def all_regions(layer: DeepseekV2DecoderLayer) -> bool:

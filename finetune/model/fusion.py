@@ -201,24 +201,20 @@ def apply(
     counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0, "layers": 0}
     counts["lm_head"] = int(regions and lm_head.patch(model))
     inside: set[int] = set()  # modules traced inside a layer's regions: not compiled on their own
-    layers = [m for m in model.modules() if regions and layer_regions and blocks.supported(m)]
-    moe_region = {
-        layer: isinstance(layer.mlp, DeepseekV2Moe) and _compiles_whole(layer.mlp.experts) for layer in layers
+    layers = {  # each layer's MoE region: where its experts trace whole
+        m: isinstance(m.mlp, DeepseekV2Moe) and _compiles_whole(m.mlp.experts)
+        for m in model.modules()
+        if regions and layer_regions and blocks.supported(m)
     }
-    # Recomputed inside the graphs only where every layer is all regions: with some MoE layers eager
-    # (under torch's checkpoint), attention would compile twice, with and without the budget, for a
-    # dense layer's gain.
-    in_graph = recompute_in_graph and all(
-        moe_region[m] or not isinstance(m.mlp, DeepseekV2Moe) for m in layers
-    )
+    blocks.patch(layers, recompute_in_graph=recompute_in_graph)
     for layer in layers:
         mlp = layer.mlp
-        moe = isinstance(mlp, DeepseekV2Moe)
-        blocks.patch(layer, moe_region=moe_region[layer], recompute_in_graph=in_graph)
         inside.add(id(layer.self_attn))
         if blocks.all_regions(layer):
-            inside.update(map(id, [mlp.experts, mlp.shared_experts] if moe else [mlp]))
-        counts["layers"] += 1
+            inside.update(
+                map(id, [mlp.experts, mlp.shared_experts] if isinstance(mlp, DeepseekV2Moe) else [mlp])
+            )
+    counts["layers"] = len(layers)
     for module in model.modules():
         own_region = regions and id(module) not in inside
         if isinstance(module, DeepseekV2RMSNorm):
