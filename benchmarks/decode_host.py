@@ -17,7 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig
 
-from finetune.model import adapters, generation, presets
+from finetune.fast import generation
+from finetune.model import adapters, presets
 from finetune.model.load import load_model, resolve_source
 
 

@@ -2,7 +2,7 @@
 
 Two layers of V2-Lite (the dense first one and one MoE layer), NF4 experts, LoRA r=16 on MLA and on all
 routed experts in bf16 (as TRL trains them) with random B factors (so every LoRA factor gets a gradient), bf16, batch 2 x 2048, one
-model run eager and then with `finetune.model.fusion` applied. Reports, per output, the relative
+model run eager and then with `finetune.fast.fusion` applied. Reports, per output, the relative
 Frobenius error ||fused - eager|| / ||eager|| for the MoE decoder layer's output, the loss and every LoRA gradient.
 
     PYTHONUNBUFFERED=1 python benchmarks/fusion_parity.py --out parity.json [--train-steps 20]
@@ -20,7 +20,7 @@ import json
 import torch
 from moe_qlora import build  # benchmarks/ is on sys.path when this script runs
 
-from finetune.model import fusion
+from finetune.fast import fusion
 
 
 def forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ suffix generates as `model.kernels: auto` does: static cache, compiled decode st
 graphs, the stopping check read a step late; `+graphs` is that without the late stopping check,
 `+compiled` the compiled step through transformers' call, dynamo guards every token; `+expanded` is
 `+kernels` with transformers' MLA decode, which expands the cached latent every step, instead of
-finetune.model.absorbed's latent-space one; `+kernels` multiplies the NF4 bytes directly in steps of
+finetune.fast.absorbed's latent-space one; `+kernels` multiplies the NF4 bytes directly in steps of
 more tokens than experts (kernels/nf4_decode.py; `+grouped` a former name), `+dequant` is `+kernels`
 dequantizing the layer's experts and calling grouped_mm instead (`compiled_decoding(grouped=False)`, the
 default before 2026-11-29); `+absorbed` is a former name of `+kernels`), all
@@ -31,7 +31,7 @@ import time
 import torch
 from moe_qlora import build  # benchmarks/ is on sys.path when this script runs
 
-from finetune.model import generation
+from finetune.fast import generation
 
 
 def cache_bytes_per_token(cache, tokens: int, batch: int) -> float:

@@ -26,7 +26,8 @@ from datasets import Dataset
 from moe_qlora import quantize_linears  # benchmarks/ is on sys.path when this script runs
 from transformers import DeepseekV2ForCausalLM, PreTrainedTokenizerFast
 
-from finetune.model import adapters, fusion, generation, replay, routing
+from finetune.fast import fusion, generation
+from finetune.model import adapters, replay, routing
 from finetune.model.experts import quantize_experts
 from finetune.model.presets import preset_config
 from finetune.stages.grpo import Trainer

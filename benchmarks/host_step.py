@@ -6,7 +6,7 @@ r=16 on MLA, optionally on every expert): little arithmetic, the same modules, c
 guards, autograd nodes and checkpoint hooks a V2-Lite step has. On the H200 that step is partly
 host-bound (docs/benchmarks.md), so what this cuts is what the GPU waits for there. Variants,
 interleaved in one process:
-  layers    each decoder layer as two compiled regions (finetune.model.blocks), torch's checkpoint
+  layers    each decoder layer as two compiled regions (finetune.fast.blocks), torch's checkpoint
   modules   each attention, MLP and experts module compiled as a region of its own (the earlier scheme)
   ingraph   `layers` with the recomputation inside the regions' backward graphs instead of torch's
             checkpoint (`fusion.apply(recompute_in_graph=True)`, the default)
@@ -27,7 +27,7 @@ import torch
 from moe_qlora import build, step_loss
 from torch.profiler import ProfilerActivity, profile
 
-from finetune.model import fusion
+from finetune.fast import fusion
 
 VARIANTS = {  # name: fusion.apply's arguments
     "layers": {"recompute_in_graph": False},

@@ -9,15 +9,15 @@ Suffixes that combine with any variant:
   +head          the loss through TRL's chunked LM head (`add_fused_lm_head`, what TRL's SFTTrainer runs)
                  instead of the model's full [tokens x vocab] logits
   +bf16          trainable parameters cast to bf16, as TRL's trainers do on a quantized model (else fp32)
-  +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.model.fusion)
+  +kernels       the fused norms, SwiGLU and expert combine of `model.kernels: auto` (finetune.fast.fusion)
   +frozen        Python's heap frozen after the warm-up step, as every training stage does (finetune.heap):
                  no full garbage collections walking the model and the compiled kernels' caches
   +tritondq      the experts' whole-weight dequantize through finetune/kernels/nf4_dequant.py (decoding's),
                  not bitsandbytes' dequantize_4bit (the same bits)
   +bnblinear     with +kernels: the 4-bit MLA projections stay on bitsandbytes' matmul_4bit (without it
-                 they go through finetune.model.linear4bit, as `kernels: auto` trains them)
+                 they go through finetune.fast.linear4bit, as `kernels: auto` trains them)
   +modules       with +kernels: each attention, MLP and experts module compiled as a region of its own,
-                 not each decoder layer as two (finetune.model.blocks)
+                 not each decoder layer as two (finetune.fast.blocks)
   +cppwrapper    with +kernels: inductor's C++ wrapper launches the compiled graphs' kernels instead of
                  its Python wrapper (`torch._inductor.config.cpp_wrapper`; compiled afresh)
   +cudagraphs    with +kernels: the compiled regions replayed as CUDA graphs (inductor's cudagraph trees,
@@ -25,7 +25,7 @@ Suffixes that combine with any variant:
   +reentrant     reentrant gradient checkpointing (else non-reentrant, as TRL's trainers set it);
                  inductor's cudagraph trees fail under a non-reentrant checkpoint (pytorch#154306)
   +checkpoint    with +kernels: the layers' recomputation through torch's checkpoint instead of inside
-                 their regions' backward graphs (finetune.model.blocks, `recompute_in_graph=False`; the
+                 their regions' backward graphs (finetune.fast.blocks, `recompute_in_graph=False`; the
                  default before 2026-11-29; `+ingraph`, the default now, is accepted and changes nothing)
   +combo         with +kernels: inductor's combo kernels (independent kernels of a graph launched as one,
                  `torch._inductor.config.combo_kernels`; compiled afresh): fewer launches
@@ -59,7 +59,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DeepseekV2ForCausalLM
 
-from finetune.model import adapters, fusion, linear4bit
+from finetune.fast import fusion, linear4bit
+from finetune.model import adapters
 from finetune.model.experts import NF4Experts, quantize_experts
 from finetune.model.inspect import report
 from finetune.model.presets import preset_config
@@ -135,7 +136,7 @@ def build(
     model.enable_input_require_grads()
     for module in model.modules():
         if isinstance(module, NF4Experts):
-            module.dequant_kernel = "tritondq" in flags(variant)
+            module.mode.dequant_kernel = "tritondq" in flags(variant)
             if device != "cuda":
                 module.use_grouped_mm = True  # the CUDA path's structure (torch's kernel runs on the CPU)
     if "kernels" in flags(variant):

@@ -52,9 +52,9 @@ from timing import (  # benchmarks/ is on sys.path when this script runs
     time_fn,
 )
 
-from finetune.kernels import nf4_decode
+from finetune.fast import decode
+from finetune.kernels import nf4_decode, nf4_torch
 from finetune.kernels.nf4_pairs import nf4_pair_gemv
-from finetune.model import decode
 from finetune.model.experts import NF4Experts
 
 grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
@@ -127,7 +127,7 @@ def variants(
     out["nf4_pair"] = lambda: decode.kernel_pair_products(module, name, x, ids)
     # The tile sweep times the kernel alone: its block scales decoded once, here.
     _, n, k = module._shapes[name]
-    scales = decode.expert_block_scales(kw["absmax"], kw["nested"], ids, n * k // module.blocksize)
+    scales = nf4_torch.expert_block_scales(kw["absmax"], kw["nested"], ids, n * k // module.blocksize)
     code = kw["code"].float()
     for tile in PAIR_TILES:
         label = "nf4_pair[BLOCK_N={},BLOCK_K={},warps={},whole={}]".format(*tile)

@@ -40,8 +40,8 @@ import bitsandbytes.functional as bnbf
 import torch
 from timing import results_head, route, time_fn  # benchmarks/ is on sys.path when this script runs
 
-from finetune.kernels import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 from finetune.kernels import nf4_grouped as kernels_module
+from finetune.kernels.nf4_grouped import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 
 grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 

@@ -18,7 +18,7 @@ from moe_qlora import build  # benchmarks/ is on sys.path when this script runs
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from finetune.model import generation
+from finetune.fast import generation
 
 
 def main() -> None:

@@ -191,6 +191,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import re
 
+    from finetune import recipe
     from finetune.model.export import export
 
     size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", args.max_shard_size.strip().upper())
@@ -200,6 +201,7 @@ def _export(args: argparse.Namespace) -> int:
     result = export(
         args.stage_dir,
         args.out,
+        lambda resolved: recipe.load(resolved).model,
         base=args.base,
         dtype=args.dtype,
         overwrite=args.overwrite,

@@ -82,3 +82,10 @@ def barrier() -> None:
     """Wait for every process (rank 0 finishing its writes before the others read them)."""
     if initialized():
         torch.distributed.barrier()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2's `fully_shard` was applied to a module of `model` (`finetune.model.fsdp.shard`)."""
+    from torch.distributed.fsdp import FSDPModule  # torch.distributed: loaded only when asked
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())

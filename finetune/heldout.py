@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from finetune.model import generation
+from finetune.fast import generation
 
 
 def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
+from finetune import family, rundir
 from finetune import recipe as recipe_mod
-from finetune import rundir
 from finetune.distributed import barrier, is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
@@ -71,7 +70,7 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
     """`adapter.experts` names MoE layers of this model and expert ids they have (run time: `attach`)."""
     if adapter.experts == "all":
         return
-    layers = routing.by_layer(skeleton, DeepseekV2Experts)
+    layers = routing.by_layer(skeleton, family.Experts)
     for index, ids in adapter.experts.items():
         if index not in layers:
             raise UserError(

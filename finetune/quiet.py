@@ -1,5 +1,5 @@
 """Keep stderr for messages meant for users: library deprecation notices and bitsandbytes' CPU-kernel
-notice (we replace those kernels, see finetune/model/cpu_kernels.py) are for developers, not users."""
+notice (we replace those kernels, see finetune/compat/bitsandbytes.py) are for developers, not users."""
 
 from __future__ import annotations
 

@@ -16,6 +16,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _cpu_kernels():
+    # The test session is an entry point like the CLI: bitsandbytes' CPU 4-bit ops are ours throughout,
+    # also for tests that quantize without a loader (the loaders install them themselves).
+    from finetune.compat import bitsandbytes
+
+    bitsandbytes.install_cpu_kernels()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     # The embedded model is written once per test session, never into the user's cache.
     os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))

@@ -1,4 +1,4 @@
-"""MLA decode steps in latent space (`finetune.model.absorbed`) against transformers' expanded attention:
+"""MLA decode steps in latent space (`finetune.fast.absorbed`) against transformers' expanded attention:
 the same logits step by step on the tiny NF4 model with LoRA on MLA (fp32: to rounding), both MLA
 variants, adapters on and off; `effective_weight` is the weight each kind of layer applies."""
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.model import absorbed, adapters
+from finetune.fast import absorbed
+from finetune.model import adapters
 from finetune.model.load import load_model, resolve_source
 
 
@@ -105,7 +106,7 @@ def test_effective_weight_is_what_each_layer_applies():
 def test_cuda_graphs_decode_in_latent_space():
     """On CUDA in bf16 through our graphs: the first decode step's logits as the expanded attention's,
     to bf16 rounding (later steps may follow other tokens where two logits nearly tie)."""
-    from finetune.model import generation
+    from finetune.fast import generation
 
     base = load_model(resolve_source("tiny", None), dtype="bfloat16").cuda()
     model = adapters.attach(base, r=8, alpha=16, dropout=0.0, targets=["mla"]).eval()

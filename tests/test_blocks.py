@@ -1,4 +1,4 @@
-"""A decoder layer as two compiled regions (finetune.model.blocks), against the eager layer."""
+"""A decoder layer as two compiled regions (finetune.fast.blocks), against the eager layer."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import collections
 import pytest
 import torch
 from test_fusion import IDS, _model, _rel, _step
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
-    DeepseekV2Attention,
-    DeepseekV2DecoderLayer,
-    DeepseekV2MLP,
-)
 
-from finetune.model import adapters, blocks, fusion
+from finetune import family
+from finetune.fast import blocks, fusion
+from finetune.model import adapters
 from finetune.model import experts as experts_module
 from finetune.model.experts import NF4Experts
 
@@ -67,9 +64,9 @@ def test_layers_compile_as_blocks_that_match_the_eager_step_in_fp32(
     assert counts["layers"] == 3 and counts["compiled_regions"] == 0
     # Nothing inside a block is compiled on its own (a nested region would be a second entry).
     for m in model.modules():
-        if isinstance(m, DeepseekV2Attention | NF4Experts):
+        if isinstance(m, family.Attention | NF4Experts):
             assert "forward" not in m.__dict__
-        if isinstance(m, DeepseekV2MLP):
+        if isinstance(m, family.MLP):
             assert not hasattr(m.forward, "_torchdynamo_orig_callable")
     fused_logits, fused_grads = _step(model)
     # One layer dense, two MoE; each entered in the forward and again in the checkpoint's recomputation.
@@ -80,11 +77,9 @@ def test_layers_compile_as_blocks_that_match_the_eager_step_in_fp32(
     # The scheme before blocks: each attention, MLP and experts module compiled on its own.
     assert fusion.apply(model, layer_regions=False) == {**counts, "layers": 0, "compiled_regions": 8}
     assert all(
-        hasattr(m.forward, "_torchdynamo_orig_callable")
-        for m in model.modules()
-        if isinstance(m, DeepseekV2MLP)
+        hasattr(m.forward, "_torchdynamo_orig_callable") for m in model.modules() if isinstance(m, family.MLP)
     )
-    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer))
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, family.DecoderLayer))
     fusion.remove(model)
     again, again_grads = _step(model)
     assert torch.equal(again, logits) and all(torch.equal(again_grads[n], g) for n, g in grads.items())
@@ -117,7 +112,7 @@ def test_recomputation_inside_the_graphs_matches_eager_and_saves_only_the_region
     _step(model)  # graphs compiled under torch's checkpoint, in the state the budget's are called in
     counts = fusion.apply(model)  # the default: recomputed inside the graphs
     assert counts["layers"] == 3
-    assert all(m.recompute_in_graph for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer))
+    assert all(m.recompute_in_graph for m in model.modules() if isinstance(m, family.DecoderLayer))
     # Without checkpointing the blocks run once a pass, their plain graphs keeping every activation ...
     model.gradient_checkpointing_disable()
     kept_all, shapes_all = _saved_bytes(model)
@@ -148,7 +143,7 @@ def test_a_layer_with_an_eager_part_keeps_torch_checkpoint_for_every_layer(tmp_p
     compile twice, with and without the budget)."""
     model = _model(tmp_path)  # fp32 on the CPU: the experts' loop, not a region
     counts = fusion.apply(model)
-    layers = [m for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer)]
+    layers = [m for m in model.modules() if isinstance(m, family.DecoderLayer)]
     assert counts["layers"] == 3 and not any(m.recompute_in_graph for m in layers)
     _step(model)
     assert entries == {"attention": 2 * 3, "mlp": 2}  # every layer entered again in the recomputation
@@ -178,7 +173,7 @@ def test_moe_layers_whose_experts_do_not_trace_whole_keep_their_modules_regions(
 
 def test_only_deepseek_layers_of_known_modules_are_supported(tmp_path):
     model = _model(tmp_path)
-    layers = [m for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer)]
+    layers = [m for m in model.modules() if isinstance(m, family.DecoderLayer)]
     assert all(blocks.supported(layer) for layer in layers)
     assert not blocks.supported(layers[0].self_attn)
     layers[0].mlp.act_fn = torch.nn.GELU()  # a dense MLP of another activation: not SwiGLU
@@ -192,7 +187,7 @@ def test_a_classify_stage_trains_through_the_blocks_as_it_does_eagerly(tmp_path,
     from test_classify import _stage_recipe
 
     from finetune import pipeline, recipe, rundir
-    from finetune.model import generation
+    from finetune.fast import generation
     from finetune.stages import classify
 
     rows = [{"text": w, "label": w[0]} for w in ["abcd", "wxyz", "hijk", "mnop"] * 4]

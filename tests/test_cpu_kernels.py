@@ -12,7 +12,7 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from finetune.model import cpu_kernels
+from finetune.compat import bitsandbytes as cpu_kernels
 from finetune.model.experts import NF4Experts
 from finetune.model.load import load_model, resolve_source
 
@@ -86,8 +86,8 @@ def test_eval_forward_never_takes_the_repacked_path(monkeypatch, claims_avx512_b
 
     # What bitsandbytes would see on an AVX512-BF16 machine (or not); our install must override both.
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: claims_avx512_bf16)
-    cpu_kernels.install.cache_clear()
-    cpu_kernels.install()
+    cpu_kernels.install_cpu_kernels.cache_clear()
+    cpu_kernels.install_cpu_kernels()
     weight = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
     layer = bnb.nn.Linear4bit(64, 40, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False)
@@ -104,7 +104,7 @@ def test_eval_forward_never_takes_the_repacked_path(monkeypatch, claims_avx512_b
 
 
 def test_linear4bit_built_after_install_has_no_repacking():
-    cpu_kernels.install()
+    cpu_kernels.install_cpu_kernels()
     layer = bnb.nn.Linear4bit(64, 40, bias=False)
     assert layer.support_avx512bf16_for_cpu is False
 

@@ -6,7 +6,8 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from finetune.model import decode
+from finetune.fast import decode
+from finetune.kernels import nf4_torch
 from finetune.model.experts import NF4Experts, PlainExperts
 from tests.test_experts import tiny_model
 
@@ -24,7 +25,7 @@ def test_gathered_weights_equal_bitsandbytes_dequantization(double_quant):
         else None
     )
     ids = torch.tensor([5, 0, 3, 3])
-    got = decode.gathered_weights(
+    got = nf4_torch.gathered_weights(
         packed, state.absmax, nested, state.code, (6, 64, 128), ids, 64, torch.float32
     )
     assert torch.equal(got, bnbf.dequantize_4bit(packed, state)[ids])

@@ -1,4 +1,4 @@
-"""NF4 routed experts: parity with DeepseekV2Experts, whole-model quantization, per-expert LoRA."""
+"""NF4 routed experts: parity with the family's experts (transformers' DeepseekV2Experts), whole-model quantization, per-expert LoRA."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DeepseekV2ForCausalLM
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
+from finetune import family
 from finetune.model.experts import NF4Experts, expert_bytes, quantize_experts
 from finetune.model.presets import preset_config
 
@@ -30,7 +30,7 @@ def tiny_model(q_lora_rank: int | None = None) -> DeepseekV2ForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def experts() -> DeepseekV2Experts:
+def experts() -> family.Experts:
     return tiny_model().model.layers[1].mlp.experts
 
 
@@ -43,7 +43,7 @@ def routing(tokens: int, seed: int, top_k: int = K, num_experts: int = E - 1):
     return x, index, weights
 
 
-def nf4(experts: DeepseekV2Experts, grouped: bool = False, **kw) -> NF4Experts:
+def nf4(experts: family.Experts, grouped: bool = False, **kw) -> NF4Experts:
     module = NF4Experts.from_experts(experts, compute_dtype=torch.float32, **kw)
     module.use_grouped_mm = grouped
     return module
@@ -153,11 +153,11 @@ def test_quantize_experts_on_the_model(q_lora_rank):
     with torch.no_grad():
         ref = model(ids).logits
     before = {k: v.clone() for k, v in model.state_dict().items() if ".experts." not in k}
-    old = [(m.gate_up_proj, m.down_proj) for m in model.modules() if isinstance(m, DeepseekV2Experts)]
+    old = [(m.gate_up_proj, m.down_proj) for m in model.modules() if isinstance(m, family.Experts)]
     n_params = sum(p.numel() for pair in old for p in pair)
 
     assert quantize_experts(model) == 2
-    assert not any(isinstance(m, DeepseekV2Experts) for m in model.modules())
+    assert not any(isinstance(m, family.Experts) for m in model.modules())
     assert all(p.numel() == 0 for pair in old for p in pair)  # originals freed
     for layer in model.model.layers[1:]:
         assert isinstance(layer.mlp.experts, NF4Experts)

@@ -173,7 +173,7 @@ HUB_MODEL = {"quantization": "nf4", "dtype": "float32"}
 def test_untrained_adapter_exports_the_checkpoint_bit_for_bit(tmp_path, hub, layout, capsys):
     model = {"preset": "tiny", **HUB_MODEL} if layout == "embedded" else {"path": str(hub), **HUB_MODEL}
     stage = make_stage(tmp_path, model)
-    base = base_folder(recipe.load(stage.parent / "recipe.yaml"))
+    base = base_folder(recipe.load(stage.parent / "recipe.yaml").model)
     out = export(stage, tmp_path / "merged")
     assert "merged" in capsys.readouterr().out.strip().splitlines()[-1]
     assert_bitwise_equal(checkpoint(out), checkpoint(base))

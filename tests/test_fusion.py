@@ -1,4 +1,4 @@
-"""`model.kernels: auto` in training (finetune.model.fusion, finetune.model.lm_head) against the eager path.
+"""`model.kernels: auto` in training (finetune.fast.fusion, finetune.fast.lm_head) against the eager path.
 
 The fused kernels are inductor-compiled on the CPU here (the same graphs the GPU compiles, other code
 generation): in fp32 they must agree with the eager modules to rounding, and switching them off must
@@ -11,15 +11,11 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from conftest import base_recipe, write_recipe
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
-    DeepseekV2DecoderLayer,
-    DeepseekV2MLP,
-    DeepseekV2RMSNorm,
-)
 from trl.trainer.utils import add_fused_lm_head
 
-from finetune import pipeline, recipe, rundir
-from finetune.model import adapters, fusion, generation, lm_head
+from finetune import family, pipeline, recipe, rundir
+from finetune.fast import fusion, generation, lm_head, pieces
+from finetune.model import adapters
 from finetune.model.experts import NF4Experts
 from finetune.stages import sft
 
@@ -74,7 +70,7 @@ def test_combine_and_permute_match_autograd_of_the_eager_expressions():
         return y[inverse].view(tokens, top_k, hidden).sum(dim=1)
 
     def fused(x, w):
-        return fusion.combine(fusion.permute(x, perm, inverse, top_k) * 1.5, w, perm, inverse)
+        return pieces.combine(pieces.permute(x, perm, inverse, top_k) * 1.5, w, perm, inverse)
 
     ref = eager(x, weights)
     ref_grads = torch.autograd.grad(ref, (x, weights), grad_out)
@@ -90,24 +86,24 @@ def test_apply_patches_each_module_kind_and_remove_gives_the_eager_model_back(tm
     logits, grads = _step(model)
     modules = list(model.modules())
     counts = fusion.apply(model)
-    assert counts["rms_norm"] == sum(isinstance(m, DeepseekV2RMSNorm) for m in modules) > 0
-    assert counts["mlp"] == sum(isinstance(m, DeepseekV2MLP) for m in modules) > 0
+    assert counts["rms_norm"] == sum(isinstance(m, family.RMSNorm) for m in modules) > 0
+    assert counts["mlp"] == sum(isinstance(m, family.MLP) for m in modules) > 0
     assert counts["experts"] == sum(isinstance(m, NF4Experts) for m in modules) == 2
-    layers = [m for m in modules if isinstance(m, DeepseekV2DecoderLayer)]
+    layers = [m for m in modules if isinstance(m, family.DecoderLayer)]
     assert counts["layers"] == len(layers) == 3 and all("forward" in m.__dict__ for m in layers)
     # On the CPU in fp32 the experts' grouped kernel does not apply (its host-side loop would break a
     # compiled graph): the MoE layers' experts run outside the layer's regions, and their shared
     # experts as a region of their own.
     assert counts["compiled_regions"] == counts["experts"]
-    assert all(m.fused for m in modules if isinstance(m, NF4Experts))
+    assert all(m.mode.fused for m in modules if isinstance(m, NF4Experts))
     assert counts["linear4bit"] == sum(isinstance(m, Linear4bit) for m in modules) > 0
     fusion.remove(model)
     assert not any(
         "forward" in m.__dict__
         for m in modules
-        if isinstance(m, DeepseekV2RMSNorm | DeepseekV2MLP | Linear4bit | DeepseekV2DecoderLayer)
+        if isinstance(m, family.RMSNorm | family.MLP | Linear4bit | family.DecoderLayer)
     )
-    assert not any(m.fused for m in modules if isinstance(m, NF4Experts))
+    assert not any(m.mode.fused for m in modules if isinstance(m, NF4Experts))
     again, again_grads = _step(model)
     assert torch.equal(again, logits) and all(torch.equal(again_grads[n], g) for n, g in grads.items())
 

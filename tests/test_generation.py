@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from finetune.model import generation
+from finetune.fast import generation
 from finetune.model.load import load_model, resolve_source
 
 
@@ -76,7 +76,7 @@ def lora_model(request):
 # would not (the per-expert loop's counts.tolist(), the nonzero of LoRA on some experts only). The
 # grouped kernel traces in bf16 only; fp32 takes the per-expert loop, as on the CPU.
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("absorb", [False, True])  # MLA in latent space (finetune.model.absorbed)
+@pytest.mark.parametrize("absorb", [False, True])  # MLA in latent space (finetune.fast.absorbed)
 def test_the_compiled_decode_step_has_no_graph_break(lora_model, batch, absorb):
     # A break inside a forward called through transformers' variadic wrappers (`func(*args, **kwargs)`)
     # cannot resume in the callers: whole frames fall back to eager, and the step is many graphs.

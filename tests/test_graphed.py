@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from finetune.model import generation, graphed
+from finetune.fast import generation, graphed, mode
 from finetune.model.load import load_model, resolve_source
 
 EAGER = CompileConfig(backend="eager", mode=None)
@@ -296,7 +296,7 @@ def test_cuda_graphs_give_the_plain_tokens():
     plain = model.generate(**kwargs)
     with generation.compiled_decoding(model, True) as extra:
         assert "get_compiled_call" in vars(generation._top(model))
-        assert all(m.grouped_kernel for m in model.modules() if hasattr(m, "grouped_kernel"))  # CUDA default
+        assert all(m.mode.grouped_kernel for m in mode.experts(model))  # CUDA default
         fast = model.generate(**kwargs, **extra)
         again = model.generate(**kwargs, **extra)  # same signature, new cache: a new capture
     assert torch.equal(fast, plain) and torch.equal(again, plain)

@@ -80,7 +80,7 @@ def _run_cases() -> dict:
     import torch
 
     import finetune.model  # noqa: F401  (plain-torch CPU 4-bit kernels: the reference dequantization)
-    from finetune.kernels import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
+    from finetune.kernels.nf4_grouped import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()

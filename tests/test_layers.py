@@ -180,9 +180,7 @@ def test_imports_inside_functions_are_listed():
 
 
 def test_one_module_knows_the_family():
-    users = [
-        str(p.relative_to(ROOT)) for p in MODULES.values() if "models.deepseek_v2" in p.read_text()
-    ]
+    users = [str(p.relative_to(ROOT)) for p in MODULES.values() if "models.deepseek_v2" in p.read_text()]
     assert users == ["finetune/family.py"]
 
 

@@ -1,4 +1,4 @@
-"""finetune.model.linear4bit: a bitsandbytes Linear4bit through our dequantize op, against bitsandbytes'
+"""finetune.fast.linear4bit: a bitsandbytes Linear4bit through our dequantize op, against bitsandbytes'
 own forward (on the CPU both dequantize with bitsandbytes: the results must agree bit for bit)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import finetune.model  # noqa: F401  (installs the exact CPU 4-bit ops)
-from finetune.model import linear4bit
+from finetune.fast import linear4bit
 
 
 def _layer(dtype: torch.dtype, *, bias: bool, nested: bool) -> bnb.nn.Linear4bit:

@@ -268,7 +268,7 @@ def test_experts_without_gradients_multiply_the_nf4_bytes_when_asked(monkeypatch
     monkeypatch.setattr(nf4_decode, "nf4_expert_gemv", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     with torch.no_grad():
         plain = module(x, ids, weights)
-        module.grouped_kernel = True
+        module.mode.grouped_kernel = True
         fast = module(x, ids, weights)
     assert len(calls) == (2 if i == 64 else 1)  # gate_up and down, or gate_up only
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
@@ -283,19 +283,19 @@ def test_experts_without_gradients_multiply_the_nf4_bytes_when_asked(monkeypatch
 
 
 def test_compiled_decoding_asks_for_the_grouped_kernel_on_cuda_or_when_told():
-    from finetune.model import generation
+    from finetune.fast import generation
     from finetune.model.experts import NF4Experts
     from finetune.model.load import load_model, resolve_source
 
     model = load_model(resolve_source("tiny", None), dtype="float32")
     experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
     with generation.compiled_decoding(model, True, graphs=False):
-        assert experts and not any(m.grouped_kernel for m in experts)  # default: on CUDA only
+        assert experts and not any(m.mode.grouped_kernel for m in experts)  # default: on CUDA only
     with generation.compiled_decoding(model, True, graphs=False, grouped=True):
-        assert all(m.grouped_kernel for m in experts)
+        assert all(m.mode.grouped_kernel for m in experts)
     with generation.compiled_decoding(model, True, graphs=False, grouped=False):
-        assert not any(m.grouped_kernel for m in experts)
-    assert not any(m.grouped_kernel for m in experts)
+        assert not any(m.mode.grouped_kernel for m in experts)
+    assert not any(m.mode.grouped_kernel for m in experts)
 
 
 # ----------------------------------------------------------------------------- the child process

@@ -19,7 +19,7 @@ pytestmark = [
 
 def _case(n: int, k: int, experts: int, rows: int, double_quant: bool, seed: int):  # type: ignore[no-untyped-def]
     import finetune.model  # noqa: F401
-    from finetune.model import decode
+    from finetune.fast import decode
     from finetune.model.experts import NF4Experts
 
     gen = torch.Generator().manual_seed(seed)

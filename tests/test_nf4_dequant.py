@@ -327,32 +327,32 @@ def test_compiled_decoding_switches_the_experts_dequantization(monkeypatch):
     """Compiled decoding (`model.kernels: auto` in generation) turns the kernel on and puts back what it
     found; training's fusion leaves it off; `NF4Experts.dequantize` calls it only on CUDA (here:
     bitsandbytes)."""
-    from finetune.model import fusion, generation
+    from finetune.fast import fusion, generation
     from finetune.model.experts import NF4Experts
     from finetune.model.load import load_model, resolve_source
 
     model = load_model(resolve_source("tiny", None), dtype="float32")
     experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
-    assert experts and not any(m.dequant_kernel for m in experts)
+    assert experts and not any(m.mode.dequant_kernel for m in experts)
     assert not generation.enabled("auto", model) and not generation.enabled("off", model)  # the CPU
-    assert not any(m.dequant_kernel for m in experts)  # asking changes nothing
+    assert not any(m.mode.dequant_kernel for m in experts)  # asking changes nothing
     with fusion.fused(model, True, regions=False):
-        assert not any(m.dequant_kernel for m in experts)
+        assert not any(m.mode.dequant_kernel for m in experts)
         with generation.compiled_decoding(model, True, graphs=False):  # GRPO's rollouts in a fit
-            assert all(m.dequant_kernel for m in experts)
-        assert not any(m.dequant_kernel for m in experts)
-    experts[1].dequant_kernel = True
+            assert all(m.mode.dequant_kernel for m in experts)
+        assert not any(m.mode.dequant_kernel for m in experts)
+    experts[1].mode.dequant_kernel = True
     with generation.compiled_decoding(model, True, graphs=False):
-        assert all(m.dequant_kernel for m in experts)
-    assert [m.dequant_kernel for m in experts] == [False, True] + [False] * (len(experts) - 2)
-    experts[1].dequant_kernel = False
+        assert all(m.mode.dequant_kernel for m in experts)
+    assert [m.mode.dequant_kernel for m in experts] == [False, True] + [False] * (len(experts) - 2)
+    experts[1].mode.dequant_kernel = False
     with generation.compiled_decoding(model, False):
-        assert not any(m.dequant_kernel for m in experts)
+        assert not any(m.mode.dequant_kernel for m in experts)
 
     import finetune.kernels.nf4_dequant as kernel
 
     monkeypatch.setattr(kernel, "nf4_dequantize", lambda *a, **k: pytest.fail("the kernel ran on the CPU"))
-    experts[0].dequant_kernel = True
+    experts[0].mode.dequant_kernel = True
     assert torch.equal(experts[0].dequantize("down"), bnbf_dequantize(experts[0], "down"))
 
 
@@ -373,7 +373,7 @@ def test_cuda_experts_dequantize_through_the_kernel(monkeypatch, double_quant):
     calls = []
     launch = kernel._launch
     monkeypatch.setattr(kernel, "_launch", lambda *a: calls.append(1) or launch(*a))
-    module.dequant_kernel = True
+    module.mode.dequant_kernel = True
     for name in ("gate_up", "down"):
         assert torch.equal(module.dequantize(name), bnbf_dequantize(module, name)), name
     assert len(calls) == 2

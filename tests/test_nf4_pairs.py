@@ -15,7 +15,8 @@ CHECK = textwrap.dedent(
     """
     import torch
     from finetune.kernels.nf4_pairs import nf4_pair_gemv
-    from finetune.model import decode
+    from finetune.fast import decode
+    from finetune.kernels import nf4_torch
     from finetune.model.experts import NF4Experts
     from tests.test_experts import tiny_model
 
@@ -36,7 +37,7 @@ CHECK = textwrap.dedent(
             # Other tiles, whole steps among them (K a multiple of BLOCK_K: one or two scales a row
             # and step, broadcast over their values; where K is not, the masked path).
             shape = module._shapes[name]
-            scales = decode.expert_block_scales(getattr(module, f"{name}_absmax"),
+            scales = nf4_torch.expert_block_scales(getattr(module, f"{name}_absmax"),
                                                 decode.nested_state(module, name), ids,
                                                 shape[1] * shape[2] // module.blocksize)
             code = getattr(module, f"{name}_code").float()
@@ -57,7 +58,7 @@ def test_pair_gemv_matches_the_decoded_weights_under_the_interpreter():
 
 
 def test_the_kernel_is_taken_only_where_it_applies():
-    from finetune.model import decode
+    from finetune.fast import decode
     from finetune.model.experts import NF4Experts, PlainExperts
     from tests.test_experts import tiny_model
 
@@ -77,7 +78,7 @@ def test_the_kernel_is_taken_only_where_it_applies():
 def test_few_token_forward_through_the_kernel_on_v2_lite_shapes(lora):
     from transformers.activations import ACT2FN
 
-    from finetune.model import decode
+    from finetune.fast import decode
     from finetune.model.experts import NF4Experts
 
     torch.manual_seed(0)

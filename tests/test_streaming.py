@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.models.deepseek_v2 import modeling_deepseek_v2 as modeling
 
+from finetune.family import MODELING as modeling
 from finetune.model.experts import NF4Experts, quantize_experts
 from finetune.model.load import embedded_checkpoint, load_model, resolve_source
 from finetune.model.streaming import PendingExperts

@@ -103,7 +103,7 @@ def generate(
     batches padded on the left; (outputs, new tokens, seconds). `kernels`: see `model.kernels`."""
     from tqdm.auto import tqdm
 
-    from finetune.model import generation
+    from finetune.fast import generation
 
     was_training, side = model.training, tokenizer.padding_side
     model.eval()

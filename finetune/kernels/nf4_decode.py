@@ -3,10 +3,10 @@
 A decode step of 1..128 tokens routes top-6 over 64 experts, so each expert sees ~0..40 (token, expert)
 rows and the product is a stream of the NF4 bytes (gate_up of DeepSeek-V2-Lite: 184 MB a layer). Today's
 paths either dequantize the whole layer to bf16 first (`NF4Experts.forward`: write and read back 4x the
-NF4 bytes) or gather one bf16 copy per pair (`decode.gathered_weights`). This kernel decodes each weight
+NF4 bytes) or gather one bf16 copy per pair (`nf4_torch.gathered_weights`). This kernel decodes each weight
 element once per 16-row chunk of its expert, in registers, and never writes a 16-bit weight.
 
-Layout (see `decode.gathered_weights`): W [E, N, K] is quantized flattened; element i sits in byte i // 2
+Layout (see `nf4_torch.gathered_weights`): W [E, N, K] is quantized flattened; element i sits in byte i // 2
 (even i in the high nibble) and is `code[nibble] * scale[i // blocksize]`, the scale fp32 absmax or, with
 double quantization, `code2[absmax_u8[b]] * absmax2[b // QB2] + offset`. With K % blocksize == 0 every row
 starts a block; a K step of BLOCK_K values (a divisor of K: unmasked loads) reads a [BLOCK_N, BLOCK_K / 2]
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from finetune.kernels.nf4_grouped import _mm  # acc + a @ b, fp32 under the interpreter
+from finetune.kernels.nf4_torch import gathered_weights
 
 Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
@@ -393,8 +394,6 @@ def _reference(
     blocksize: int,
 ) -> torch.Tensor:
     """Plain torch (CPU callers, no Triton): decode the experts that have rows, one matmul per expert."""
-    from finetune.model.decode import gathered_weights  # lazy: finetune.model installs CPU bnb kernels
-
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
     y = x.new_empty(x.shape[0], shape[1])
@@ -450,7 +449,7 @@ def nf4_expert_gemv(
 
     x [P, K] (bf16, fp16 or fp32) holds the (token, expert) rows sorted by expert; offsets (int32 [E], on
     x's device) their cumulative ends, offsets[-1] = P. packed/absmax/code and `nested` = (absmax2, code2,
-    offset, nested blocksize) or None are as `NF4Experts` stores them (see `decode.block_scales`). The
+    offset, nested blocksize) or None are as `NF4Experts` stores them (see `nf4_torch.block_scales`). The
     weight is decoded in x's dtype, as `dequantize_4bit` would, and products accumulate in fp32.
     Raises ValueError when K is not a multiple of the blocksize: the caller falls back to another path.
     """

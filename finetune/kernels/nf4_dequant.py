@@ -31,12 +31,14 @@ import math
 import os
 from typing import Any
 
+import bitsandbytes.functional as bnbf
 import torch
 import triton
 import triton.language as tl
 
 from finetune.kernels.nf4_decode import _rne  # fp32 rounded to bf16 precision (the interpreter truncates)
 from finetune.kernels.nf4_grouped import NF4Weight
+from finetune.kernels.nf4_torch import nf4_quant_state
 
 # Default launch: 2048 bytes (4096 values) a program, 4 warps: each thread loads one 16-byte vector and
 # writes 64 bytes of bf16; ~90 k programs for V2-Lite's gate_up keep every SM busy, and up to 16 resident
@@ -216,11 +218,6 @@ def _bitsandbytes(
     out: torch.Tensor,
 ) -> None:
     """bitsandbytes' `dequantize_4bit` into `out` (devices without the kernel: the CPU)."""
-    import bitsandbytes.functional as bnbf
-
-    # (finetune.model also installs exact plain-torch CPU 4-bit ops on every CPU)
-    from finetune.model.experts import nf4_quant_state
-
     nested = None
     if absmax2 is not None and code2 is not None and offset is not None:
         nested = (absmax2, code2, offset, nested_blocksize)
@@ -315,7 +312,7 @@ def op_args(
     """The custom op's arguments, unchecked: (packed, absmax, code, absmax2, code2, offset) and (shape,
     blocksize, nested blocksize, dtype, config), so `_nf4_dequantize_op(*tensors, *statics)` equals
     `nf4_dequantize(packed, state_or_weight, dtype)`. For callers that hold the tensors across autograd
-    (finetune.model.linear4bit), where a QuantState object cannot travel."""
+    (finetune.fast.linear4bit), where a QuantState object cannot travel."""
     packed, absmax, code, nested, shape, qb, qb2, state_dtype = _parts(packed, state_or_weight)
     packed = packed if packed.is_contiguous() else packed.contiguous()
     absmax2, code2, offset = nested

@@ -5,7 +5,7 @@ of BLOCK_N weight rows of its expert, streams the rows' packed bytes once (64 co
 step), decodes both nibbles with the 16-entry code table, multiplies by fp32 block scales, rounds to
 the compute dtype as `dequantize_4bit` would, and reduces against the pair's input in fp32: no tensor
 cores (one row of input), no 16-bit weight in memory, nothing read on the host (CUDA-graph safe).
-The block scales are decoded beforehand for the picked experts only (`decode.block_scales`), which keeps
+The block scales are decoded beforehand for the picked experts only (`nf4_torch.block_scales`), which keeps
 double quantization's dependent loads out of the streaming loop.
 (`nf4_decode.nf4_expert_gemv`, the grouped variant, streamed at ~40 GB/s on the H200.)
 """
@@ -120,7 +120,7 @@ def nf4_pair_gemv(
 ) -> torch.Tensor:
     """y [P, N]: y[p] = W[ids[p]] @ x[p] for NF4 experts W of `shape` [E, N, K].
 
-    `scales` [P, N*K/blocksize] fp32: the block scales of each pair's expert (`decode.block_scales`);
+    `scales` [P, N*K/blocksize] fp32: the block scales of each pair's expert (`nf4_torch.block_scales`);
     K must be a multiple of `blocksize` (each weight row starts a block). `tile`: (BLOCK_N, BLOCK_K,
     warps, whole steps 0/1), powers of two (benchmarks/nf4_decode.py sweeps them); whole steps apply
     where K is a multiple of BLOCK_K and BLOCK_K of the blocksize.

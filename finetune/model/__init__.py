@@ -1,5 +1,2 @@
-"""Everything that knows DeepSeek-V2. Importing it makes bitsandbytes' CPU 4-bit ops exact on every CPU."""
-
-from finetune.model import cpu_kernels
-
-cpu_kernels.install()
+"""The model code: loading (4-bit, streamed experts), adapters, routing, export. The family's classes come from
+`finetune.family`; nothing is patched on import (`finetune.compat`)."""

@@ -16,10 +16,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.compat import peft as compat_peft
 from finetune.errors import UserError, first_line
-from finetune.model.adapters import EXPERTS_FILE, ROUTER_FILE
 from finetune.model.experts import LORA_STATE_KEYS
 from finetune.model.shards import BadFile, Entry, Reader, read_header
+
+EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
+ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
+# A classifier's or reward model's head: stage type, label names in id order, multi-label, max_length.
+HEAD_FILE = "head.json"
 
 _PEFT = "base_model.model."
 _UNSUPPORTED = {
@@ -60,8 +65,6 @@ def header(path: Path) -> dict[str, Entry]:
 
 def read_adapter(folder: Path) -> Adapter:
     """Parse an adapter folder (PEFT files, routed-expert LoRA, routers) without loading its tensors."""
-    from peft.utils.other import get_pattern_key
-
     path = folder / "adapter_config.json"
     try:
         config = json.loads(path.read_text())
@@ -100,8 +103,8 @@ def read_adapter(folder: Path) -> Adapter:
         b = entries.get(f"{_PEFT}{module}.lora_B.weight")
         if b is None:
             raise UserError(f"{weights}: {key!r} has no matching lora_B")
-        rank = ranks.get(get_pattern_key(list(ranks), module), r)
-        lora_alpha = alphas.get(get_pattern_key(list(alphas), module), alpha)
+        rank = ranks.get(compat_peft.pattern_key(list(ranks), module), r)
+        lora_alpha = alphas.get(compat_peft.pattern_key(list(alphas), module), alpha)
         if entry.shape[0] != rank or len(entry.shape) != 2 or b.shape[-1] != rank:
             raise UserError(
                 f"{weights}: {module}: LoRA shapes {entry.shape} / {b.shape} do not match rank {rank}"

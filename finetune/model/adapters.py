@@ -13,22 +13,21 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file, save_file
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
+from finetune import family
+from finetune.compat import peft as compat_peft
 from finetune.errors import UserError, first_line
 from finetune.model import routing
+
+# The adapter folder's file names, also asked of this module by the stages and the run folder.
+from finetune.model.adapter_files import EXPERTS_FILE, HEAD_FILE, ROUTER_FILE, header  # noqa: F401
 from finetune.model.experts import NF4Experts, unquantized_experts_to_plain
+from finetune.model.shards import DTYPES
 
-EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
-ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
-# A classifier's or reward model's head: stage type, label names in id order, multi-label, max_length.
-HEAD_FILE = "head.json"
-
-_MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-PRESETS = ("mla", "shared_experts", "dense_mlp", "routed_experts")
+PRESETS = family.TARGET_PRESETS
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -36,25 +35,12 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
 
 
-def _preset_modules(name: str, linears: list[str]) -> list[str]:
-    def tail(n: str) -> str:
-        return n.rsplit(".", 1)[-1]
-
-    if name == "mla":
-        return [n for n in linears if ".self_attn." in n and tail(n) in _MLA]
-    if name == "shared_experts":
-        return [n for n in linears if ".mlp.shared_experts." in n and tail(n) in _MLP]
-    if name == "dense_mlp":
-        return [n for n in linears if n.endswith(tuple(f".mlp.{p}" for p in _MLP))]
-    return []
-
-
 def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adapter.targets") -> list[str]:
     """Full names of the Linear modules the targets select; presets missing from the model are errors."""
     linears = _linear_names(model)
-    available = [p for p in PRESETS if _preset_modules(p, linears)]
+    available = [p for p in PRESETS if family.preset_modules(p, linears)]
     chosen: list[str] = []
-    has_experts = any(isinstance(m, (NF4Experts, DeepseekV2Experts)) for m in model.modules())
+    has_experts = any(isinstance(m, (NF4Experts, family.Experts)) for m in model.modules())
     if has_experts:
         available.append("routed_experts")
     for target in targets:
@@ -65,7 +51,7 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
                 )
             continue
         if target in PRESETS:
-            found = _preset_modules(target, linears)
+            found = family.preset_modules(target, linears)
             if not found:
                 raise UserError(
                     f"{key}: preset `{target}` matches nothing in this model (it has: {', '.join(available)})"
@@ -83,25 +69,9 @@ def resolve_targets(model: torch.nn.Module, targets: list[str], key: str = "adap
     return chosen
 
 
-@contextlib.contextmanager
-def exact_targets() -> Iterator[None]:
-    """Keep PEFT from re-targeting our resolved module names.
-
-    PEFT (0.21) rewrites any target ending in `gate_proj`/`up_proj`/`down_proj` of a deepseek_v2 model
-    into LoRA on the fused routed-expert parameters: a shim for adapters trained on transformers 4. Our
-    targets are already names of this model's modules, so the shim would move shared-expert and dense
-    MLP LoRA onto the routed experts (16-bit) or drop it (NF4). We hide the model type from PEFT's own
-    copy of the conversion table while it wraps or loads.
-    """
-    from peft.utils import transformers_weight_conversion as conversion
-
-    table = conversion._MODEL_TO_CONVERSION_PATTERN
-    saved = table.pop("deepseek_v2", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            table["deepseek_v2"] = saved
+def exact_targets() -> contextlib.AbstractContextManager[None]:
+    """Keep PEFT from re-targeting our resolved module names while it wraps or loads (`compat.peft`)."""
+    return compat_peft.exact_targets(family.MODEL_TYPES)
 
 
 def expert_layers(model: torch.nn.Module) -> dict[int, NF4Experts]:
@@ -301,13 +271,9 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool 
 def _check_all_loaded(model: PeftModel, folder: Path) -> None:
     """Every tensor of the adapter file landed in the model. PEFT only warns when an adapter names modules
     the model lacks (an adapter of another architecture), and the model then runs as if untrained."""
-    from peft.utils import get_peft_model_state_dict
-
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         return
-    from finetune.model.adapter_files import header
-
     have = set(get_peft_model_state_dict(model))
     missing = sorted(k for k in header(path) if k not in have)
     if missing:
@@ -320,9 +286,6 @@ def _check_all_loaded(model: PeftModel, folder: Path) -> None:
 def _lora_dtype_as_saved(model: torch.nn.Module, folder: Path) -> None:
     """Run the LoRA factors in the dtype they were trained and saved in: TRL trains a quantized model's
     LoRA in bf16, PEFT reloads it as fp32, and the outputs would then differ from the trained model's."""
-    from finetune.model.adapter_files import header
-    from finetune.model.shards import DTYPES
-
     saved = {
         DTYPES[e.dtype]
         for path in (folder / "adapter_model.safetensors", folder / EXPERTS_FILE)

@@ -14,9 +14,12 @@ from collections.abc import Callable
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
-from finetune.model import decode, fusion
+from finetune import family
+from finetune.compat import bitsandbytes as compat_bnb
+from finetune.fast import decode, pieces
+from finetune.fast.mode import ExpertsMode
+from finetune.kernels.nf4_torch import nf4_quant_state
 
 _WEIGHTS = ("gate_up", "down")
 # Packed data and QuantState tensors, per weight; the nested ones exist only with double quantization.
@@ -44,6 +47,7 @@ def _quantize(
     weight: torch.Tensor, blocksize: int, double_quant: bool
 ) -> tuple[torch.Tensor, bnbf.QuantState]:
     """`bnbf.quantize_4bit(weight, ...)` (NF4), for tensors of any size."""
+    compat_bnb.install_cpu_kernels()  # the same numbers on every CPU (idempotent)
     if weight.numel() <= _KERNEL_NUMEL_LIMIT:
         return bnbf.quantize_4bit(
             weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
@@ -74,32 +78,6 @@ def _quantize(
         qabsmax, state2 = bnbf.quantize_blockwise(full - offset, blocksize=256)
         state.absmax, state.offset, state.state2, state.nested = qabsmax, offset, state2, True
     return torch.cat(packed), state
-
-
-def nf4_quant_state(
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    shape: tuple[int, ...] | list[int],
-    blocksize: int,
-    dtype: torch.dtype,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
-) -> bnbf.QuantState:
-    """bitsandbytes' NF4 QuantState from its tensors; `nested` = (absmax2, code2, offset, nested
-    blocksize) under double quantization (`decode.nested_state`'s form), else None."""
-    state2 = offset = None
-    if nested is not None:
-        absmax2, code2, offset, nested_blocksize = nested
-        state2 = bnbf.QuantState(absmax=absmax2, code=code2, blocksize=nested_blocksize, dtype=torch.float32)
-    return bnbf.QuantState(
-        absmax=absmax,
-        shape=torch.Size(shape),
-        code=code,
-        blocksize=blocksize,
-        quant_type="nf4",
-        dtype=dtype,
-        offset=offset,
-        state2=state2,
-    )
 
 
 def _dequantize(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
@@ -237,20 +215,12 @@ class NF4Experts(nn.Module):
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
-        self.fused = False  # SwiGLU and the weighted combine as compiled kernels (finetune.model.fusion)
-        # Whole-weight dequantization through our Triton kernel on CUDA, bit for bit bitsandbytes' result
-        # (set by generation.compiled_decoding; in training it measured no faster: docs/benchmarks.md).
-        self.dequant_kernel = False
-        # Steps without gradients multiply the NF4 bytes directly (kernels/nf4_decode.py: no 16-bit copy
-        # of the layer's experts); set by generation.compiled_decoding (by default on CUDA in bf16).
-        self.grouped_kernel = False
-        # Whether this module runs inside a gradient-checkpointed layer (set by fusion.apply).
-        self.checkpointed: Callable[[], bool] = lambda: False
+        self.mode = ExpertsMode()  # how it computes: set by the fast path (`finetune.fast.mode`)
 
     @classmethod
     def from_experts(
         cls,
-        experts: DeepseekV2Experts,
+        experts: family.Experts,
         *,
         blocksize: int = 64,
         double_quant: bool = True,
@@ -326,7 +296,7 @@ class NF4Experts(nn.Module):
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole [E, N, K] weight `gate_up` or `down` in `dtype` (default: compute_dtype)."""
         packed, state = getattr(self, f"{name}_packed"), self.quant_state(name, dtype)
-        if self.dequant_kernel and packed.is_cuda:
+        if self.mode.dequant_kernel and packed.is_cuda:
             # bitsandbytes' CUDA kernel streams at ~2.1 TB/s on the H200, ours at ~4.0 (same bits).
             from finetune.kernels.nf4_dequant import nf4_dequantize  # triton: imported where used
 
@@ -482,7 +452,7 @@ class NF4Experts(nn.Module):
         # and decodes the weight again for every 16 rows of an expert: decode steps, not a long prefill.
         # (On a CPU the op runs its plain-torch path.)
         if (
-            self.grouped_kernel
+            self.mode.grouped_kernel
             and not torch.is_grad_enabled()
             and self._shapes[name][2] % self.blocksize == 0
             and x.shape[0] <= _GROUPED_KERNEL_ROWS * self.num_experts
@@ -536,8 +506,8 @@ class NF4Experts(nn.Module):
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        if self.fused:
-            x = fusion.permute(hidden_states.to(self.compute_dtype), perm, inverse, top_k)
+        if self.mode.fused:
+            x = pieces.permute(hidden_states.to(self.compute_dtype), perm, inverse, top_k)
         else:
             x = hidden_states.to(self.compute_dtype)[perm // top_k]
 
@@ -545,13 +515,13 @@ class NF4Experts(nn.Module):
         host = None if grouped else counts.tolist()
 
         # (autograd.Function.forward runs without grad mode: decided here)
-        keep = self.fused and self.checkpointed() and torch.is_grad_enabled()
+        keep = self.mode.fused and self.mode.checkpointed() and torch.is_grad_enabled()
         gate_up = self._base_product("gate_up", x, offsets, host, keep)
         lora = self.has_lora and self.lora_enabled
         if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
-        if self.fused:
-            h = fusion.compiled("swiglu_fused")(gate_up)
+        if self.mode.fused:
+            h = pieces.compiled("swiglu_fused")(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
@@ -559,11 +529,11 @@ class NF4Experts(nn.Module):
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
-        # Weight and sum in fp32 (`fusion.weighted_sum`); fused, the same with a gather-only backward.
-        if self.fused:
-            out = fusion.combine(y, top_k_weights, perm, inverse)
+        # Weight and sum in fp32 (`pieces.weighted_sum`); fused, the same with a gather-only backward.
+        if self.mode.fused:
+            out = pieces.combine(y, top_k_weights, perm, inverse)
         else:
-            out = fusion.weighted_sum(y, top_k_weights, inverse)
+            out = pieces.weighted_sum(y, top_k_weights, inverse)
         return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
@@ -582,7 +552,7 @@ class PlainExperts(NF4Experts):
     """
 
     @classmethod
-    def from_experts(cls, experts: DeepseekV2Experts, **_: object) -> PlainExperts:  # type: ignore[override]
+    def from_experts(cls, experts: family.Experts, **_: object) -> PlainExperts:  # type: ignore[override]
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         num_experts, two_i, hidden = gate_up.shape
         module = cls(num_experts, hidden, two_i // 2, experts.act_fn, compute_dtype=gate_up.dtype)
@@ -619,7 +589,7 @@ class PlainExperts(NF4Experts):
 
 def unquantized_experts_to_plain(model: nn.Module) -> int:
     """Swap every 16-bit `DeepseekV2Experts` for a `PlainExperts` sharing its tensors; returns the count."""
-    names = [name for name, m in model.named_modules() if type(m) is DeepseekV2Experts]
+    names = [name for name, m in model.named_modules() if type(m) is family.Experts]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -633,7 +603,7 @@ def expert_bytes(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, NF4Experts):
             total += sum(nbytes for _, _, nbytes, _ in m.storage())
-        elif isinstance(m, DeepseekV2Experts):
+        elif isinstance(m, family.Experts):
             total += sum(p.numel() * p.element_size() for p in (m.gate_up_proj, m.down_proj))
     return total
 
@@ -650,7 +620,7 @@ def quantize_experts(
     One layer at a time, each original's 16-bit storage freed before the next, so the peak is the
     final size plus one layer in 16 bits. Routers (`mlp.gate`) and `mlp.shared_experts` are not touched.
     """
-    names = [name for name, m in model.named_modules() if isinstance(m, DeepseekV2Experts)]
+    names = [name for name, m in model.named_modules() if isinstance(m, family.Experts)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

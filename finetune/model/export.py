@@ -35,15 +35,25 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import bitsandbytes.functional as bnbf
 import torch
+from huggingface_hub import snapshot_download
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from finetune import family
+from finetune.compat import bitsandbytes as compat_bnb
+from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError, first_line
 from finetune.model.adapter_files import Adapter, header, read_adapter
 from finetune.model.adapters import EXPERTS_FILE, HEAD_FILE
+from finetune.model.experts import NF4Experts
+from finetune.model.load import embedded_checkpoint, resolve_source
 from finetune.model.shards import CODES, DTYPES, BadFile, Entry, Reader, Writer
 
 BASES = ("original", "quantized")
@@ -65,17 +75,14 @@ _EXPERT = re.compile(
 )
 
 
-def base_folder(recipe) -> Path:
-    """The folder of the run's base checkpoint: embedded preset, local folder, or Hub snapshot."""
-    from finetune.model.load import embedded_checkpoint, resolve_source
-
-    source = resolve_source(recipe.model.preset, recipe.model.path)
+def base_folder(model: Any) -> Path:
+    """The folder of the run's base checkpoint (`model`: the run recipe's `model:` section): embedded
+    preset, local folder, or Hub snapshot."""
+    source = resolve_source(model.preset, model.path)
     if source.kind == "preset":
-        return embedded_checkpoint(source.ref, recipe.model.seed)
+        return embedded_checkpoint(source.ref, model.seed)
     if source.kind == "local":
         return Path(source.ref)
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.py"]
     try:
         return Path(snapshot_download(source.ref, allow_patterns=patterns))
@@ -111,18 +118,9 @@ def quantized_linears(folder: Path) -> set[str]:
     The same rule as transformers' bnb quantizer, applied to a meta-device skeleton of the model:
     every plain `nn.Linear` but the ones it skips (output embeddings, tied and fp32-kept modules).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    return {
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and should_convert_module(name, skip)
-    }
+    return {f"{name}.weight" for name in compat_transformers.quantized_linear_names(model)}
 
 
 def _expert_key(key: str) -> tuple[str, int, int | None, str] | None:
@@ -137,7 +135,7 @@ def _expert_key(key: str) -> tuple[str, int, int | None, str] | None:
 class _Merger:
     """The value of each output tensor: base (original or NF4 round trip) plus its delta."""
 
-    def __init__(self, adapter: Adapter, entries: list[Entry], base: str, recipe, folder: Path):
+    def __init__(self, adapter: Adapter, entries: list[Entry], base: str, model: Any, folder: Path):
         self.adapter, self.reader = adapter, Reader()
         self.by_key = {e.key: e for e in entries}
         self.layers: dict[int, str] = {}  # MoE layer → experts prefix
@@ -149,7 +147,7 @@ class _Merger:
         self.quantized = base == "quantized"
         self.linears: set[str] = set()
         if self.quantized:
-            m = recipe.model
+            m = model
             if m.quantization != "nf4":
                 raise UserError(
                     "--base quantized: this run trained on 16-bit weights (model.quantization: none)"
@@ -278,9 +276,8 @@ class _Merger:
 
     def _quantized(self, e: Entry) -> torch.Tensor:
         """The weight as the 4-bit model held it: NF4-quantized, dequantized to `model.dtype`, in fp32."""
-        import bitsandbytes.functional as bnbf
-
         if e.key in self.linears:  # as bitsandbytes' Params4bit quantizes a Linear4bit weight
+            compat_bnb.install_cpu_kernels()
             w = self.reader.tensor(e).to(self.device, self.dtype)
             packed, state = bnbf.quantize_4bit(
                 w, blocksize=LINEAR_BLOCKSIZE, compress_statistics=self.double_quant, quant_type="nf4"
@@ -300,8 +297,6 @@ class _Merger:
 
     def _experts_round_trip(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's experts fused and quantized exactly as `streaming.fill_experts` does, dequantized."""
-        from finetune.model.experts import NF4Experts
-
         entries = {e.key: e for e in self.expert_keys[prefix]}
 
         def get(key: str) -> torch.Tensor:
@@ -363,6 +358,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def export(
     stage_dir: str | Path,
     out: str | Path,
+    read_model: Callable[[Path], Any],
     *,
     base: str = "original",
     dtype: str | None = None,
@@ -370,9 +366,9 @@ def export(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
 ) -> Result:
-    """Write `out` as a transformers checkpoint: the base checkpoint's tensors with the stage's adapter merged."""
-    from finetune import recipe as recipe_mod
-
+    """Write `out` as a transformers checkpoint: the base checkpoint's tensors with the stage's adapter
+    merged. `model`: the run's `model:` section, which `read_model` gets from the run's resolved recipe
+    (`recipe.yaml`, read by the caller: the recipe layer sits above the model code)."""
     stage_dir, out = Path(stage_dir), Path(out).absolute()
     if base not in BASES:
         raise UserError(f"--base: {base!r}; choose one of {', '.join(BASES)}")
@@ -382,10 +378,10 @@ def export(
     if not resolved.is_file():
         raise UserError(f"{resolved}: not found; export needs the run's resolved recipe")
     _check_out(out, overwrite)
-    recipe = recipe_mod.load(resolved)
+    model = read_model(resolved)
     adapter = read_adapter(adapter_dir)
     try:
-        folder = base_folder(recipe)
+        folder = base_folder(model)
     except UserError as err:
         raise UserError(f"{resolved}: base checkpoint: {err}") from None
     for inside in (folder.resolve(), stage_dir.resolve()):
@@ -398,7 +394,7 @@ def export(
     entries = checkpoint_entries(folder)
     if _head(adapter_dir) == "seq_cls":
         entries, config = _classifier(entries, config, adapter, folder, adapter_dir)
-    merger = _Merger(adapter, entries, base, recipe, folder)
+    merger = _Merger(adapter, entries, base, model, folder)
     code = {
         e.key: CODES[getattr(torch, dtype)] if dtype and e.torch_dtype.is_floating_point else e.dtype
         for e in entries
@@ -444,8 +440,6 @@ def _classifier(
     score = adapter.full.get("score.weight")
     if score is None:
         raise UserError(f"{adapter_dir}: a SEQ_CLS adapter without its trained `score` head")
-    from transformers import AutoTokenizer
-
     own = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else folder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -459,7 +453,7 @@ def _classifier(
         labels = labels or {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
     edited = {
         **config,
-        "architectures": ["DeepseekV2ForSequenceClassification"],
+        "architectures": [family.SEQUENCE_CLASSIFICATION_ARCHITECTURE],
         "id2label": labels,
         "label2id": {name: int(i) for i, name in labels.items()},
         "pad_token_id": pad,
@@ -475,8 +469,6 @@ def _classifier(
 def _write(
     tmp: Path, shards: list[list[Entry]], code: dict[str, str], merger: _Merger, progress: bool
 ) -> None:
-    from tqdm.auto import tqdm
-
     names = [_shard_name(i, len(shards)) for i in range(len(shards))]
     with tqdm(total=sum(map(len, shards)), unit="tensor", desc="export", disable=not progress) as bar:
         for name, shard in zip(names, shards, strict=True):

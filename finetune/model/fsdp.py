@@ -23,50 +23,22 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from bitsandbytes.nn import Linear4bit
 from torch import nn
+
+from finetune import family
+from finetune.compat import torch as compat_torch
+from finetune.distributed import is_sharded  # noqa: F401  (the stages ask it here)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's `DeepseekV2DecoderLayer`s, in order."""
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2DecoderLayer
-
-    return [m for m in model.modules() if isinstance(m, DeepseekV2DecoderLayer)]
+    """The model's decoder layers, in order."""
+    return [m for m in model.modules() if isinstance(m, family.DecoderLayer)]
 
 
 def linear4bit_weights(model: nn.Module) -> set[nn.Parameter]:
     """The packed weights of bitsandbytes 4-bit linear layers (with their `quant_state`)."""
-    from bitsandbytes.nn import Linear4bit
-
     return {m.weight for m in model.modules() if isinstance(m, Linear4bit)}
-
-
-class _FrozenIntegerParameters:
-    """`torch.nn` as FSDP2's parameter module sees it, except that `Parameter(t)` of an integer tensor
-    is created frozen instead of failing."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(nn, name)
-
-    @staticmethod
-    def Parameter(data: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
-        return nn.Parameter(
-            data, requires_grad=requires_grad and (data.is_floating_point() or data.is_complex())
-        )
-
-
-@contextlib.contextmanager
-def _integer_parameters_allowed() -> Iterator[None]:
-    # torch 2.11's FSDP2 wraps each shard as `nn.Parameter(shard)` (requires_grad=True) and only then
-    # copies the original's requires_grad: "only Tensors of floating point dtype can require gradients"
-    # for the NF4 experts' uint8 storage (measured with torch 2.11; 2.14 passes requires_grad through).
-    from torch.distributed.fsdp._fully_shard import _fsdp_param
-
-    saved = _fsdp_param.nn
-    _fsdp_param.nn = _FrozenIntegerParameters()
-    try:
-        yield
-    finally:
-        _fsdp_param.nn = saved
 
 
 def shard(
@@ -89,14 +61,14 @@ def shard(
         raise RuntimeError("FSDP2 needs a process group (torchrun / accelerate launch)")
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError("no DeepseekV2DecoderLayer in the model")
+        raise ValueError("no family.DecoderLayer in the model")
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     if mesh is None:
         on_cuda = any(p.is_cuda for p in root.parameters())
         mesh = init_device_mesh("cuda" if on_cuda else "cpu", (dist.get_world_size(),))
     ignored = set() if shard_linear4bit else linear4bit_weights(root)
     common = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(), "ignored_params": ignored or None}
-    with _integer_parameters_allowed():
+    with compat_torch.fsdp_integer_parameters():
         for layer in layers:
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **common)
         # The root's own parameters (embeddings, norm, head) are gathered for the whole step anyway.
@@ -122,13 +94,6 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
     finally:
         for unit in units:
             unit.set_requires_gradient_sync(True, recurse=False)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `shard` (or any `fully_shard`) was applied to a module of `model`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,12 +13,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -27,15 +31,16 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from finetune import family
+from finetune.compat import bitsandbytes as compat_bnb
+from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError, first_line
-from finetune.model.cpu_kernels import no_cpu_repacking
 from finetune.model.presets import EMBEDDED, preset_config
 from finetune.model.streaming import deferred_experts, fill_experts
 from finetune.model.tokenizer import CHARACTERS, CHAT_TEMPLATE, build_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEEPSEEK_V2_TYPES = ("deepseek_v2",)
 # The model heads a stage can ask for: next-token prediction, or a sequence score / classifier (`score`).
 HEADS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
 
@@ -78,15 +83,13 @@ def check_checkpoint(folder: Path, key: str = "model.path") -> None:
     if not isinstance(data, dict):
         raise UserError(f"{key}: {config} must hold a JSON object, got a {type(data).__name__}")
     model_type = data.get("model_type")
-    if model_type not in DEEPSEEK_V2_TYPES:
+    if model_type not in family.MODEL_TYPES:
         arch = ", ".join(data.get("architectures") or []) or "no architectures"
         raise UserError(
             f"{key}: {folder} is not a DeepSeek-V2 checkpoint: config.json has model_type "
             f"{model_type!r} ({arch}); expected 'deepseek_v2'"
         )
     try:
-        from transformers import AutoConfig
-
         AutoConfig.from_pretrained(folder)
     except Exception as err:  # transformers / huggingface_hub raise many types for bad config fields
         raise UserError(f"{key}: {config}: cannot build the model config ({first_line(err)})") from None
@@ -100,8 +103,6 @@ def _found(folder: Path) -> str:
 
 def _check_weights(folder: Path, key: str) -> None:
     """Every safetensors file the checkpoint names exists and has a readable header (no tensor is read)."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -131,8 +132,6 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
     """Write (once) the seeded random weights and tokenizer of an embedded preset to a cache folder."""
     if preset not in EMBEDDED:
         raise UserError(f"model.preset: {preset!r} is a shape for benchmarks; embedded presets: {EMBEDDED}")
-    from transformers import DeepseekV2ForCausalLM
-
     root = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
     config = preset_config(preset)
     # The folder name carries a digest of the shape and tokenizer, so editing a preset never reuses stale weights.
@@ -145,7 +144,7 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
     root.joinpath("embedded").mkdir(parents=True, exist_ok=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(config)
+    model = family.CausalLM(config)
     torch.random.set_rng_state(generator_state)
     # Write beside the target and rename, so a concurrent or interrupted run never sees half a folder.
     tmp = Path(tempfile.mkdtemp(dir=root / "embedded", prefix=f".{preset}-"))
@@ -168,8 +167,6 @@ def embedded_checkpoint(preset: str, seed: int) -> Path:
 
 def _wait_for(folder: Path, seconds: float = 600.0) -> Path:
     """The embedded checkpoint another process is writing, once it has been renamed into place."""
-    import time
-
     deadline = time.monotonic() + seconds
     while not (folder / "config.json").is_file():
         if time.monotonic() > deadline:
@@ -221,6 +218,7 @@ def load_model(
     `num_labels` outputs, pooling the last token that is not `pad_token_id`); with `quantization ==
     "nf4"` its linear layers (bitsandbytes) and its routed experts (`NF4Experts`) are 4-bit. The router,
     the norms and the `score` head keep their dtype."""
+    compat_bnb.install_cpu_kernels()  # before any Linear4bit is built: the same numbers on every CPU
     torch_dtype = DTYPES[dtype]
     kwargs: dict = {"dtype": torch_dtype, **_head_config(head, num_labels, pad_token_id, labels, multi_label)}
     if quantization == "nf4":
@@ -239,12 +237,10 @@ def load_model(
     nf4 = quantization == "nf4"
     with _hub_errors(source), deferred_experts() if nf4 else contextlib.nullcontext(), _new_head_quiet(head):
         model = HEADS[head].from_pretrained(location, **kwargs)
-    if model.config.model_type not in DEEPSEEK_V2_TYPES:
+    if model.config.model_type not in family.MODEL_TYPES:
         raise UserError(f"model: loaded a {model.config.model_type!r} model, expected DeepSeek-V2")
     if nf4:
         if source.kind == "hub":  # from_pretrained has fetched the shards; this resolves the cached folder
-            from huggingface_hub import snapshot_download
-
             with _hub_errors(source):
                 location = snapshot_download(location, allow_patterns=["*.safetensors", "*.json"])
         fill_experts(
@@ -252,7 +248,7 @@ def load_model(
         )
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
-    no_cpu_repacking(model)
+    compat_bnb.no_cpu_repacking(model)
     return model
 
 
@@ -263,15 +259,8 @@ def _new_head_quiet(head: str) -> Iterator[None]:
     if head == "causal_lm":
         yield
         return
-    from transformers import DeepseekV2ForSequenceClassification as cls
-
-    saved = cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected
-    cls._keys_to_ignore_on_load_missing = [*(saved[0] or []), r"^score\."]
-    cls._keys_to_ignore_on_load_unexpected = [*(saved[1] or []), r"^lm_head\."]
-    try:
+    with compat_transformers.ignored_load_keys(family.SequenceClassification, [r"^score\."], [r"^lm_head\."]):
         yield
-    finally:
-        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = saved
 
 
 def _head_config(
@@ -304,8 +293,6 @@ def model_skeleton(
     """The model's module tree on the meta device (no weights), to check targets; None for a Hub id."""
     if source.kind == "hub":
         return None
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(_location(source, seed), **_head_config(head, num_labels, None))
         with torch.device("meta"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import DeepseekV2Config
+from finetune import family
 
 # Both MLA variants are covered: `tiny` has no query compression (like V2-Lite), `tiny-v2` has
 # q_lora_rank set (like V2), so q_a_proj / q_a_layernorm / q_b_proj exist.
@@ -87,6 +87,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 EMBEDDED = ("tiny", "tiny-v2")
 
 
-def preset_config(name: str) -> DeepseekV2Config:
-    """The DeepseekV2Config of a named preset."""
-    return DeepseekV2Config(**PRESETS[name])
+def preset_config(name: str) -> family.Config:
+    """The family's config of a named preset."""
+    return family.Config(**PRESETS[name])

@@ -25,13 +25,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
 
-from finetune.model import graphed, routing
+from finetune import family
+from finetune.distributed import all_reduce_sum
+from finetune.fast import graphed
+from finetune.model import routing
 
 
 def _top(model: torch.nn.Module) -> torch.nn.Module:
-    return next(m for m in model.modules() if isinstance(m, DeepseekV2PreTrainedModel))
+    return next(m for m in model.modules() if isinstance(m, family.PreTrainedModel))
 
 
 class RoutingReplay:
@@ -170,8 +172,6 @@ class RoutingReplay:
     def report(self) -> dict[str, float]:
         """Shares of recorded tokens since the last report whose experts differ from the rollout's (summed
         over processes)."""
-        from finetune.distributed import all_reduce_sum
-
         counts = all_reduce_sum(
             torch.tensor([self.tokens, self.mismatch, self.router_mismatch], dtype=torch.float64)
         )

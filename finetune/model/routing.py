@@ -14,12 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
-    DeepseekV2PreTrainedModel,
-    DeepseekV2TopkRouter,
-)
 
-from finetune.model import graphed
+from finetune import family
+from finetune.distributed import all_reduce_sum
+from finetune.fast import graphed
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -33,15 +31,15 @@ def by_layer(model: torch.nn.Module, cls: type[M]) -> dict[int, M]:
     }
 
 
-def routers(model: torch.nn.Module) -> dict[int, DeepseekV2TopkRouter]:
+def routers(model: torch.nn.Module) -> dict[int, family.Router]:
     """Decoder layer index → its router."""
-    return by_layer(model, DeepseekV2TopkRouter)
+    return by_layer(model, family.Router)
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The model with a head (causal LM or sequence classifier) under any PEFT wrappers: its forward
     returns the loss. Module order puts it before the bare `DeepseekV2Model` inside it."""
-    return next(m for m in model.modules() if isinstance(m, DeepseekV2PreTrainedModel))
+    return next(m for m in model.modules() if isinstance(m, family.PreTrainedModel))
 
 
 class RouterMonitor:
@@ -105,7 +103,7 @@ class RouterMonitor:
         return aux
 
     def _router_hook(self, index: int):
-        def hook(module: DeepseekV2TopkRouter, args, output):
+        def hook(module: family.Router, args, output):
             aux = bool(self.aux_loss_coef) and module.training and torch.is_grad_enabled()
             if not (self._active or aux):  # a checkpoint's recomputation without the balance loss
                 return
@@ -131,8 +129,6 @@ class RouterMonitor:
     def report(self) -> dict[str, Any]:
         """Per layer: fraction of routed slots per expert and max/mean; resets the counters."""
         out: dict[str, Any] = {}
-        from finetune.distributed import all_reduce_sum
-
         for index, counts in sorted(self.counts.items()):
             counts = all_reduce_sum(counts.clone())  # every process's tokens
             fractions = (counts.float() / counts.sum().clamp(min=1)).tolist()

@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.models.deepseek_v2 import modeling_deepseek_v2 as modeling
 
+from finetune import family
+from finetune.compat import transformers as compat_transformers
 from finetune.model.experts import NF4Experts
 
 
@@ -49,15 +50,10 @@ def deferred_experts() -> Iterator[None]:
     the duration of `from_pretrained` is the one place to keep the 16-bit experts out of memory without
     forking the model code. Their checkpoint keys then count as unexpected, which we silence here.
     """
-    original = modeling.DeepseekV2Experts
-    ignored = modeling.DeepseekV2PreTrainedModel._keys_to_ignore_on_load_unexpected
-    modeling.DeepseekV2Experts = PendingExperts
-    modeling.DeepseekV2PreTrainedModel._keys_to_ignore_on_load_unexpected = [r"\.mlp\.experts\."]
-    try:
+    with compat_transformers.experts_class(
+        family.MODELING, family.Experts.__name__, PendingExperts, family.PreTrainedModel
+    ):
         yield
-    finally:
-        modeling.DeepseekV2Experts = original
-        modeling.DeepseekV2PreTrainedModel._keys_to_ignore_on_load_unexpected = ignored
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:

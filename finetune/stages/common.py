@@ -13,7 +13,8 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from finetune import data, distributed, heap, rundir
-from finetune.model import adapters, fsdp, fusion, generation, routing
+from finetune.fast import fusion, generation
+from finetune.model import adapters, fsdp, routing
 
 
 def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
@@ -43,7 +44,7 @@ def fit(
 
     `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
-    norms, SwiGLU and expert combine of `finetune.model.fusion`, and with `compiled_regions` (all
+    norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` (all
     stages but GRPO, whose decode steps inside training would recompile them) its compiled modules.
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after

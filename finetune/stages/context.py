@@ -23,7 +23,7 @@ class StageContext:
     model_kwargs: dict[str, Any]  # plain arguments of finetune.model.load.load_model
     adapter_kwargs: dict[str, Any]  # plain arguments of finetune.model.adapters.attach
     aux_loss_coef: float = 0.0  # expert-balance loss weight (only with a trainable router)
-    kernels: str = "auto"  # model.kernels: fast generation where it applies (finetune.model.generation)
+    kernels: str = "auto"  # model.kernels: fast generation where it applies (finetune.fast.generation)
     stages: dict[str, str] = field(default_factory=dict)  # every stage of the recipe, in order: name → type
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
 

@@ -17,7 +17,8 @@ from trl import GRPOConfig, GRPOTrainer
 import rewards
 from finetune import data, rundir
 from finetune.errors import UserError
-from finetune.model import adapters, generation, replay, routing
+from finetune.fast import generation
+from finetune.model import adapters, replay, routing
 from finetune.schema import DataConfig, Int, Strict, train_arguments
 from finetune.stages import common
 from finetune.stages.context import StageContext

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from finetune.compat import torch as compat_torch
+
 
 @dataclass
 class _Entry:
@@ -160,11 +162,15 @@ def _is_observer(hook: Callable) -> bool:
 
 def blocks_graphs(model: torch.nn.Module) -> bool:
     """Whether a forward hook that is not an `observer` would run in a step (global hooks included)."""
-    from torch.nn.modules import module as nn_module
-
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if compat_torch.global_forward_hooks():
         return True
-    hooks = (h for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+    hooks = (
+        h
+        for m in model.modules()
+        for name, d in compat_torch.hook_dicts(m).items()
+        if name in ("_forward_hooks", "_forward_pre_hooks")
+        for h in d.values()
+    )
     return not all(_is_observer(h) for h in hooks)
 
 
@@ -194,18 +200,7 @@ class _Observed:
             self.probe, self.saved = _Probe(), {}
             return
         self.probe = model.__dict__.setdefault("_finetune_graph_probe", _Probe())
-        names = (
-            "_forward_pre_hooks",
-            "_forward_pre_hooks_with_kwargs",
-            "_forward_hooks",
-            "_forward_hooks_with_kwargs",
-            "_forward_hooks_always_called",
-        )
-        self.saved = {
-            m: {name: getattr(m, name) for name in names}
-            for m in model.modules()
-            if m._forward_hooks or m._forward_pre_hooks
-        }
+        self.saved = {m: compat_torch.hook_dicts(m) for m in model.modules() if compat_torch.has_hooks(m)}
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[list[tuple]]:
@@ -213,18 +208,22 @@ class _Observed:
         for module, hooks in self.saved.items():
             pre = OrderedDict({_PROBE: self.probe.pre} if hooks["_forward_pre_hooks"] else {})
             post = OrderedDict({_PROBE: self.probe.post} if hooks["_forward_hooks"] else {})
-            module.__dict__.update(
-                _forward_pre_hooks=pre,
-                _forward_pre_hooks_with_kwargs=OrderedDict({_PROBE: True}),
-                _forward_hooks=post,
-                _forward_hooks_with_kwargs=OrderedDict({_PROBE: True}),
-                _forward_hooks_always_called=OrderedDict(),
+            compat_torch.set_hook_dicts(
+                module,
+                {
+                    "_forward_pre_hooks": pre,
+                    "_forward_pre_hooks_with_kwargs": OrderedDict({_PROBE: True}),
+                    "_forward_hooks": post,
+                    "_forward_hooks_with_kwargs": OrderedDict({_PROBE: True}),
+                    "_forward_hooks_always_called": OrderedDict(),
+                },
             )
         try:
             yield self.probe.calls
         finally:
             for module, hooks in self.saved.items():
-                module.__dict__.update(hooks)  # the same dict objects: removal handles still work
+                # The same dict objects: removal handles still work.
+                compat_torch.set_hook_dicts(module, hooks)
 
     def notify(self, calls: list[tuple]) -> None:
         """Each recorded call's observers, in order, on copies (the graph's tensors are overwritten by

@@ -25,16 +25,17 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import bitsandbytes.functional as bnbf
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, apply_rotary_emb
+
+from finetune import family
 
 
 def effective_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     """[out, in] weight `linear` applies, in `dtype`: a plain or bitsandbytes 4-bit linear layer, or a
     PEFT LoRA layer over one (base plus the active adapters' deltas); None where that is not all it does."""
-    from peft.tuners.lora import LoraLayer
-
     if isinstance(linear, LoraLayer):
         # Refusals first: they are decided without touching the weight, which is dequantized after.
         if linear.merged:
@@ -65,14 +66,12 @@ def _base_weight(linear: nn.Module) -> torch.Tensor | None:
         return None
     weight = linear.weight
     if type(weight).__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     return weight
 
 
 def _forward(
-    self: DeepseekV2Attention,
+    self: family.Attention,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cache: Any = None,
@@ -107,7 +106,7 @@ def _forward(
     kv_nope, k_pe = torch.split(compressed, [rank, rope], dim=-1)
     latent = self.kv_a_layernorm(kv_nope).view(batch, 1, length, rank)
     k_pe = k_pe.view(batch, 1, length, rope)
-    q_pe, k_pe = apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
+    q_pe, k_pe = family.apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
     latent, k_pe = cache.update(
         latent, k_pe, self.layer_idx, kwargs=kwargs
     )  # [b, 1, T, rank], [b, 1, T, rope]
@@ -135,7 +134,7 @@ def _forward(
 @contextlib.contextmanager
 def absorbed(model: nn.Module, on: bool) -> Iterator[int]:
     """Every MLA layer of `model` decodes in latent space while inside; yields how many were patched."""
-    layers = [m for m in model.modules() if isinstance(m, DeepseekV2Attention)] if on else []
+    layers = [m for m in model.modules() if isinstance(m, family.Attention)] if on else []
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)
     try:

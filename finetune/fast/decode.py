@@ -12,59 +12,7 @@ from __future__ import annotations
 
 import torch
 
-
-def block_scales(
-    absmax: torch.Tensor,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
-    blocks: torch.Tensor,
-) -> torch.Tensor:
-    """fp32 scales of the 64-value blocks `blocks` (indices into the flattened tensor's blocks):
-    `absmax` itself, or decoded from its double quantization.
-
-    `nested` = (absmax2, code2, offset, nested blocksize) when the absmax is itself 8-bit quantized.
-    """
-    if nested is None:
-        return absmax[blocks].float()
-    absmax2, code2, offset, nested_blocksize = nested
-    return code2[absmax[blocks].long()] * absmax2[blocks // nested_blocksize] + offset
-
-
-def gathered_weights(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
-    code: torch.Tensor,
-    shape: tuple[int, int, int],
-    ids: torch.Tensor,
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The [len(ids), N, K] weights of experts `ids` from an NF4 tensor of `shape` [E, N, K].
-
-    bitsandbytes packs two values a byte, the first in the high nibble, and scales blocks of
-    `blocksize` consecutive values of the flattened tensor; N*K must be a multiple of `blocksize`.
-    Only the picked experts' block scales are decoded (`absmax`, `nested`: see `block_scales`).
-    """
-    num_experts, n, k = shape
-    per_expert = n * k
-    nibbles = packed.view(num_experts, per_expert // 2)[ids]
-    values = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).view(
-        len(ids), per_expert // blocksize, blocksize
-    )
-    block = expert_block_scales(absmax, nested, ids, per_expert // blocksize)
-    weights = code[values.long()] * block.unsqueeze(-1)
-    return weights.view(len(ids), n, k).to(dtype)
-
-
-def expert_block_scales(
-    absmax: torch.Tensor,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
-    ids: torch.Tensor,
-    per_expert: int,
-) -> torch.Tensor:
-    """fp32 [len(ids), per_expert]: the block scales of experts `ids`, each `per_expert` blocks long."""
-    blocks = ids.unsqueeze(-1) * per_expert + torch.arange(per_expert, device=ids.device)
-    return block_scales(absmax, nested, blocks)
+from finetune.kernels.nf4_torch import expert_block_scales, gathered_weights
 
 
 def nested_state(

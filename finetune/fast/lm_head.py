@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.model import fusion
+from finetune import compat
+from finetune.compat import trl as compat_trl
+from finetune.fast import pieces
 
 CHUNK_TOKENS = 2048  # [2048 x 102,400] bf16 logits: 0.42 GB at a time
 
@@ -48,7 +50,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
         need_grad = ctx.needs_input_grad[0]  # not in evaluation (no_grad)
         grad_hidden = torch.empty_like(hidden) if need_grad else None  # d log p / d hidden, per token
-        stats = fusion.compile_once("lm_head_stats", _stats)
+        stats = pieces.compile_once("lm_head_stats", _stats)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = hidden[start:end] @ weight.t()
@@ -88,8 +90,6 @@ def _forward(
     num_items_in_batch: Any = None,
     **kwargs: Any,
 ) -> Any:
-    from trl.trainer.utils import FusedCausalLMOutput
-
     trl_forward = self.__dict__["_trl_fused_forward"]
     weight = self.get_output_embeddings().weight
     unusual = shift_labels is not None or kwargs.get("output_router_logits") or weight.requires_grad
@@ -112,7 +112,7 @@ def _forward(
         x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (log_prob, entropy, is_top1)
     )
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return FusedCausalLMOutput(
+    return compat_trl.chunked_head_output(
         loss=-log_probs.sum() / count,
         log_probs=log_probs,
         entropy=entropy,
@@ -121,15 +121,18 @@ def _forward(
     )
 
 
-def patch(model: nn.Module) -> bool:
-    """Put this head in place of TRL's fused one (if `model` has it); returns whether it did."""
+def patch(model: nn.Module, *, required: bool = False) -> bool:
+    """Put this head in place of TRL's chunked one (if `model` has it); returns whether it did.
+    `required` (SFT, whose trainer always adds TRL's head): not finding it is an error, as when TRL
+    renames its head."""
     for module in model.modules():
         forward = module.__dict__.get("forward")
-        code = getattr(getattr(forward, "__func__", None), "__code__", None)
-        if code is not None and code.co_name == "_fused_forward":  # TRL's (named after the model's)
+        if forward is not None and compat_trl.is_chunked_head(forward):
             module._trl_fused_forward = forward
             module.forward = types.MethodType(_forward, module)
             return True
+    if required:
+        raise compat.fail(compat_trl.CHUNKED_HEAD, "the model carries no chunked LM head of TRL's")
     return False
 
 

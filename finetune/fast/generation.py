@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 from transformers import CompileConfig
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
 
-from finetune.model import absorbed, graphed
+from finetune import family
+from finetune.compat import torch as compat_torch
+from finetune.compat import transformers as compat_transformers
+from finetune.distributed import is_sharded
+from finetune.fast import absorbed, graphed, mode
 
 KERNELS = ("auto", "off")
 _RECOMPILE_LIMIT = 64
@@ -30,16 +33,14 @@ _RECOMPILE_LIMIT = 64
 def enabled(kernels: str, model: torch.nn.Module) -> bool:
     """`model.kernels` resolved: auto is on where the model runs on CUDA, off elsewhere and for an
     FSDP-sharded model (its all-gather hooks run in every step, untested under compilation)."""
-    from finetune.model import fsdp
-
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return kernels == "auto" and on_cuda and not fsdp.is_sharded(model)
+    return kernels == "auto" and on_cuda and not is_sharded(model)
 
 
-def _top(model: torch.nn.Module) -> DeepseekV2PreTrainedModel:
-    return next(m for m in model.modules() if isinstance(m, DeepseekV2PreTrainedModel))
+def _top(model: torch.nn.Module) -> family.PreTrainedModel:
+    return next(m for m in model.modules() if isinstance(m, family.PreTrainedModel))
 
 
 @contextlib.contextmanager
@@ -59,7 +60,7 @@ def compiled_decoding(
     `graphs`: replay the compiled step as our own CUDA graphs (`graphed.GraphedStep`, no guards per
     token); None = where the model is on CUDA and has no forward hooks but `graphed.observer`s,
     False = transformers' compiled call, or a graph factory (tests). `defer_stop`: let `generate` check
-    its stopping criteria one step late (`_deferred_stop_check`); None = with our graphs on CUDA.
+    its stopping criteria one step late (`compat.transformers.deferred_stop_check`); None = with our graphs on CUDA.
     `absorb`: MLA decode steps in latent space (`absorbed.py`; batch 128 on the H200: 1.5x the new
     tokens/s of transformers' expansion, docs/benchmarks.md). `grouped`: NF4 experts multiply their
     packed bytes directly in steps of more tokens than experts (`kernels/nf4_decode.py`) instead of
@@ -71,58 +72,47 @@ def compiled_decoding(
         yield {}
         return
     top = _top(model)
-    top._valid_auto_compile_criteria = lambda *args, **kwargs: True
     previous = top.generation_config.compile_config
     if compile_config is not None:
         top.generation_config.compile_config = compile_config
+    patches = contextlib.ExitStack()
+    patches.enter_context(compat_transformers.auto_compile(top))
     # Every batch size and cache length is a recompilation of the step's frames (transformers' kwarg
     # deprecation wrapper is one frame shared by four module classes); past torch's default of 8 the
     # step silently runs uncompiled, as batch 128 did after 1 and 32 on the H200.
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+    patches.enter_context(compat_torch.recompile_limit(_RECOMPILE_LIMIT))
     # By default dynamo ignores module hooks in its guards: a step compiled without hooks (an
     # evaluation) would be reused silently by one with them (GRPO's observers, graphed.py's probe).
-    skip_hooks = torch._dynamo.config.skip_nnmodule_hook_guards
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    patches.enter_context(compat_torch.hook_guards())
     # The input-grads hooks on the embeddings (transformers' and PEFT's, for gradient checkpointing)
     # call requires_grad_, which dynamo cannot trace: each cut the decode step in two graphs. Taken
     # off the module itself, however many were registered (transformers keeps only its last list).
-    embeddings = top.get_input_embeddings()
-    hooks = {k: f for k, f in embeddings._forward_hooks.items() if _input_grads_hook(f)}
-    for k in hooks:
-        del embeddings._forward_hooks[k]
+    patches.enter_context(compat_torch.lifted_forward_hooks(top.get_input_embeddings(), _input_grads_hook))
     on_cuda = next(model.parameters()).device.type == "cuda"
     # NF4 experts dequantize whole weights (steps of more tokens than experts) through our kernel.
-    dequant = {
-        m: (m.dequant_kernel, m.grouped_kernel) for m in model.modules() if hasattr(m, "dequant_kernel")
-    }
+    dequant = {m: (m.mode.dequant_kernel, m.mode.grouped_kernel) for m in mode.experts(model)}
     for m in dequant:
         permutes = on_cuda and m.compute_dtype == torch.bfloat16
-        m.dequant_kernel, m.grouped_kernel = True, permutes if grouped is None else grouped
+        m.mode.dequant_kernel, m.mode.grouped_kernel = True, permutes if grouped is None else grouped
     if graphs is None:  # checked with the input-grads hooks lifted: they are no obstacle
         graphs = on_cuda and not graphed.blocks_graphs(model)
     if graphs:
         factory = graphs if callable(graphs) else None
         compiled = _compiled_step(top, top.generation_config.compile_config)
         step = graphed.GraphedStep(compiled, factory, model=top)
-        top.get_compiled_call = lambda *args, **kwargs: step
-        top._prepare_static_cache = _reused_caches(top, step)
+        patches.enter_context(compat_transformers.served_decode_step(top, step, _reused_caches(top, step)))
     if defer_stop is None:
         defer_stop = bool(graphs) and on_cuda
     try:
-        with _deferred_stop_check(defer_stop), absorbed.absorbed(model, absorb):
+        with compat_transformers.deferred_stop_check(defer_stop), absorbed.absorbed(model, absorb):
             yield {"cache_implementation": "static"}
     finally:
-        del top._valid_auto_compile_criteria
+        patches.close()
         if graphs:
-            del top.get_compiled_call, top._prepare_static_cache
             step.clear()
         top.generation_config.compile_config = previous
-        torch._dynamo.config.recompile_limit = limit
-        torch._dynamo.config.skip_nnmodule_hook_guards = skip_hooks
-        embeddings._forward_hooks.update(hooks)
         for m, (previous_dequant, previous_grouped) in dequant.items():
-            m.dequant_kernel, m.grouped_kernel = previous_dequant, previous_grouped
+            m.mode.dequant_kernel, m.mode.grouped_kernel = previous_dequant, previous_grouped
 
 
 def _reused_caches(top: torch.nn.Module, step: graphed.GraphedStep) -> Callable[..., Any]:
@@ -132,7 +122,7 @@ def _reused_caches(top: torch.nn.Module, step: graphed.GraphedStep) -> Callable[
     graph. As many are kept as the step keeps graphs, least recently used out first, and a cache let go
     takes its graphs with it (else a graph would keep it alive). The cache a call returns is therefore
     only valid until the next call of the block."""
-    make = type(top)._prepare_static_cache
+    make = compat_transformers.static_cache_maker(top)
     pool: OrderedDict[tuple, Any] = OrderedDict()
 
     def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):  # type: ignore[no-untyped-def]
@@ -177,31 +167,6 @@ def fast_generate(model: torch.nn.Module, on: bool, **decoding: Any) -> Iterator
             top.generate = plain
         else:
             del top.generate
-
-
-@contextlib.contextmanager
-def _deferred_stop_check(on: bool) -> Iterator[None]:
-    """transformers' `generate` reads its stopping flag on the host after every step, so the host waits
-    for the GPU each token and its own per-step Python (inputs, mask, logits processing, the graph
-    launch) adds to the GPU time. Its `DeferredStopCheck` reads the flag one step late, letting the host
-    prepare the next step meanwhile (one extra step, undone at the end); transformers enables it for
-    `mps` only, and it is asked for CUDA here."""
-    if not on:
-        yield
-        return
-    from transformers.generation import utils as generation_utils
-
-    check = generation_utils.DeferredStopCheck
-    asked = check.__dict__["is_supported"]
-
-    def is_supported(device: torch.device, *args: Any, **kwargs: Any) -> bool:
-        return asked.__func__(torch.device("mps"), *args, **kwargs)  # its checks as for mps
-
-    check.is_supported = staticmethod(is_supported)
-    try:
-        yield
-    finally:
-        check.is_supported = asked
 
 
 def _compiled_step(top: torch.nn.Module, config: CompileConfig | None) -> Callable[..., Any]:

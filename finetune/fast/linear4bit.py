@@ -16,7 +16,10 @@ import types
 
 import torch
 import torch.nn.functional as F
+from bitsandbytes.nn import Linear4bit
 from torch import nn
+
+from finetune.compat import bitsandbytes as compat_bnb
 
 
 def _dequantized(tensors: tuple, statics: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -48,11 +51,9 @@ class _NF4Linear(torch.autograd.Function):
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
     if x.numel() == x.shape[-1] and not x.requires_grad:  # one row, no gradient: bitsandbytes' GEMV
         return type(self).forward(self, x)
-    fix_4bit_weight_quant_state_from_module(self)
+    compat_bnb.repair_quant_state(self)
     if not self.compute_type_is_set:
         self.set_compute_type(x)
         self.compute_type_is_set = True
@@ -68,10 +69,6 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def supported(module: nn.Module) -> bool:
     """A bitsandbytes Linear4bit with an NF4 weight: what `patch` takes over."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return False
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     return isinstance(module, Linear4bit) and state is not None and state.quant_type == "nf4"
 

@@ -30,13 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
-    DeepseekV2Attention,
-    DeepseekV2DecoderLayer,
-    DeepseekV2MLP,
-    DeepseekV2Moe,
-    DeepseekV2RMSNorm,
-)
+
+from finetune import family
+from finetune.compat import torch as compat_torch
+from finetune.fast.pieces import is_silu
 
 _compiled: dict[tuple[str, bool], Any] = {}
 
@@ -53,13 +50,13 @@ def _region(name: str, fn: Any, in_graph: bool = False) -> Any:
             fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
         compiled = torch.compile(fn)
         if in_graph:  # the partitioner reads the budget when it compiles (first call, recompiles)
-            compiled = torch._functorch.config.patch(activation_memory_budget=0.0)(compiled)
+            compiled = compat_torch.zero_activation_budget(compiled)
         _compiled[key] = compiled
     return _compiled[key]
 
 
 def _attention(
-    layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any
+    layer: family.DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the residual stream after attention, its post-attention norm)."""
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
@@ -68,27 +65,27 @@ def _attention(
 
 
 def _moe(
-    moe: DeepseekV2Moe,
+    moe: family.Moe,
     normed: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
     residual: torch.Tensor,
 ) -> torch.Tensor:
-    # DeepseekV2Moe.forward after its router, then the layer's residual add, in their order.
+    # family.Moe.forward after its router, then the layer's residual add, in their order.
     routed = moe.experts(normed.view(-1, normed.shape[-1]), indices, weights).view(normed.shape)
     return residual + (routed + moe.shared_experts(normed))
 
 
-def _mlp(mlp: DeepseekV2MLP, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _mlp(mlp: family.MLP, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return residual + mlp(normed)
 
 
 def _body(
-    layer: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, in_graph: bool = False, **kwargs: Any
+    layer: family.DecoderLayer, hidden_states: torch.Tensor, in_graph: bool = False, **kwargs: Any
 ) -> torch.Tensor:
     hidden, normed = _region("attention", _attention, in_graph)(layer, hidden_states, **kwargs)
     mlp = layer.mlp
-    if isinstance(mlp, DeepseekV2Moe):
+    if isinstance(mlp, family.Moe):
         if not layer.moe_region:
             return hidden + mlp(normed)  # its modules' own regions and kernels (fusion.apply)
         _, weights, indices = mlp.gate(normed)
@@ -107,7 +104,7 @@ def checkpointed(layer: nn.Module) -> bool:
     return _recomputed(layer) and not layer.__dict__.get("recompute_in_graph", False)
 
 
-def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def _forward(self: family.DecoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     asked = _recomputed(self)
     if asked:  # as transformers' wrapper: no cache is written twice by a recomputation
         kwargs.update(use_cache=False, cache=None)
@@ -118,21 +115,20 @@ def _forward(self: DeepseekV2DecoderLayer, hidden_states: torch.Tensor, **kwargs
 
 def supported(layer: nn.Module) -> bool:
     """A DeepSeek-V2 decoder layer of the modules `_body` knows (RMSNorms, MLA, a SiLU MLP or a MoE)."""
-    from finetune.model.fusion import is_silu
 
-    if not isinstance(layer, DeepseekV2DecoderLayer) or not isinstance(layer.self_attn, DeepseekV2Attention):
+    if not isinstance(layer, family.DecoderLayer) or not isinstance(layer.self_attn, family.Attention):
         return False
     if not all(
-        isinstance(n, DeepseekV2RMSNorm) for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        isinstance(n, family.RMSNorm) for n in (layer.input_layernorm, layer.post_attention_layernorm)
     ):
         return False
     mlp = layer.mlp
-    if isinstance(mlp, DeepseekV2Moe):
+    if isinstance(mlp, family.Moe):
         mlp = mlp.shared_experts
-    return isinstance(mlp, DeepseekV2MLP) and is_silu(mlp.act_fn)
+    return isinstance(mlp, family.MLP) and is_silu(mlp.act_fn)
 
 
-def patch(layers: dict[DeepseekV2DecoderLayer, bool], *, recompute_in_graph: bool = True) -> None:
+def patch(layers: dict[family.DecoderLayer, bool], *, recompute_in_graph: bool = True) -> None:
     """Patch a model's `layers`, each mapped to its `moe_region`: the routed and shared experts as one
     region (the experts' module traces whole). `recompute_in_graph` (see the module docstring) applies
     only where every layer is all regions: an eager MoE would keep all its activations without torch's
@@ -145,9 +141,9 @@ def patch(layers: dict[DeepseekV2DecoderLayer, bool], *, recompute_in_graph: boo
         layer.recompute_in_graph = in_graph
 
 
-def all_regions(layer: DeepseekV2DecoderLayer) -> bool:
+def all_regions(layer: family.DecoderLayer) -> bool:
     """Whether both parts of a patched `layer` are compiled regions (no eager MoE between them)."""
-    return layer.moe_region or not isinstance(layer.mlp, DeepseekV2Moe)
+    return layer.moe_region or not isinstance(layer.mlp, family.Moe)
 
 
 def unpatch(layer: nn.Module) -> None:

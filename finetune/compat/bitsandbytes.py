@@ -1,4 +1,7 @@
-"""bitsandbytes' 4-bit ops on the CPU, in plain torch, so every CPU computes the same numbers.
+"""bitsandbytes internals: its CPU 4-bit ops replaced by plain torch, its CPU repacking switched off, its
+4-bit layer's quant-state repair called from our forward. Checked on bitsandbytes 0.48-0.50.
+
+bitsandbytes' 4-bit ops on the CPU, in plain torch, so every CPU computes the same numbers.
 
 bitsandbytes (0.49–0.50) routes CPU 4-bit work to native kernels chosen by the CPU's SIMD extensions.
 On AVX-512 machines (AMD EPYC, Intel Xeon) its NF4 dequantization treats each *row* as a run of blocks,
@@ -19,16 +22,48 @@ import warnings
 from collections.abc import Sequence
 from math import prod
 
+import bitsandbytes as bnb  # defines the ops and registers its own CPU kernels first
+import bitsandbytes.functional as bnbf
 import torch
+from bitsandbytes.nn import modules as bnb_modules
 
+from finetune.compat import Target, applying, declare, fail
+from finetune.compat import torch as compat_torch
+
+CHECKED = "0.48-0.50"
 _OPS = ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "gemv_4bit")
+
+CPU_KERNELS = declare(
+    "bitsandbytes.cpu_kernels",
+    "bitsandbytes",
+    CHECKED,
+    "registers plain-torch CPU kernels for bitsandbytes' 4-bit ops (the same numbers on every CPU: its "
+    "native AVX-512 kernels dequantize some shapes wrongly) and switches off the AVX512-BF16 repacking "
+    "that `Linear4bit` decides in __init__ (`has_avx512bf16`); process-wide, installed by the loaders",
+    Target("bitsandbytes.functional", "get_4bit_type"),
+    Target("bitsandbytes.nn.modules", "has_avx512bf16"),
+)
+NO_REPACKING = declare(
+    "bitsandbytes.no_cpu_repacking",
+    "bitsandbytes",
+    CHECKED,
+    "keeps each loaded `Linear4bit` off the AVX512-BF16 repacked eval path (its shape asserts) through "
+    "its `support_avx512bf16_for_cpu` flag",
+    Target("bitsandbytes.nn", "Linear4bit"),
+)
+QUANT_STATE = declare(
+    "bitsandbytes.quant_state_repair",
+    "bitsandbytes",
+    CHECKED,
+    "calls `Linear4bit`'s own quant-state repair (`fix_4bit_weight_quant_state_from_module`) before our "
+    "fused forward reads the state, as its forward does",
+    Target("bitsandbytes.nn.modules", "fix_4bit_weight_quant_state_from_module"),
+)
 
 
 @functools.cache
 def _code4(quant_type: str) -> torch.Tensor:
-    from bitsandbytes.functional import get_4bit_type
-
-    return get_4bit_type(quant_type, device="cpu")
+    return bnbf.get_4bit_type(quant_type, device="cpu")
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,18 +151,20 @@ def _register(name: str, fn) -> None:
     if "allow_override" not in inspect.signature(library.impl).parameters:
         # Older torch (2.11 on the H200 machines) refuses a second Python kernel for a key unless the key
         # is forgotten first; the dispatcher itself accepts the override.
-        torch.library._impls.discard(f"bitsandbytes/{name}/CPU")
+        compat_torch.forget_library_impl(f"bitsandbytes/{name}/CPU")
         library.impl(name, fn, "CPU")
     else:
         library.impl(name, fn, "CPU", allow_override=True)
 
 
 @functools.cache
-def install() -> None:
-    """Register the kernels above for bitsandbytes' CPU ops (idempotent); called before any model loads."""
-    import bitsandbytes  # noqa: F401  (defines the ops and registers its own CPU kernels first)
-    from bitsandbytes.nn import modules as bnb_modules
-
+def install_cpu_kernels() -> None:
+    """Register the kernels above for bitsandbytes' CPU ops (idempotent): the loaders call it before a
+    model is built or quantized, and the CLI at start."""
+    applying(CPU_KERNELS)
+    missing = [name for name in _OPS if not hasattr(torch.ops.bitsandbytes, name)]
+    if missing:
+        raise fail(CPU_KERNELS, f"no operator bitsandbytes::{missing[0]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that an existing CPU kernel is being replaced
         for name in _OPS:
@@ -138,8 +175,15 @@ def install() -> None:
 
 def no_cpu_repacking(model: torch.nn.Module) -> None:
     """Keep `Linear4bit` off bitsandbytes' AVX512-BF16 repacked format (eval path with shape asserts)."""
-    import bitsandbytes as bnb
-
+    applying(NO_REPACKING)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                raise fail(NO_REPACKING, "Linear4bit has no support_avx512bf16_for_cpu flag")
             module.support_avx512bf16_for_cpu = False
+
+
+def repair_quant_state(module: torch.nn.Module) -> None:
+    """What `Linear4bit.forward` does first: its weight's quant state restored from the module."""
+    applying(QUANT_STATE)
+    bnb_modules.fix_4bit_weight_quant_state_from_module(module)

@@ -1,0 +1,124 @@
+"""TRL internals: SFT's chunked LM head (replaced by ours under `model.kernels`), SFTTrainer's dataset
+preparation (run for `validate`'s token counts), GRPOTrainer's reference adapter and its logged
+completions. Checked on TRL 1.16."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from finetune.compat import Target, applying, declare, fail, resolve
+
+CHECKED = "1.16"
+_UTILS = "trl.trainer.utils"
+
+CHUNKED_HEAD = declare(
+    "trl.chunked_lm_head",
+    "trl",
+    CHECKED,
+    "finds the chunked LM-head forward SFTTrainer puts on the model (`add_fused_lm_head`'s nested "
+    "`_fused_forward`) and puts our head in its place while training, returning TRL's output type",
+    Target(_UTILS, "add_fused_lm_head"),
+    Target(_UTILS, "FusedCausalLMOutput"),
+)
+SFT_PREPARATION = declare(
+    "trl.sft_dataset_preparation",
+    "trl",
+    CHECKED,
+    "runs SFTTrainer's own `_prepare_dataset` (templating, EOS, tokenization, label masks) on a stand-in "
+    "holding the attributes its __init__ sets, so `validate` counts tokens as training will",
+    Target("trl.trainer.sft_trainer", "SFTTrainer._prepare_dataset"),
+    Target("trl.chat_template_utils", "get_training_chat_template"),
+    Target("trl.chat_template_utils", "has_generation_markers"),
+)
+GRPO_REFERENCE = declare(
+    "trl.grpo_reference_adapter",
+    "trl",
+    CHECKED,
+    "builds GRPOTrainer with beta 0 so it copies no PEFT adapter into a frozen 'ref' adapter (the copy "
+    "misses the routed-expert LoRA), then sets beta back: TRL's reference pass disables the adapter",
+    Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
+)
+GRPO_LOGS = declare(
+    "trl.grpo_logged_completions",
+    "trl",
+    CHECKED,
+    "reads the prompts, completions and per-reward values GRPOTrainer keeps for its own logging "
+    "(`_logs`), to write samples.jsonl",
+    Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
+)
+
+
+@functools.cache
+def _head_code() -> types.CodeType:
+    add = resolve(CHUNKED_HEAD, CHUNKED_HEAD.targets[0])
+    found = [
+        c for c in add.__code__.co_consts if isinstance(c, types.CodeType) and c.co_name == "_fused_forward"
+    ]
+    if len(found) != 1:
+        raise fail(
+            CHUNKED_HEAD, "add_fused_lm_head defines no `_fused_forward` (the chunked head was renamed)"
+        )
+    return found[0]
+
+
+def is_chunked_head(forward: Any) -> bool:
+    """Whether a module's instance `forward` is TRL's chunked LM head."""
+    applying(CHUNKED_HEAD)
+    code = getattr(getattr(forward, "__func__", None), "__code__", None)
+    return code is _head_code()
+
+
+def chunked_head_output(**fields: Any) -> Any:
+    """TRL's output type of the chunked head (loss, log_probs, entropy, ...)."""
+    applying(CHUNKED_HEAD)
+    return resolve(CHUNKED_HEAD, CHUNKED_HEAD.targets[1])(**fields)
+
+
+def prepare_sft_dataset(rows: Any, tokenizer: Any, args: Any, split: str) -> Any:
+    """SFTTrainer's preparation of `rows` under `args`, without building a trainer."""
+    applying(SFT_PREPARATION)
+    trainer = resolve(SFT_PREPARATION, Target("trl.trainer.sft_trainer", "SFTTrainer"))
+    templates = resolve(SFT_PREPARATION, Target("trl.chat_template_utils"))
+    sample = rows[0]
+    # As SFTTrainer.__init__ does before preparing: the tokenizer then hashes the same, so the trainer's
+    # own preparation of a file-backed dataset is a datasets cache hit instead of a second tokenization.
+    tokenizer.pad_token = getattr(args, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    template = None
+    if args.assistant_only_loss and not templates.has_generation_markers(tokenizer.chat_template):
+        template = templates.get_training_chat_template(tokenizer)
+    completion_only = args.completion_only_loss
+    if completion_only is None:
+        completion_only = "prompt" in sample and "completion" in sample
+    view = types.SimpleNamespace(
+        _tokenizer=tokenizer, chat_template=template, completion_only_loss=completion_only
+    )
+    return trainer._prepare_dataset(view, rows, tokenizer, args, False, None, split)
+
+
+@contextlib.contextmanager
+def no_reference_copy(config: Any) -> Iterator[Callable[[Any], None]]:
+    """While inside, `config.beta` is 0 (GRPOTrainer's constructor copies no 'ref' adapter); yields a
+    function that gives the built trainer its beta back."""
+    applying(GRPO_REFERENCE)
+    beta, config.beta = config.beta, 0.0
+
+    def restore(trainer: Any) -> None:
+        trainer.beta = beta
+
+    try:
+        yield restore
+    finally:
+        config.beta = beta
+
+
+def logged(trainer: Any) -> dict[str, Any]:
+    """The trainer's own log of this logging window: `prompt`, `completion` and `rewards` (name → values)."""
+    applying(GRPO_LOGS)
+    logs = getattr(trainer, "_logs", None)
+    if not isinstance(logs, dict) or not {"prompt", "completion", "rewards"} <= set(logs):
+        raise fail(GRPO_LOGS, "GRPOTrainer keeps no `_logs` with prompt, completion and rewards")
+    return logs
