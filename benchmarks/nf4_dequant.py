@@ -113,7 +113,11 @@ def main() -> None:
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device cpu runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
     if not cuda:
-        import finetune.model  # noqa: F401  (exact plain-torch CPU 4-bit ops: bitsandbytes' reference)
+        from finetune.compat.bitsandbytes import (
+            install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+        )
+
+        install_cpu_kernels()
 
     dtype = getattr(torch, args.dtype)
     results = results_head(args, torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)")

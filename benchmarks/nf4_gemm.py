@@ -200,7 +200,11 @@ def main() -> None:
     args = parser.parse_args()
     DEVICE, CUDA = args.device, args.device.startswith("cuda")
     if not CUDA:
-        import finetune.model  # noqa: F401  (exact CPU 4-bit kernels for bitsandbytes)
+        from finetune.compat.bitsandbytes import (
+            install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+        )
+
+        install_cpu_kernels()
 
     results = results_head(args, torch.cuda.get_device_name() if CUDA else "cpu")
 

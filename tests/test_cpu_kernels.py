@@ -112,7 +112,8 @@ def test_linear4bit_built_after_install_has_no_repacking():
 _ROUND_TRIPS = """
 import sys, torch
 import bitsandbytes.functional as F
-import finetune.model  # installs the CPU kernels
+from finetune.compat.bitsandbytes import install_cpu_kernels
+install_cpu_kernels()
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for i, (shape, blocksize) in enumerate(SHAPES):
     # Integer arithmetic, not torch.randn: its vectorised sampler differs by capability (the input would).

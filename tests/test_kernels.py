@@ -79,7 +79,11 @@ def _run_cases() -> dict:
     import bitsandbytes.functional as bnbf
     import torch
 
-    import finetune.model  # noqa: F401  (plain-torch CPU 4-bit kernels: the reference dequantization)
+    from finetune.compat.bitsandbytes import (
+        install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+    )
+
+    install_cpu_kernels()
     from finetune.kernels.nf4_grouped import NF4Weight, nf4_grouped_linear, nf4_grouped_mm
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:

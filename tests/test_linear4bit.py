@@ -9,7 +9,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import finetune.model  # noqa: F401  (installs the exact CPU 4-bit ops)
 from finetune.fast import linear4bit
 
 

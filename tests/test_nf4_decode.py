@@ -45,7 +45,11 @@ def build(case: str, seed: int):  # type: ignore[no-untyped-def]
     import bitsandbytes.functional as bnbf
     import torch
 
-    import finetune.model  # noqa: F401  (exact plain-torch CPU 4-bit ops: the reference dequantization)
+    from finetune.compat.bitsandbytes import (
+        install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+    )
+
+    install_cpu_kernels()
     from finetune.model.experts import NF4Experts
 
     e, n, k, qb, dq, tokens, top_k, dtype_name, via_module = CASES[case]
@@ -93,7 +97,11 @@ def identity_case():  # type: ignore[no-untyped-def]
     import bitsandbytes.functional as bnbf
     import torch
 
-    import finetune.model  # noqa: F401
+    from finetune.compat.bitsandbytes import (
+        install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+    )
+
+    install_cpu_kernels()
 
     e, n, k = 3, 40, 128
     gen = torch.Generator().manual_seed(7)

@@ -18,7 +18,11 @@ pytestmark = [
 
 
 def _case(n: int, k: int, experts: int, rows: int, double_quant: bool, seed: int):  # type: ignore[no-untyped-def]
-    import finetune.model  # noqa: F401
+    from finetune.compat.bitsandbytes import (
+        install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+    )
+
+    install_cpu_kernels()
     from finetune.fast import decode
     from finetune.model.experts import NF4Experts
 

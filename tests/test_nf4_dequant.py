@@ -9,7 +9,7 @@ graph and the input errors run in this process; the `gpu` cases compare with bit
 
 Weights are quantized by bitsandbytes (`quantize_4bit` of the whole [E, N, K] tensor, or
 `NF4Experts.from_weights`); the reference is bitsandbytes' CPU `dequantize_4bit` with the project's
-plain-torch CPU ops installed (`import finetune.model`: the same numbers on every CPU). Shapes are tiny
+plain-torch CPU ops installed (`compat.bitsandbytes.install_cpu_kernels`: the same numbers on every CPU). Shapes are tiny
 and the launch block small (64..256 bytes, 128..512 values a program) so every case spans several
 programs; cases cover double quantization on and off, blocksizes 32/64/128/256, fp32/bf16/fp16
 output, a numel that is not a multiple of the program's values (masked tail), an odd numel, one that
@@ -51,7 +51,11 @@ def quantized(case: str, seed: int):  # type: ignore[no-untyped-def]
     """(packed, QuantState with the case's output dtype, bitsandbytes' dequantization) for one case."""
     import bitsandbytes.functional as bnbf
 
-    import finetune.model  # noqa: F401  (exact plain-torch CPU 4-bit ops: the reference)
+    from finetune.compat.bitsandbytes import (
+        install_cpu_kernels,  # exact plain-torch CPU 4-bit ops: the reference
+    )
+
+    install_cpu_kernels()
 
     shape, qb, dq, dtype_name, _ = CASES[case]
     gen = torch.Generator().manual_seed(seed)
