@@ -569,13 +569,19 @@ def fill_lengths(report: SplitReport, lengths: list[int]) -> None:
     report.p50, report.p95, report.max = percentile(ordered, 0.5), percentile(ordered, 0.95), ordered[-1]
 
 
+def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> str:
+    """A prompt as generation reads it: text as it is, a conversation through the chat template with the
+    assistant turn opened (`finetune.heldout`, and GRPO's prompt lengths as TRL templates them)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 def measure_prompts(report: SplitReport, prompts: list, *, tokenizer: Any, max_new_tokens: int) -> None:
     """Token lengths of held-out prompts as `finetune.heldout` feeds them to `generate` (never truncated)."""
-    from finetune.heldout import _prompt_text
-
     lengths = []
     for prompt in prompts:
-        text = _prompt_text(tokenizer, prompt)
+        text = prompt_text(tokenizer, prompt)
         lengths.append(len(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]))
     report.kept = len(lengths)
     report.note = f"prompt tokens; generation adds up to {max_new_tokens}"

@@ -12,8 +12,10 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, heap, rundir
+from finetune import data, distributed, heap, rundir, stagetypes
+from finetune.errors import UserError
 from finetune.model import adapters, fsdp, fusion, generation, routing
+from finetune.stagetypes import STAGE_TYPES
 
 
 def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
@@ -52,8 +54,6 @@ def fit(
     neither wraps it in DDP nor shards it again, and every rank takes part in the save."""
     sharded = distributed.fsdp_launch()
     if sharded:
-        from finetune.errors import UserError
-
         if resume_from is not None:
             raise UserError(
                 f"{resume_from}: a run does not resume under FSDP (its checkpoints are off); run it again "
@@ -173,8 +173,6 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
     """bf16 the trainer would refuse (no GPU) or crash on (CPU autocast over a non-bf16 model)."""
     import torch
 
-    from finetune.errors import UserError
-
     if not arguments.get("bf16") or (ctx.cuda and not arguments.get("use_cpu")):
         return
     key = f"stages.{name}.train.bf16"
@@ -192,14 +190,9 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
         )
 
 
-# Stage types that train under an FSDP launch (`fit` shards the model; every rank saves and checks).
-FSDP_TYPES = ("sft", "reward", "classify")
-
-
 def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
-    """What an FSDP launch (`distributed.fsdp_launch`) cannot train; nothing without one."""
-    from finetune.errors import UserError
-
+    """What an FSDP launch (`distributed.fsdp_launch`) cannot train; nothing without one. The stage types
+    that train under it (`fit` shards the model; every rank saves and checks) declare `fsdp`."""
     train = f"stages.{name}.train"
     if getattr(args, "fsdp", None):
         raise UserError(
@@ -209,10 +202,10 @@ def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
     if not distributed.fsdp_launch():
         return
     ddp = "launch it with recipes/accelerate/ddp.yaml (the whole 4-bit model on every GPU)"
-    if kind not in FSDP_TYPES:
+    if not STAGE_TYPES[kind].fsdp:
         raise UserError(
             f"stages.{name}: a type: {kind} stage does not train under FSDP yet (only "
-            f"{', '.join(FSDP_TYPES)}: docs/recipes.md, Several GPUs); {ddp}"
+            f"{', '.join(stagetypes.types_with('fsdp'))}: docs/recipes.md, Several GPUs); {ddp}"
         )
     if ctx.model_kwargs.get("quantization", "nf4") != "nf4":
         raise UserError(
@@ -235,8 +228,6 @@ def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
 def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     """Trainer settings that TRL's config accepts but `Trainer` itself refuses once a run has started."""
     from transformers.integrations import integration_utils
-
-    from finetune.errors import UserError
 
     train = f"stages.{name}.train"
     if distributed.world_size() > 1 and args.world_size == 1:
