@@ -15,7 +15,6 @@ import json
 import math
 import re
 import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict
 
+from finetune.compat import CompatError
+from finetune.compat import trl as compat_trl
 from finetune.errors import UserError, first_line
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -465,38 +466,16 @@ def suggest_max_length(p95: int, longest: int) -> int:
     return max(64, math.ceil(target / 64) * 64)
 
 
-def _trainer_view(tokenizer: Any, args: Any, rows: Dataset) -> Any:
-    """The attributes of an SFTTrainer that its `_prepare_dataset` reads, set as its __init__ sets them."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    sample = rows[0]
-    # As SFTTrainer.__init__ does before preparing: the tokenizer then hashes the same, so the trainer's
-    # own preparation of a file-backed dataset is a datasets cache hit instead of a second tokenization.
-    tokenizer.pad_token = getattr(args, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
-    template = None
-    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        template = get_training_chat_template(tokenizer)
-    completion_only = args.completion_only_loss
-    if completion_only is None:
-        completion_only = "prompt" in sample and "completion" in sample
-    return types.SimpleNamespace(
-        _tokenizer=tokenizer, chat_template=template, completion_only_loss=completion_only
-    )
-
-
 def tokenize_like_trainer(rows: Dataset, *, tokenizer: Any, args: Any, split: str) -> Dataset:
     """`input_ids` and `labels` (-100 where no loss) of every row, before truncation and packing.
 
     Runs TRL's own `SFTTrainer._prepare_dataset` (templating, EOS, tokenization, label masks) with
     `max_length=None`, so the counts are the trainer's; truncation is then applied by `measure`.
     """
-    from trl import SFTTrainer
-
     full = copy.copy(args)
     full.max_length, full.shuffle_dataset = None, False
-    view = _trainer_view(tokenizer, args, rows)
     with _quiet(len(rows) < _QUIET_ROWS):
-        prepared = SFTTrainer._prepare_dataset(view, rows, tokenizer, full, False, None, split)  # type: ignore[arg-type]
+        prepared = compat_trl.prepare_sft_dataset(rows, tokenizer, full, split)
     return prepared.select_columns(["input_ids", "labels"])
 
 
@@ -519,7 +498,7 @@ def measure(
     """
     try:
         prepared = tokenize_like_trainer(rows, tokenizer=tokenizer, args=args, split=report.split)
-    except AttributeError:  # TRL's preparation reads a trainer attribute `_trainer_view` lacks: a bug here
+    except CompatError:  # TRL's preparation changed: its own one-line error
         raise
     except Exception as err:  # a template that cannot render these rows, assistant masks missing, ...
         raise UserError(f"{key}: the trainer cannot template these rows: {first_line(err)}") from err
@@ -569,13 +548,19 @@ def fill_lengths(report: SplitReport, lengths: list[int]) -> None:
     report.p50, report.p95, report.max = percentile(ordered, 0.5), percentile(ordered, 0.95), ordered[-1]
 
 
+def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> str:
+    """A prompt as generation reads it: text as it is, a conversation through the chat template with the
+    assistant turn opened (`finetune.heldout`, and GRPO's prompt lengths as TRL templates them)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 def measure_prompts(report: SplitReport, prompts: list, *, tokenizer: Any, max_new_tokens: int) -> None:
     """Token lengths of held-out prompts as `finetune.heldout` feeds them to `generate` (never truncated)."""
-    from finetune.heldout import _prompt_text
-
     lengths = []
     for prompt in prompts:
-        text = _prompt_text(tokenizer, prompt)
+        text = prompt_text(tokenizer, prompt)
         lengths.append(len(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]))
     report.kept = len(lengths)
     report.note = f"prompt tokens; generation adds up to {max_new_tokens}"

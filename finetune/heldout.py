@@ -6,13 +6,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from finetune import data
 from finetune.fast import generation
-
-
-def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -44,7 +39,7 @@ def exact_match(
         with generation.compiled_decoding(model, generation.enabled(kernels, model)) as extra:
             for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
                 chunk = prompts[start : start + batch_size]
-                texts = [_prompt_text(tokenizer, p) for p in chunk]
+                texts = [data.prompt_text(tokenizer, p) for p in chunk]
                 # Chat templates already carry their special tokens; raw text prompts get BOS as in training.
                 plain = all(isinstance(p, str) for p in chunk)
                 batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(

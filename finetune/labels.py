@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 from finetune.errors import UserError
+from finetune.rundir import save_figure
 
 
 @dataclass
@@ -280,8 +281,6 @@ def plot_confusion(
     import matplotlib.pyplot as plt
     import numpy as np
     from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
-
-    from finetune.rundir import save_figure
 
     n = len(label_names)
     if multi_label:

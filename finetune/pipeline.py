@@ -13,13 +13,13 @@ import torch
 
 from finetune import family, rundir
 from finetune import recipe as recipe_mod
+from finetune.context import StageContext
 from finetune.distributed import barrier, is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
-from finetune.model.load import Source, model_skeleton, resolve_source
+from finetune.model.load import model_skeleton, resolve_source
 from finetune.recipe import AdapterConfig, Recipe
 from finetune.stages import REGISTRY
-from finetune.stages.context import StageContext
 
 
 @dataclass
@@ -82,39 +82,8 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
             raise UserError(f"adapter.experts: layer {index}: no expert {bad[0]} (0..{n - 1})")
 
 
-def context(recipe: Recipe, source: Source) -> StageContext:
-    m, a = recipe.model, recipe.adapter
-    return StageContext(
-        name=recipe.name,
-        seed=recipe.seed,
-        output_dir=Path(recipe.output_dir),
-        source=source,
-        model_kwargs=dict(
-            quantization=m.quantization,
-            dtype=m.dtype,
-            double_quant=m.double_quant,
-            blocksize=m.blocksize,
-            attn_implementation=m.attn_implementation,
-            experts_implementation=m.experts_implementation,
-            seed=m.seed,
-        ),
-        aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
-        kernels=m.kernels,
-        stages={name: stage.type for name, stage in recipe.stages.items()},
-        adapter_kwargs=dict(
-            r=a.r,
-            alpha=a.alpha,
-            dropout=a.dropout,
-            targets=a.targets,
-            expert_r=a.expert_r,
-            expert_alpha=a.expert_alpha,
-            router=a.router,
-            trainable_modules=a.trainable_modules,
-            experts=None
-            if a.experts == "all"
-            else {k: None if v == "all" else v for k, v in a.experts.items()},
-        ),
-    )
+# The stage context of a recipe (built by the recipe module; kept here under its earlier name).
+context = recipe_mod.stage_context
 
 
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:

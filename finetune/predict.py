@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
-from finetune import labels, scoring
+from finetune import data, labels, rundir, scoring
+from finetune import recipe as recipe_mod
 from finetune.errors import UserError, first_line
-
-KINDS = ("classify", "reward")
+from finetune.model import adapters
+from finetune.model.load import resolve_source
+from finetune.stagetypes import STAGE_TYPES
 
 
 @dataclass
@@ -39,18 +41,14 @@ class Predictor:
         """A finished `classify` or `reward` stage of a run folder, loaded as the run loaded its model."""
         from transformers import AutoTokenizer
 
-        from finetune import pipeline
-        from finetune.model import adapters
-        from finetune.model.load import resolve_source
-
         recipe, kind, head = stage_of(stage_dir)
         folder = Path(stage_dir) / "adapter"
         names = head.get("labels") or ["score"]
         multi = bool(head.get("multi_label"))
-        ctx = pipeline.context(recipe, resolve_source(recipe.model.preset, recipe.model.path))
+        ctx = recipe_mod.stage_context(recipe, resolve_source(recipe.model.preset, recipe.model.path))
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = ctx.base_model(
-            "seq_cls",
+            STAGE_TYPES[kind].head,
             num_labels=len(names),
             pad_token_id=tokenizer.pad_token_id,
             labels=names if kind == "classify" else None,
@@ -109,9 +107,6 @@ class Predictor:
 
 def stage_of(stage_dir: str | Path) -> tuple[Any, str, dict[str, Any]]:
     """(the run's recipe, the stage type, its head description) of a finished classify or reward stage."""
-    from finetune import recipe as recipe_mod
-    from finetune.model.adapters import HEAD_FILE
-
     stage_dir = Path(stage_dir)
     run_dir, name = stage_dir.parent, stage_dir.name
     recipe_path = run_dir / "recipe.yaml"
@@ -121,11 +116,11 @@ def stage_of(stage_dir: str | Path) -> tuple[Any, str, dict[str, Any]]:
     stage = recipe.stages.get(name)
     if stage is None:
         raise UserError(f"{stage_dir}: the run has no stage {name!r} (stages: {', '.join(recipe.stages)})")
-    if stage.type not in KINDS:
+    if not STAGE_TYPES[stage.type].predict:
         raise UserError(
             f"{stage_dir}: predict needs a classify or reward stage; {name!r} is a {stage.type} stage"
         )
-    head_file = stage_dir / "adapter" / HEAD_FILE
+    head_file = stage_dir / "adapter" / adapters.HEAD_FILE
     if not head_file.is_file():
         raise UserError(f"{stage_dir}: the stage has not finished (no {head_file}); run it first")
     return recipe, stage.type, json.loads(head_file.read_text())
@@ -162,8 +157,6 @@ def items_of(kind: str, rows: Sequence[dict[str, Any]], key: str) -> tuple[str, 
 def predict_file(stage_dir: str | Path, source: str, output: str | Path, *, batch_size: int = 8) -> int:
     """`finetune predict`: read `source` (a local file, or a Hub dataset's train split), write one JSON
     row per input row to `output`; returns the row count. Nothing is written on bad input."""
-    from finetune import data, rundir
-
     output = Path(output)
     if output.is_dir():
         raise UserError(f"--output: {output} is a folder; give a file such as predictions.jsonl")

@@ -22,7 +22,9 @@ from pydantic import (
     field_validator,
 )
 
+from finetune.context import StageContext
 from finetune.errors import UserError
+from finetune.model.load import Source
 from finetune.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
     OWNED_TRAIN_KEYS,
     TRAIN_BOUNDS,
@@ -40,15 +42,14 @@ from finetune.schema import (  # noqa: F401  (re-exported: the recipe's sections
     _typed,
     train_arguments,
 )
+from finetune.stagetypes import STAGE_TYPES
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
 
 
 def _stage_union() -> Any:
     """The stage schemas of the registry, told apart by their `type` (one schema: that schema)."""
-    from finetune.stages import REGISTRY
-
-    schemas = tuple(module.Schema for module in REGISTRY.values())
+    schemas = tuple(t.schema for t in STAGE_TYPES.values())
     if len(schemas) == 1:
         return schemas[0]
     return Annotated[typing.Union[schemas], Field(discriminator="type")]  # noqa: UP007
@@ -59,16 +60,14 @@ Stage = _stage_union()
 
 def _known_type(stage_type: Any) -> str:
     """`stage_type` if registered, else the first registered type (to name keys before validation)."""
-    from finetune.stages import REGISTRY
-
-    return stage_type if isinstance(stage_type, str) and stage_type in REGISTRY else next(iter(REGISTRY))
+    if isinstance(stage_type, str) and stage_type in STAGE_TYPES:
+        return stage_type
+    return next(iter(STAGE_TYPES))
 
 
 def stage_schema(stage_type: Any) -> type[BaseModel]:
     """The schema of a stage type (see `_known_type` for a type the registry does not have)."""
-    from finetune.stages import REGISTRY
-
-    return REGISTRY[_known_type(stage_type)].Schema
+    return STAGE_TYPES[_known_type(stage_type)].schema
 
 
 class Recipe(Strict):
@@ -89,12 +88,51 @@ class Recipe(Strict):
                 raise ValueError(f"stage name {name!r} may only hold letters, digits, '-' and '_'")
         return stages
 
+    def to_yaml(self) -> str:
+        """The recipe as YAML text (`dump`; `rundir.write_recipe` writes it into the run folder)."""
+        return yaml.dump(self.model_dump(exclude_none=True), Dumper=_Dumper, sort_keys=False)
+
+
+def stage_context(recipe: Recipe, source: Source | None) -> StageContext:
+    """What the stages of `recipe` get (`finetune.context`): its model and adapter sections as the plain
+    arguments of `load_model` and `attach`. The pipeline, `predict` and `finetune eval` build it here."""
+    m, a = recipe.model, recipe.adapter
+    return StageContext(
+        name=recipe.name,
+        seed=recipe.seed,
+        output_dir=Path(recipe.output_dir),
+        source=source,
+        model_kwargs=dict(
+            quantization=m.quantization,
+            dtype=m.dtype,
+            double_quant=m.double_quant,
+            blocksize=m.blocksize,
+            attn_implementation=m.attn_implementation,
+            experts_implementation=m.experts_implementation,
+            seed=m.seed,
+        ),
+        aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
+        kernels=m.kernels,
+        stages={name: stage.type for name, stage in recipe.stages.items()},
+        adapter_kwargs=dict(
+            r=a.r,
+            alpha=a.alpha,
+            dropout=a.dropout,
+            targets=a.targets,
+            expert_r=a.expert_r,
+            expert_alpha=a.expert_alpha,
+            router=a.router,
+            trainable_modules=a.trainable_modules,
+            experts=None
+            if a.experts == "all"
+            else {k: None if v == "all" else v for k, v in a.experts.items()},
+        ),
+    )
+
 
 def trainer_config_class(stage_type: str) -> type | None:
     """The TRL config dataclass whose fields `stages.<name>.train` may set (None: the type trains nothing)."""
-    from finetune.stages import REGISTRY
-
-    return REGISTRY[stage_type].TRAINER_CONFIG
+    return STAGE_TYPES[stage_type].trainer_config
 
 
 @functools.cache
@@ -129,11 +167,9 @@ def _fields_at(loc: tuple) -> list[str]:
             return []
         node = field.annotation
         if key == "stages":
-            from finetune.stages import REGISTRY
-
             # Skip the stage name; with several stage types pydantic adds the `type` tag after it.
-            tag = loc[i + 2] if len(REGISTRY) > 1 and len(loc) > i + 2 else None
-            node, i = stage_schema(tag), i + (2 if tag in REGISTRY else 1)
+            tag = loc[i + 2] if len(STAGE_TYPES) > 1 and len(loc) > i + 2 else None
+            node, i = stage_schema(tag), i + (2 if tag in STAGE_TYPES else 1)
         args = [a for a in typing.get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)]
         node = args[0] if args else node
         if not (isinstance(node, type) and issubclass(node, BaseModel)):
@@ -154,10 +190,8 @@ def _explain(err: ValidationError, source: str) -> UserError:
     # Of a union's failed members, the one that got deepest into the value says the most.
     first = max(err.errors(), key=lambda e: len(untagged(e["loc"])))
     loc = untagged(first["loc"])
-    from finetune.stages import REGISTRY
-
     # With several stage types pydantic puts the stage's `type` tag after its name: not a key to show.
-    tagged = len(loc) > 2 and loc[0] == "stages" and loc[2] in REGISTRY
+    tagged = len(loc) > 2 and loc[0] == "stages" and loc[2] in STAGE_TYPES
     path = _dotted(loc[:2] + loc[3:] if tagged else loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
@@ -166,11 +200,11 @@ def _explain(err: ValidationError, source: str) -> UserError:
     if kind == "missing":
         return UserError(f"{source}: missing key `{path}`")
     if kind == "union_tag_not_found":
-        return UserError(f"{source}: missing key `{path}.type` (stage types: {', '.join(REGISTRY)})")
+        return UserError(f"{source}: missing key `{path}.type` (stage types: {', '.join(STAGE_TYPES)})")
     if kind == "union_tag_invalid":
         tag = first.get("ctx", {}).get("tag")
         return UserError(
-            f"{source}: `{path}.type`: no stage type {tag!r} (stage types: {', '.join(REGISTRY)})"
+            f"{source}: `{path}.type`: no stage type {tag!r} (stage types: {', '.join(STAGE_TYPES)})"
         )
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
@@ -456,4 +490,4 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
 
 
 def dump(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.dump(recipe.model_dump(exclude_none=True), Dumper=_Dumper, sort_keys=False))
+    path.write_text(recipe.to_yaml())

@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 
 from finetune.distributed import is_primary
 from finetune.errors import UserError, first_line
+from finetune.model import adapters
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -186,11 +187,7 @@ def write_recipe(recipe: Recipe, output_dir: Path, *, resumed: Recipe | None = N
     resolved = recipe.model_copy(update={"provenance": provenance})
     tmp = _temporary(output_dir / "recipe.yaml", "tmp")
     try:
-        from finetune.recipe import (
-            dump,  # not at import: the recipe module imports the stages, which import this
-        )
-
-        dump(resolved, tmp)
+        tmp.write_text(resolved.to_yaml())
         os.replace(tmp, output_dir / "recipe.yaml")
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -384,8 +381,6 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | Path) -> N
     """
     from peft import set_peft_model_state_dict
 
-    from finetune.model import adapters
-
     checkpoint = Path(checkpoint)
     with adapters.exact_targets():
         result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
@@ -409,8 +404,6 @@ class CompleteCheckpoints(TrainerCallback):
         if not state.is_world_process_zero or model is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        from finetune.model import adapters
-
         experts, routers = adapters.extra_tensors(model)
         try:
             if experts:

@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from finetune import distributed
+from finetune.errors import UserError
+
 # ------------------------------------------------------------------------------- values typed by schema
 
 
@@ -213,10 +216,8 @@ def train_arguments(stage: Any, *, dtype: str, cuda: bool) -> dict[str, Any]:
         "fp16": dtype == "float16" and cuda,
         "dataloader_pin_memory": cuda,
     }
-    from finetune.distributed import fsdp_launch
-
     # Checkpoints are not written under FSDP (their routed-expert LoRA is saved by rank 0 alone).
-    defaults = {**TRAIN_DEFAULTS, "save_strategy": "no"} if fsdp_launch() else TRAIN_DEFAULTS
+    defaults = {**TRAIN_DEFAULTS, "save_strategy": "no"} if distributed.fsdp_launch() else TRAIN_DEFAULTS
     return split_global_batch({**defaults, **precision, **stage.train}, stage)
 
 
@@ -224,10 +225,7 @@ def split_global_batch(arguments: dict[str, Any], stage: Any) -> dict[str, Any]:
     """The recipe's batch (per_device_train_batch_size × gradient_accumulation_steps) is the global batch
     whatever the number of processes: under N processes the accumulation steps, else the per-device
     batch, are divided by N, so a recipe trains the same way on 1 or N GPUs."""
-    from finetune.distributed import world_size
-    from finetune.errors import UserError
-
-    n = world_size()
+    n = distributed.world_size()
     if n == 1:
         return arguments
     per_device = arguments.get("per_device_train_batch_size", 8)

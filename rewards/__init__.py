@@ -3,6 +3,10 @@
 `resolve("exact_match")` looks in REGISTRY; `resolve("my_pkg.my_module:fn")` (or a dotted path) imports a
 user's function. `build(name, **arguments)` binds a recipe's arguments to a reward (checked against its
 keyword-only parameters); `guarded(reward)` names the reward and the row when a reward fails.
+
+The package imports nothing of `finetune`. `reward_model` (a trained reward stage as a reward) loads a
+model, so `finetune` provides it and puts it in with `register`; until then its name is held by a
+placeholder with the same arguments, which says so when called.
 """
 
 from __future__ import annotations
@@ -19,9 +23,22 @@ from rewards.exact import exact_match, similarity
 from rewards.format import format as format_reward
 from rewards.length import length as length_reward
 from rewards.math import math_accuracy
-from rewards.model import reward_model
 
 Reward = Callable[..., list[float | None]]
+
+
+def reward_model(
+    completions: list, prompts: list | None = None, *, stage: str, batch_size: int = 8, **kwargs
+) -> list[float]:
+    """A trained reward model's score of each prompt + completion (`stage`: a reward stage's folder,
+    `RUN_DIR/STAGE`, or in a recipe an earlier `type: reward` stage). Provided by `finetune`
+    (`finetune.stages.reward_model`, registered when a GRPO stage builds its rewards); this placeholder
+    holds its name and arguments."""
+    raise RuntimeError(
+        "reward 'reward_model' is provided by finetune: call finetune.stages.reward_model.register() "
+        "first (a GRPO stage does)"
+    )
+
 
 # format and length are imported under other names: binding those names here would hide the submodules
 # rewards.format and rewards.length.
@@ -39,6 +56,11 @@ REGISTRY: dict[str, Reward] = {
 TRAINER_COLUMNS = {"completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric"}
 
 logger = logging.getLogger(__name__)
+
+
+def register(name: str, fn: Reward) -> None:
+    """Make `fn` the reward called `name` (`resolve`, recipes' `rewards: [{name: ...}]`)."""
+    REGISTRY[name] = fn
 
 
 class RewardError(ValueError):

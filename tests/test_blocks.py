@@ -9,9 +9,9 @@ import torch
 from test_fusion import IDS, _model, _rel, _step
 
 from finetune import family
+from finetune.compat import torch as compat_torch
 from finetune.fast import blocks, fusion
 from finetune.model import adapters
-from finetune.model import experts as experts_module
 from finetune.model.experts import NF4Experts
 
 
@@ -31,7 +31,7 @@ def _grouped_mm_reference(x, w, offs):
 
 @pytest.fixture
 def fp32_grouped(monkeypatch):
-    monkeypatch.setattr(experts_module, "_grouped_mm_op", lambda: _grouped_mm_reference)
+    monkeypatch.setattr(compat_torch, "grouped_mm", lambda: _grouped_mm_reference)
 
 
 @pytest.fixture

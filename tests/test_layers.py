@@ -45,7 +45,23 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 CLIMBS: dict[tuple[str, str], str] = {}
 
 # Imports of the project's own modules inside functions: only to defer a heavy optional dependency.
-DEFERRED: dict[tuple[str, str], str] = {}
+_CLI = "the CLI loads torch / transformers only once a verb runs: --help, --version stay fast and quiet.library_noise_off runs before libraries load"
+_TRITON = "the Triton kernels import triton, which CPU-only torch builds lack: loaded only where a kernel runs (CUDA)"
+DEFERRED: dict[tuple[str, str], str] = {
+    ("finetune.cli", "finetune.recipe"): _CLI,
+    ("finetune.cli", "finetune.pipeline"): _CLI,
+    ("finetune.cli", "finetune.data"): _CLI,
+    ("finetune.cli", "finetune.distributed"): _CLI,
+    ("finetune.cli", "finetune.predict"): _CLI,
+    ("finetune.cli", "finetune.bench.fetch"): _CLI,
+    ("finetune.cli", "finetune.bench.harness"): _CLI,
+    ("finetune.cli", "finetune.model.inspect"): _CLI,
+    ("finetune.cli", "finetune.model.export"): _CLI,
+    ("finetune.model.experts", "finetune.kernels.nf4_dequant"): _TRITON,
+    ("finetune.model.experts", "finetune.kernels.nf4_decode"): _TRITON,
+    ("finetune.fast.linear4bit", "finetune.kernels.nf4_dequant"): _TRITON,
+    ("finetune.fast.decode", "finetune.kernels.nf4_pairs"): _TRITON,
+}
 
 
 def _modules() -> dict[str, Path]:

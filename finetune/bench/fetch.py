@@ -6,8 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from finetune import data, rundir
+from finetune import recipe as recipe_mod
 from finetune.bench import spec as specs
 from finetune.errors import UserError, first_line
+from finetune.model.load import load_model, load_tokenizer, resolve_source
+from finetune.model.presets import EMBEDDED
 
 
 def default_path(name: str) -> Path:
@@ -18,8 +24,6 @@ def default_path(name: str) -> Path:
 def fetch(name: str, *, out: str | None = None, source: str | None = None) -> Path:
     """The benchmark's full test split as JSONL with the Hub's fields: from the Hub (`datasets`), or
     converted from a local file (`source`: JSONL, JSON, CSV, Parquet) already holding those fields."""
-    from finetune import data
-
     spec = specs.load(name)
     path = Path(out) if out else default_path(spec.name)
     if source is not None:
@@ -37,8 +41,6 @@ def fetch(name: str, *, out: str | None = None, source: str | None = None) -> Pa
                 f"benchmark {spec.name}: cannot load {hub.path} ({hub.config or 'default'}, {hub.split}) from the "
                 f"Hub: {first_line(err)}; download it elsewhere and use --from FILE"
             ) from None
-    from finetune import rundir
-
     path.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     return path
@@ -48,24 +50,15 @@ def recipe_kernels(recipe_path: str | None) -> str:
     """`model.kernels` of the recipe, or the default without one."""
     if recipe_path is None:
         return "auto"
-    from finetune import recipe
-
-    return recipe.load(recipe_path).model.kernels
+    return recipe_mod.load(recipe_path).model.kernels
 
 
 def base_model(recipe_path: str | None, model: str | None) -> tuple[Any, Any]:
     """The base model and tokenizer: as a recipe loads them, or from a preset / folder / Hub id with the
     toolkit's defaults (NF4, bf16 on a GPU, fp32 on the CPU)."""
-    import torch
-
-    from finetune.model.load import load_model, load_tokenizer, resolve_source
-    from finetune.model.presets import EMBEDDED
-
     if recipe_path is not None:
-        from finetune import pipeline, recipe
-
-        r = recipe.load(recipe_path)
-        ctx = pipeline.context(r, resolve_source(r.model.preset, r.model.path))
+        r = recipe_mod.load(recipe_path)
+        ctx = recipe_mod.stage_context(r, resolve_source(r.model.preset, r.model.path))
         return ctx.base_model(), ctx.tokenizer()
     assert model is not None
     source = (

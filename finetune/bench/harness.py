@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune import rundir
-from finetune.bench import run
+from finetune import distributed, labels, rundir
+from finetune.bench import lm_eval_bridge, run
 from finetune.bench import spec as specs
 from finetune.errors import UserError
+from finetune.model import adapters
+from finetune.predict import Predictor
 
 
 @dataclass
@@ -80,8 +82,6 @@ def evaluate(
     assert load_base is not None
     model, tokenizer = load_base()
     results = {}
-    from finetune.model import adapters
-
     for c in candidates:
         # A classifier adapter answers the classification benchmarks; the base and causal-LM adapters the others.
         mine = [s for s in loaded if isinstance(s, specs.Classification) == c.classifier]
@@ -114,8 +114,6 @@ def evaluate(
 
 def _sharded(fn, items: list, *args: Any, **kwargs: Any) -> Any:
     """`fn` over this process's share of `items`, the results gathered in order (several processes)."""
-    from finetune import distributed
-
     return distributed.unshard(fn(distributed.shard(items), *args, **kwargs), len(items))
 
 
@@ -163,8 +161,6 @@ def _lm_eval(
     tasks: list[str], model: Any, tokenizer: Any, include: str | None, limit: int | None, batch_size: int
 ) -> dict[str, run.Outcome]:
     """lm-evaluation-harness tasks on the loaded model, as outcomes of ours (its metric keys kept)."""
-    from finetune.bench import lm_eval_bridge
-
     got = lm_eval_bridge.evaluate(
         tasks, model, tokenizer, include_path=include, limit=limit, batch_size=batch_size
     )
@@ -180,9 +176,6 @@ def _classification(
     s: Any, items: list[dict], texts: list[str], c: Candidate, batch_size: int
 ) -> run.Outcome:
     """A classifier adapter's labels, scored by the classify stage's own metric code."""
-    from finetune import labels
-    from finetune.predict import Predictor
-
     if c.stage_dir is None:
         raise UserError(
             f"benchmark {s.name} is a classification benchmark: give --adapter RUN_DIR/STAGE of a classify stage"
@@ -232,9 +225,7 @@ def _results(loaded: list, outcomes: dict, rows: dict, config: dict, label: str)
 def _write(out: Path, results: dict[str, dict[str, Any]]) -> None:
     """One folder per model (results.json, samples_<bench>.jsonl), or the files in `out` for one model;
     `results.md` and `results.png` with every model side by side. Under torchrun, rank 0 writes."""
-    from finetune.distributed import is_primary
-
-    if not is_primary():
+    if not distributed.is_primary():
         return
     out.mkdir(parents=True, exist_ok=True)
     single = len(results) == 1

@@ -13,6 +13,7 @@ from finetune.bench import extract, score
 from finetune.bench.spec import Classification, Generate, MultipleChoice
 from finetune.bench.spec import field as get
 from finetune.errors import UserError
+from finetune.fast import generation
 
 
 @dataclass
@@ -102,8 +103,6 @@ def generate(
     """`spec.samples` outputs per prompt (greedy when temperature is 0), cut at the stop sequences, in
     batches padded on the left; (outputs, new tokens, seconds). `kernels`: see `model.kernels`."""
     from tqdm.auto import tqdm
-
-    from finetune.fast import generation
 
     was_training, side = model.training, tokenizer.padding_side
     model.eval()

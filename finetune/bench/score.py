@@ -8,6 +8,9 @@ import re
 import string
 from collections.abc import Sequence
 
+from rewards.code import run_tests
+from rewards.math import math_accuracy
+
 
 def normalize(text: str | None, steps: Sequence[str]) -> str | None:
     """`strip`, `lower`, `no_commas` (1,000 → 1000), `no_punctuation`, in that order."""
@@ -38,15 +41,11 @@ def exact_match(answer: str | None, target: str | None, steps: Sequence[str]) ->
 
 def math_verify(output: str, target: str) -> float | None:
     """math-verify's equivalence of the output's final answer and the target (None: target unparsable)."""
-    from rewards.math import math_accuracy
-
     return math_accuracy([output], answer=[target])[0]
 
 
 def code_passes(program: str, tests: str, timeout: float) -> float:
     """1.0 when every test passes with the program (run in the rewards sandbox), else 0.0."""
-    from rewards.code import run_tests
-
     return float(run_tests(program, tests, timeout=timeout) == 1.0)
 
 

@@ -187,3 +187,39 @@ def forget_library_impl(key: str) -> None:
     """Drop torch.library's record of the kernel registered under `key` ("namespace/op/dispatch key")."""
     applying(LIBRARY_IMPLS)
     torch.library._impls.discard(key)
+
+
+GROUPED_MM = declare(
+    "torch.grouped_mm",
+    "torch",
+    CHECKED,
+    "the routed experts' grouped matmul: torch.nn.functional.grouped_mm, or on releases before it the "
+    "private torch._grouped_mm (a Hopper kernel only); neither: the experts loop over their groups",
+    Target("torch"),
+)
+MODULE_APPLY = declare(
+    "torch.module_apply",
+    "torch",
+    CHECKED,
+    "NF4Experts overrides nn.Module._apply(fn, recurse), through which .to() / .cuda() / .half() reach "
+    "every tensor: its packed weights and quantization tables follow device moves but never dtype casts",
+    Target("torch.nn", "Module._apply"),
+)
+
+
+def grouped_mm() -> Callable[..., torch.Tensor] | None:
+    """torch's grouped matmul (public, else private), or None."""
+    applying(GROUPED_MM)
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        return torch.nn.functional.grouped_mm
+    return getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs_on(capability: tuple[int, int]) -> bool:
+    """Whether `grouped_mm()` has a kernel for a CUDA device of this compute capability."""
+    return capability >= (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else capability[0] == 9
+
+
+def overrides_module_apply() -> None:
+    """Check that nn.Module still routes .to() through `_apply` (NF4Experts' override)."""
+    applying(MODULE_APPLY)

@@ -203,6 +203,13 @@ def reporters() -> list[str]:
     return sorted(resolve(REPORTERS, REPORTERS.targets[0]))
 
 
+def reporter_installed(check: str) -> bool | None:
+    """transformers' own `integration_utils.<check>()` (e.g. `is_wandb_available`); None where it has none."""
+    applying(REPORTERS)
+    found = getattr(resolve(REPORTERS, Target("transformers.integrations.integration_utils")), check, None)
+    return None if found is None else bool(found())
+
+
 def quantized_linear_names(model: torch.nn.Module) -> set[str]:
     """Names of the modules of a (meta) causal-LM skeleton that bnb 4-bit loading turns into Linear4bit:
     every plain `nn.Linear` but the ones the quantizer skips (output embeddings, tied and fp32-kept)."""

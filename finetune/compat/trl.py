@@ -35,12 +35,14 @@ SFT_PREPARATION = declare(
     Target("trl.chat_template_utils", "has_generation_markers"),
 )
 GRPO_REFERENCE = declare(
-    "trl.grpo_reference_adapter",
+    "trl.reference_adapter_copy",
     "trl",
     CHECKED,
-    "builds GRPOTrainer with beta 0 so it copies no PEFT adapter into a frozen 'ref' adapter (the copy "
-    "misses the routed-expert LoRA), then sets beta back: TRL's reference pass disables the adapter",
+    "builds a TRL trainer with its KL coefficient (GRPO's `beta`) at 0 so it copies no PEFT adapter into "
+    "a frozen 'ref' adapter (the copy misses the routed-expert LoRA), then sets it back on the config "
+    "and the trainer: TRL's reference pass then disables the adapter",
     Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
+    Target("trl.trainer.grpo_config", "GRPOConfig.beta"),
 )
 GRPO_LOGS = declare(
     "trl.grpo_logged_completions",
@@ -96,23 +98,33 @@ def prepare_sft_dataset(rows: Any, tokenizer: Any, args: Any, split: str) -> Any
     view = types.SimpleNamespace(
         _tokenizer=tokenizer, chat_template=template, completion_only_loss=completion_only
     )
-    return trainer._prepare_dataset(view, rows, tokenizer, args, False, None, split)
+    try:
+        return trainer._prepare_dataset(view, rows, tokenizer, args, False, None, split)
+    except AttributeError as err:
+        if "SimpleNamespace" not in str(err):
+            raise
+        raise fail(
+            SFT_PREPARATION, f"_prepare_dataset reads a trainer attribute set nowhere here ({err})"
+        ) from None
 
 
 @contextlib.contextmanager
-def no_reference_copy(config: Any) -> Iterator[Callable[[Any], None]]:
-    """While inside, `config.beta` is 0 (GRPOTrainer's constructor copies no 'ref' adapter); yields a
-    function that gives the built trainer its beta back."""
+def no_reference_copy(config: Any, field: str = "beta") -> Iterator[Callable[[Any], None]]:
+    """While inside, `config.<field>` is 0 (the trainer's constructor copies no 'ref' adapter); yields a
+    function that gives the built trainer the field's value back."""
     applying(GRPO_REFERENCE)
-    beta, config.beta = config.beta, 0.0
+    if not hasattr(config, field):
+        raise fail(GRPO_REFERENCE, f"{type(config).__name__} has no `{field}`")
+    value = getattr(config, field)
+    setattr(config, field, 0.0)
 
     def restore(trainer: Any) -> None:
-        trainer.beta = beta
+        setattr(trainer, field, value)
 
     try:
         yield restore
     finally:
-        config.beta = beta
+        setattr(config, field, value)
 
 
 def logged(trainer: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ the whole layer per call and runs the experts as grouped matmuls over tokens sor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import bitsandbytes.functional as bnbf
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from finetune import family
 from finetune.compat import bitsandbytes as compat_bnb
+from finetune.compat import torch as compat_torch
 from finetune.fast import decode, pieces
 from finetune.fast.mode import ExpertsMode
 from finetune.kernels.nf4_torch import nf4_quant_state
@@ -103,22 +103,14 @@ def _dequantize(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
     return out
 
 
-def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
-    if hasattr(torch.nn.functional, "grouped_mm"):
-        return torch.nn.functional.grouped_mm
-    return getattr(torch, "_grouped_mm", None)
-
-
 def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     """Whether the fused CUDA kernel can run grouped products of `dtype` on `device` over `dims`."""
-    if _grouped_mm_op() is None or device.type != "cuda" or dtype != torch.bfloat16:
+    if compat_torch.grouped_mm() is None or device.type != "cuda" or dtype != torch.bfloat16:
         return False
     # The kernel wants 16-byte aligned row strides: every bf16 inner and outer dim divisible by 8.
     if any(d % 8 for d in dims):
         return False
-    major_minor = torch.cuda.get_device_capability(device)
-    # Before torch.nn.functional.grouped_mm existed, torch._grouped_mm only had a Hopper kernel.
-    return major_minor >= (8, 0) if hasattr(torch.nn.functional, "grouped_mm") else major_minor[0] == 9
+    return compat_torch.grouped_mm_runs_on(torch.cuda.get_device_capability(device))
 
 
 def _grouped_linear(
@@ -130,7 +122,7 @@ def _grouped_linear(
     which reads the group ends from `offsets` (int32, cumulative) on the device and never syncs.
     """
     if counts is None:
-        op = _grouped_mm_op()
+        op = compat_torch.grouped_mm()
         assert op is not None
         return op(x, w.transpose(-2, -1), offs=offsets)
     outs, start = [], 0
@@ -215,6 +207,7 @@ class NF4Experts(nn.Module):
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True  # off inside PeftModel.disable_adapter() (adapters.attach wires it)
+        compat_torch.overrides_module_apply()  # `_apply` below keeps dtype casts off the packed weights
         self.mode = ExpertsMode()  # how it computes: set by the fast path (`finetune.fast.mode`)
 
     @classmethod
@@ -469,7 +462,7 @@ class NF4Experts(nn.Module):
     def _grouped(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """Grouped kernel for products of `x`'s dtype/device over `dims`, or the per-expert loop."""
         if self.use_grouped_mm is not None:
-            return self.use_grouped_mm and _grouped_mm_op() is not None
+            return self.use_grouped_mm and compat_torch.grouped_mm() is not None
         return _grouped_mm_ok(x.device, x.dtype, dims)
 
     def compiles_whole(self, x: torch.Tensor) -> bool:

@@ -1,11 +1,11 @@
-"""Stage types as plug-ins: one module per type, one line in `REGISTRY`.
+"""The stage types' runtime: one module per type, one line in `REGISTRY`.
 
-Each module exports `Schema` (its `stages.<name>` section, a `finetune.schema.Strict` model with a
-`type: Literal[...]`), `TRAINER_CONFIG` (the TRL config class whose fields `train:` takes), `check(name,
-stage, ctx, *, fetch)` (everything that can fail before training, no model load; returns the stage's
-inputs: `train`, the training rows or None for a Hub dataset not fetched, and `report`, what
-validate prints per split) and `run(name, stage, inputs, ctx, *, resume_from)`.
-The recipe's stage union, the override checks, the pipeline and the CLI all go through `REGISTRY`.
+A type is declared in `finetune.stagetypes` (its `Schema`, trainer config class and capabilities, in
+`STAGE_TYPES`); its runtime module here exports `check(name, stage, ctx, *, fetch)` (everything that
+can fail before training, no model load; returns the stage's inputs: `train`, the training rows or None
+for a Hub dataset not fetched, and `report`, what validate prints per split) and `run(name, stage,
+inputs, ctx, *, resume_from)`, plus `Schema` and `TRAINER_CONFIG` taken from its declaration.
+The pipeline runs every stage through `REGISTRY`; the two registries have the same types, in order.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from finetune.stages import classify, eval, grpo, reward, sft
+from finetune.stagetypes import STAGE_TYPES
 
 REGISTRY: dict[str, ModuleType] = {
     "sft": sft,
@@ -21,3 +22,9 @@ REGISTRY: dict[str, ModuleType] = {
     "grpo": grpo,
     "eval": eval,
 }
+
+if list(REGISTRY) != list(STAGE_TYPES) or any(m.TYPE is not STAGE_TYPES[t] for t, m in REGISTRY.items()):
+    raise ImportError(
+        f"finetune.stages.REGISTRY ({', '.join(REGISTRY)}) and finetune.stagetypes.STAGE_TYPES "
+        f"({', '.join(STAGE_TYPES)}) must register the same stage types in the same order"
+    )

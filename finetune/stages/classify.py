@@ -5,35 +5,22 @@ the adapter. TRL has no classification trainer; transformers' Trainer with a los
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
-from pydantic import Field
 from transformers import Trainer, TrainingArguments
 
 from finetune import data, labels, scoring
+from finetune.context import StageContext
 from finetune.model import routing
-from finetune.schema import DataConfig, Float, Int, Strict, train_arguments
+from finetune.schema import train_arguments
 from finetune.stages import common
-from finetune.stages.context import StageContext
+from finetune.stagetypes import STAGE_TYPES, ClassifySchema
 
-
-class Schema(Strict):
-    """`stages.<name>` of `type: classify`: `text` or `messages` rows with a `label` (a name or an id;
-    a list of them with `multi_label`)."""
-
-    type: Literal["classify"]
-    data: DataConfig
-    labels: list[str] | None = Field(None, min_length=2)  # names in id order; default: from the train data
-    num_labels: Int | None = Field(None, ge=2)  # a check: must agree with the labels found
-    multi_label: bool = False
-    class_weights: Literal["balanced"] | dict[str, Float] | None = None
-    max_length: Int = Field(512, gt=0)  # tokens kept from the start of each text
-    train: dict[str, Any] = Field(default_factory=dict)
-
-
-TRAINER_CONFIG = TrainingArguments
+TYPE = STAGE_TYPES["classify"]
+Schema = ClassifySchema  # the `stages.<name>` section, declared with the type
+TRAINER_CONFIG = TYPE.trainer_config  # `stages.<name>.train` takes its fields
 
 
 @dataclass
@@ -62,7 +49,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(TrainingArguments, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
-    common.check_fsdp(name, "classify", args, ctx)
+    common.check_fsdp(name, stage.type, args, ctx)
     where = labels.Where(name, stage.labels, stage.num_labels, stage.multi_label)
     splits = common.read_splits(d, key, fetch=fetch)
     reports = [report for report, _ in splits]
@@ -163,7 +150,7 @@ def run(
         encode(inputs, stage, tokenizer, f"stages.{name}.max_length")
     if model is None:
         model = ctx.adapted_model(
-            "seq_cls",
+            TYPE.head,
             num_labels=len(names),
             pad_token_id=tokenizer.pad_token_id,
             labels=names,

@@ -12,9 +12,12 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, heap, rundir
+from finetune import data, distributed, heap, rundir, stagetypes
+from finetune.compat import transformers as compat_transformers
+from finetune.errors import UserError
 from finetune.fast import fusion, generation
 from finetune.model import adapters, fsdp, routing
+from finetune.stagetypes import STAGE_TYPES
 
 
 def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
@@ -37,6 +40,7 @@ def fit(
     head: dict[str, Any] | None = None,
     kernels: str = "off",
     compiled_regions: bool = True,
+    chunked_head: bool = False,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
@@ -53,15 +57,13 @@ def fit(
     neither wraps it in DDP nor shards it again, and every rank takes part in the save."""
     sharded = distributed.fsdp_launch()
     if sharded:
-        from finetune.errors import UserError
-
         if resume_from is not None:
             raise UserError(
                 f"{resume_from}: a run does not resume under FSDP (its checkpoints are off); run it again "
                 "without --resume, or resume it with recipes/accelerate/ddp.yaml"
             )
         distributed.own_fsdp()
-        model.is_distributed_loading_by_transformers = True
+        compat_transformers.mark_self_sharded(model)
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
@@ -76,13 +78,13 @@ def fit(
         fsdp.shard(trainer.model)
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
         # which ours has not: FSDP2's, over every unit of the model.
-        trainer._defer_fsdp_gradient_reduction = lambda: fsdp.no_gradient_sync(trainer.model)
+        compat_transformers.use_gradient_sync(trainer, lambda: fsdp.no_gradient_sync(trainer.model))
     fused = generation.enabled(kernels, trainer.model)
     if fused and distributed.is_primary():
         # The first steps compile (a minute or two on V2-Lite shapes): say so, or it looks like a hang.
         print("model.kernels: auto — the first training steps compile the fused kernels", file=sys.stderr)
     try:
-        with fusion.fused(trainer.model, fused, regions=compiled_regions):
+        with fusion.fused(trainer.model, fused, regions=compiled_regions, chunked_head=chunked_head):
             trained = train(trainer, out, resume_from)
     finally:
         for callback in trainer.callback_handler.callbacks:
@@ -101,8 +103,8 @@ def prepare(trainer: Trainer, resume_from: str | None) -> Any:
     if resume_from is not None:
         # The Trainer's loader restores PEFT's weights only (through PEFT's transformers-4 MoE name shim);
         # ours restores the routed-expert LoRA and the router too, before the optimizer is built.
-        trainer._load_from_checkpoint = lambda checkpoint, model=None: rundir.load_checkpoint_weights(
-            trainer.model, checkpoint
+        compat_transformers.use_checkpoint_loader(
+            trainer, lambda checkpoint: rundir.load_checkpoint_weights(trainer.model, checkpoint)
         )
     return trainer.processing_class  # carries `chat_template_path` when the recipe sets one
 
@@ -174,8 +176,6 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
     """bf16 the trainer would refuse (no GPU) or crash on (CPU autocast over a non-bf16 model)."""
     import torch
 
-    from finetune.errors import UserError
-
     if not arguments.get("bf16") or (ctx.cuda and not arguments.get("use_cpu")):
         return
     key = f"stages.{name}.train.bf16"
@@ -193,14 +193,9 @@ def check_precision(name: str, arguments: dict[str, Any], ctx: Any) -> None:
         )
 
 
-# Stage types that train under an FSDP launch (`fit` shards the model; every rank saves and checks).
-FSDP_TYPES = ("sft", "reward", "classify")
-
-
 def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
-    """What an FSDP launch (`distributed.fsdp_launch`) cannot train; nothing without one."""
-    from finetune.errors import UserError
-
+    """What an FSDP launch (`distributed.fsdp_launch`) cannot train; nothing without one. The stage types
+    that train under it (`fit` shards the model; every rank saves and checks) declare `fsdp`."""
     train = f"stages.{name}.train"
     if getattr(args, "fsdp", None):
         raise UserError(
@@ -210,10 +205,10 @@ def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
     if not distributed.fsdp_launch():
         return
     ddp = "launch it with recipes/accelerate/ddp.yaml (the whole 4-bit model on every GPU)"
-    if kind not in FSDP_TYPES:
+    if not STAGE_TYPES[kind].fsdp:
         raise UserError(
             f"stages.{name}: a type: {kind} stage does not train under FSDP yet (only "
-            f"{', '.join(FSDP_TYPES)}: docs/recipes.md, Several GPUs); {ddp}"
+            f"{', '.join(stagetypes.types_with('fsdp'))}: docs/recipes.md, Several GPUs); {ddp}"
         )
     if ctx.model_kwargs.get("quantization", "nf4") != "nf4":
         raise UserError(
@@ -235,10 +230,6 @@ def check_fsdp(name: str, kind: str, args: Any, ctx: Any) -> None:
 
 def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     """Trainer settings that TRL's config accepts but `Trainer` itself refuses once a run has started."""
-    from transformers.integrations import integration_utils
-
-    from finetune.errors import UserError
-
     train = f"stages.{name}.train"
     if distributed.world_size() > 1 and args.world_size == 1:
         raise UserError(
@@ -256,14 +247,13 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
     for reporter in [args.report_to] if isinstance(args.report_to, str) else args.report_to or []:
         if reporter in ("none", "all"):
             continue
-        if reporter not in integration_utils.INTEGRATION_TO_CALLBACK:
-            known = ", ".join(sorted(integration_utils.INTEGRATION_TO_CALLBACK))
+        if reporter not in compat_transformers.reporters():
+            known = ", ".join(compat_transformers.reporters())
             raise UserError(
                 f"{train}.report_to: unknown integration {reporter!r} (known: none, all, {known})"
             )
         available, package = _REPORTERS.get(reporter, (None, reporter))
-        check = getattr(integration_utils, available, None) if available else None
-        if check is not None and not check():
+        if available and compat_transformers.reporter_installed(available) is False:
             raise UserError(
                 f"{train}.report_to: {reporter!r} is not installed (pip install {package}), "
                 "or drop it (metrics.jsonl and loss.png are written anyway)"

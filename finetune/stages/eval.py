@@ -4,30 +4,22 @@ one loaded base (`finetune eval` with the run's model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
+from finetune import rundir, stagetypes
 from finetune.bench import harness
 from finetune.bench import run as bench_run
 from finetune.bench import spec as specs
+from finetune.context import StageContext
+from finetune.distributed import is_primary
 from finetune.errors import UserError
-from finetune.schema import Int, Strict
-from finetune.stages.context import StageContext
+from finetune.stagetypes import STAGE_TYPES, EvalSchema
 
-
-class Schema(Strict):
-    """`stages.<name>` of `type: eval`."""
-
-    type: Literal["eval"]
-    benchmarks: list[str] = Field(min_length=1)  # names of eval/<name>.yaml, or spec files
-    compare: list[str] = Field(default_factory=lambda: ["base"])  # `base` and/or earlier stages
-    limit: Int | None = Field(None, gt=0)  # the first N items of each benchmark
-    batch_size: Int = Field(16, gt=0)
-
-
-TRAINER_CONFIG = None  # trains nothing: no `train:` section
+TYPE = STAGE_TYPES["eval"]
+Schema = EvalSchema  # the `stages.<name>` section, declared with the type
+TRAINER_CONFIG = TYPE.trainer_config  # None: trains nothing, no `train:` section
 
 
 @dataclass
@@ -46,9 +38,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
             counts.append(f"{bench} ({len(bench_run.rows(specs.load(bench), None, stage.limit))} items)")
         except UserError as err:
             raise UserError(f"stages.{name}.benchmarks: {err}") from None
-    from finetune.stages import REGISTRY  # not at import: the registry imports this module
-
-    trained = tuple(t for t in REGISTRY if t != "eval")  # every stage type that saves an adapter
+    trained = stagetypes.types_with("adapter")  # every stage type that saves an adapter
     for other in stage.compare:
         if other != "base":
             ctx.earlier_stage(name, other, f"stages.{name}.compare", trained, listed="use base or one of: ")
@@ -96,9 +86,6 @@ def run(
             if key != "alias" and "_stderr," not in key
         },
     }
-    from finetune import rundir
-    from finetune.distributed import is_primary
-
     if is_primary():  # every process evaluated its share of the items; one writes
         rundir.write_summary(out / "summary.json", summary)
     return summary

@@ -4,46 +4,28 @@ included), rewards from the `rewards` package, and optional routing replay for t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
-from pydantic import Field
 from trl import GRPOConfig, GRPOTrainer
 
 import rewards
-from finetune import data, rundir
+from finetune import data, rundir, stagetypes
+from finetune.compat import trl as compat_trl
+from finetune.context import StageContext
 from finetune.errors import UserError
 from finetune.fast import generation
 from finetune.model import adapters, replay, routing
-from finetune.schema import DataConfig, Int, Strict, train_arguments
-from finetune.stages import common
-from finetune.stages.context import StageContext
+from finetune.schema import train_arguments
+from finetune.stages import common, reward_model
+from finetune.stages.moe_trainer import MoETrainerMixin
+from finetune.stagetypes import STAGE_TYPES, GRPOSchema
 
-
-class Schema(Strict):
-    """`stages.<name>` of `type: grpo`: prompts (`prompt`, or `messages` whose last assistant turn becomes
-    the `answer` column) scored by `rewards`."""
-
-    type: Literal["grpo"]
-    data: DataConfig
-    rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
-    init_from: str | None = None  # an earlier sft / grpo stage whose adapter the policy continues
-    routing_replay: bool = False  # train on the experts each token was generated with
-    # Prompts from other columns: a Python format string over a row's columns (e.g. "{question}"), sent as
-    # the user turn of a conversation (after `system_prompt`, when given).
-    prompt_template: str | None = None
-    system_prompt: str | None = None
-    max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
-    samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
-    train: dict[str, Any] = Field(default_factory=dict)
-
-
-TRAINER_CONFIG = GRPOConfig
-POLICY_TYPES = ("sft", "grpo")  # stages whose causal-LM adapter a policy may continue
+TYPE = STAGE_TYPES["grpo"]
+Schema = GRPOSchema  # the `stages.<name>` section, declared with the type
+TRAINER_CONFIG = TYPE.trainer_config  # `stages.<name>.train` takes its fields
 
 
 @dataclass
@@ -57,6 +39,7 @@ class GRPOInputs:
 
 def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tuple[str, list[str]]]]:
     """The reward functions (arguments bound and checked, failures named) and the columns each reads."""
+    reward_model.register()  # `rewards` holds a placeholder until finetune provides it
     funcs, needs = [], []
     for i, spec in enumerate(stage.rewards):
         key = f"stages.{name}.rewards[{i}]"
@@ -146,9 +129,11 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(GRPOConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
-    common.check_fsdp(name, "grpo", args, ctx)
+    common.check_fsdp(name, stage.type, args, ctx)
     if stage.init_from is not None:
-        ctx.earlier_stage(name, stage.init_from, f"stages.{name}.init_from", POLICY_TYPES)
+        ctx.earlier_stage(
+            name, stage.init_from, f"stages.{name}.init_from", stagetypes.types_with("policy_init")
+        )
     funcs, needs = _rewards(name, stage, ctx)
     if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
         raise UserError(
@@ -181,10 +166,8 @@ def _measure(
     report: data.SplitReport, rows: Dataset, tokenizer: Any, stage: Schema, name: str, new_tokens: int
 ) -> Dataset:
     """Prompt token lengths (as TRL templates them); rows over `max_prompt_length` are dropped."""
-    from finetune.heldout import _prompt_text
-
     lengths = [
-        len(tokenizer(_prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
+        len(tokenizer(data.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
         for p in rows["prompt"]
     ]
     data.fill_lengths(report, lengths)
@@ -203,54 +186,23 @@ def _measure(
     return rows.select(keep) if report.cut else rows
 
 
-class Trainer(GRPOTrainer):
-    """TRL's GRPOTrainer plus what a DeepSeek MoE needs around it: the expert-balance loss of a
-    trainable router added to the GRPO loss, and a few sampled completions per log in samples.jsonl."""
+class Trainer(MoETrainerMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with what a DeepSeek MoE needs around it (`MoETrainerMixin`: the expert-balance
+    loss of a trainable router in the GRPO loss, no copied "ref" adapter while `beta` > 0) and a few
+    sampled completions per log in samples.jsonl, with each reward's score."""
 
-    def __init__(
-        self,
-        *args: Any,
-        router_monitor: routing.RouterMonitor,
-        samples: Path,
-        samples_per_log: int,
-        **kwargs: Any,
-    ):
-        # With beta > 0 TRL copies a PEFT adapter into a frozen "ref" adapter at construction. That copy
-        # misses the routed-expert LoRA (not PEFT's), doubles the LoRA memory and fails on some adapters.
-        # Built with beta 0 there is none, and TRL's reference pass disables the adapter instead, which
-        # `adapters.attach` extends to the expert LoRA: the reference is the base model.
-        config = kwargs["args"]
-        beta, config.beta = config.beta, 0.0
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            config.beta = beta
-        self.beta = beta
-        self._monitor, self._samples, self._samples_per_log = router_monitor, samples, samples_per_log
+    ref_copy_field = "beta"
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        aux = self._monitor.take_pending()
-        if aux is not None and model.training:
-            # The GRPO loss is already scaled for gradient accumulation (TRL does so itself); so is this.
-            loss = loss + aux.to(loss.dtype) / self.current_gradient_accumulation_steps
-        return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Read before TRL's log: the deques hold the latest generation batch's completions.
-        rows = list(zip(self._logs["prompt"], self._logs["completion"], strict=False))[
-            -self._samples_per_log :
+    def _sample_rows(self) -> list[dict[str, Any]]:
+        # The deques hold the latest generation batch's completions.
+        logs = compat_trl.logged(self)
+        rows = list(zip(logs["prompt"], logs["completion"], strict=False))[-self._samples_per_log :]
+        names = list(logs["rewards"])
+        per_reward = {n: list(logs["rewards"][n])[-len(rows) :] for n in names} if rows else {}
+        return [
+            {"prompt": prompt, "completion": completion, "rewards": {n: per_reward[n][i] for n in names}}
+            for i, (prompt, completion) in enumerate(rows)
         ]
-        names = list(self._logs["rewards"])
-        per_reward = {n: list(self._logs["rewards"][n])[-len(rows) :] for n in names} if rows else {}
-        super().log(logs, start_time)
-        if not rows or not self.accelerator.is_main_process or "loss" not in logs:
-            return
-        with open(self._samples, "a") as f:
-            for i, (prompt, completion) in enumerate(rows):
-                row = {"step": self.state.global_step, "prompt": prompt, "completion": completion}
-                row["rewards"] = {n: per_reward[n][i] for n in names}
-                f.write(json.dumps(row, default=str) + "\n")
 
 
 def run(

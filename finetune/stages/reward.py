@@ -4,30 +4,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
-from pydantic import Field
 from trl import RewardConfig, RewardTrainer
 
 from finetune import data, rundir, scoring
+from finetune.context import StageContext
 from finetune.errors import UserError
 from finetune.model import routing
-from finetune.schema import DataConfig, Strict, train_arguments
+from finetune.schema import train_arguments
 from finetune.stages import common
-from finetune.stages.context import StageContext
+from finetune.stagetypes import STAGE_TYPES, RewardSchema
 
-
-class Schema(Strict):
-    """`stages.<name>` of `type: reward`: `chosen` / `rejected` pairs (optional `prompt`, `margin`)."""
-
-    type: Literal["reward"]
-    data: DataConfig
-    train: dict[str, Any] = Field(default_factory=dict)
-
-
-TRAINER_CONFIG = RewardConfig
+TYPE = STAGE_TYPES["reward"]
+Schema = RewardSchema  # the `stages.<name>` section, declared with the type
+TRAINER_CONFIG = TYPE.trainer_config  # `stages.<name>.train` takes its fields
 
 
 @dataclass
@@ -46,7 +39,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     args = ctx.trainer_config(RewardConfig, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
-    common.check_fsdp(name, "reward", args, ctx)
+    common.check_fsdp(name, stage.type, args, ctx)
     splits = common.read_splits(d, key, fetch=fetch)
     pairs_of = {
         r.split: data.preference_format(rows, key=f"{key}.{r.split}")
@@ -125,7 +118,7 @@ def run(
     out = ctx.stage_dir(name)
     tokenizer = ctx.tokenizer()
     if model is None:
-        model = ctx.adapted_model("seq_cls", num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        model = ctx.adapted_model(TYPE.head, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     max_length = inputs.args.max_length
     head = {"type": "reward", "max_length": max_length}

@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
-from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout
+from finetune.context import StageContext
 from finetune.distributed import is_primary
 from finetune.model import fsdp, routing
-from finetune.schema import DataConfig, HeldoutConfig, Strict, train_arguments
+from finetune.schema import train_arguments
 from finetune.stages import common
-from finetune.stages.context import StageContext
+from finetune.stagetypes import STAGE_TYPES, SFTSchema
 
-
-class Schema(Strict):
-    """`stages.<name>` of `type: sft`."""
-
-    type: Literal["sft"]
-    data: DataConfig
-    train: dict[str, Any] = Field(default_factory=dict)
-    heldout: HeldoutConfig | None = None
-
-
+TYPE = STAGE_TYPES["sft"]
+Schema = SFTSchema  # the `stages.<name>` section, declared with the type
 SFTStage = Schema
-TRAINER_CONFIG = SFTConfig  # `stages.<name>.train` takes its fields
+TRAINER_CONFIG = TYPE.trainer_config  # `stages.<name>.train` takes its fields
 
 
 @dataclass
@@ -54,7 +46,7 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     args = ctx.trainer_config(SFTConfig, name, arguments)
     d = stage.data
     common.check_trainer(name, args, has_eval=d.eval is not None)
-    common.check_fsdp(name, "sft", args, ctx)
+    common.check_fsdp(name, stage.type, args, ctx)
     key = f"stages.{name}.data"
     # `config` names the Hub config of the train data, and of eval/held-out data unless `eval_config` does.
     eval_config, eval_config_key = (
@@ -157,7 +149,15 @@ def run(
     before = check_heldout("before")
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     trainer, tokenizer, trained, adapter = common.fit(
-        SFTTrainer, model, inputs, tokenizer, out, monitor, resume_from, kernels=ctx.kernels
+        SFTTrainer,
+        model,
+        inputs,
+        tokenizer,
+        out,
+        monitor,
+        resume_from,
+        kernels=ctx.kernels,
+        chunked_head=True,  # SFTTrainer always puts TRL's chunked head on: ours replaces it (an error if not found)
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()

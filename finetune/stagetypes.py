@@ -1,0 +1,113 @@
+"""The stage types, declared: each type's `stages.<name>` section (`Schema`), the trainer config class
+whose fields `train:` takes, and what the type can do (`StageType`). One registry, `STAGE_TYPES`.
+
+Declarative: no trainer and no model is imported here (TRL's config classes only), so the recipe
+builds its stage union from this module. What a type does when it runs is its runtime module,
+`finetune/stages/<type>.py`, registered in `finetune.stages.REGISTRY` (the same keys, checked there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+from transformers import TrainingArguments
+from trl import GRPOConfig, RewardConfig, SFTConfig
+
+from finetune.schema import DataConfig, Float, HeldoutConfig, Int, Strict
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+class SFTSchema(Strict):
+    """`stages.<name>` of `type: sft`."""
+
+    type: Literal["sft"]
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict)
+    heldout: HeldoutConfig | None = None
+
+
+class RewardSchema(Strict):
+    """`stages.<name>` of `type: reward`: `chosen` / `rejected` pairs (optional `prompt`, `margin`)."""
+
+    type: Literal["reward"]
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClassifySchema(Strict):
+    """`stages.<name>` of `type: classify`: `text` or `messages` rows with a `label` (a name or an id;
+    a list of them with `multi_label`)."""
+
+    type: Literal["classify"]
+    data: DataConfig
+    labels: list[str] | None = Field(None, min_length=2)  # names in id order; default: from the train data
+    num_labels: Int | None = Field(None, ge=2)  # a check: must agree with the labels found
+    multi_label: bool = False
+    class_weights: Literal["balanced"] | dict[str, Float] | None = None
+    max_length: Int = Field(512, gt=0)  # tokens kept from the start of each text
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class GRPOSchema(Strict):
+    """`stages.<name>` of `type: grpo`: prompts (`prompt`, or `messages` whose last assistant turn becomes
+    the `answer` column) scored by `rewards`."""
+
+    type: Literal["grpo"]
+    data: DataConfig
+    rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
+    init_from: str | None = None  # an earlier stage (`policy_init`) whose adapter the policy continues
+    routing_replay: bool = False  # train on the experts each token was generated with
+    # Prompts from other columns: a Python format string over a row's columns (e.g. "{question}"), sent as
+    # the user turn of a conversation (after `system_prompt`, when given).
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
+    samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSchema(Strict):
+    """`stages.<name>` of `type: eval`."""
+
+    type: Literal["eval"]
+    benchmarks: list[str] = Field(min_length=1)  # names of eval/<name>.yaml, or spec files
+    compare: list[str] = Field(default_factory=lambda: ["base"])  # `base` and/or earlier stages
+    limit: Int | None = Field(None, gt=0)  # the first N items of each benchmark
+    batch_size: Int = Field(16, gt=0)
+
+
+# -------------------------------------------------------------------------------------- capabilities
+
+
+@dataclass(frozen=True)
+class StageType:
+    """A stage type's declaration: its section, its trainer config and what it can do."""
+
+    schema: type[Strict]  # the `stages.<name>` section, with `type: Literal[<name>]`
+    trainer_config: type | None  # the config class whose fields `train:` takes; None: trains nothing
+    head: Literal["causal_lm", "seq_cls"] | None  # the head its adapter is trained on; None: no adapter
+    fsdp: bool = False  # trains under an FSDP launch (`stages.common.fit` shards the model)
+    policy_init: bool = False  # its adapter may start a GRPO policy (`init_from`)
+    predict: bool = False  # `finetune predict` / `Predictor` load it (a trained head's outputs)
+
+    @property
+    def adapter(self) -> bool:
+        """It saves an adapter (an eval stage's `compare` may name it)."""
+        return self.head is not None
+
+
+STAGE_TYPES: dict[str, StageType] = {
+    "sft": StageType(SFTSchema, SFTConfig, "causal_lm", fsdp=True, policy_init=True),
+    "reward": StageType(RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True),
+    "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True),
+    "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True),
+    "eval": StageType(EvalSchema, None, None),
+}
+
+
+def types_with(capability: str) -> tuple[str, ...]:
+    """The stage types that have `capability` (a `StageType` flag or property), in registry order."""
+    return tuple(name for name, t in STAGE_TYPES.items() if getattr(t, capability))
