@@ -92,6 +92,7 @@ class StageType:
     fsdp: bool = False  # trains under an FSDP launch (`stages.common.fit` shards the model)
     policy_init: bool = False  # its adapter may start a GRPO policy (`init_from`)
     predict: bool = False  # `finetune predict` / `Predictor` load it (a trained head's outputs)
+    reward_model: bool = False  # its model scores completions as a reward (GRPO's `reward_model`, `stage:`)
 
     @property
     def adapter(self) -> bool:
@@ -101,7 +102,7 @@ class StageType:
 
 STAGE_TYPES: dict[str, StageType] = {
     "sft": StageType(SFTSchema, SFTConfig, "causal_lm", fsdp=True, policy_init=True),
-    "reward": StageType(RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True),
+    "reward": StageType(RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True, reward_model=True),
     "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True),
     "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True),
     "eval": StageType(EvalSchema, None, None),

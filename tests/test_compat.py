@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +274,8 @@ def test_the_loader_installs_the_cpu_kernels_it_needs():
         """
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_architecture_page_lists_every_patch():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    assert [name for name in PATCHES if f"| `{name}` |" not in page] == []

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, one_error_line, write_recipe
 
 import rewards
@@ -251,3 +252,22 @@ def test_grpo_trainer_is_the_mixin_on_trl():
 
     assert grpo.Trainer.__mro__[1:3] == (moe_trainer.MoETrainerMixin, GRPOTrainer)
     assert grpo.Trainer.ref_copy_field == "beta"
+
+
+def test_reward_model_decides_what_a_grpo_reward_model_may_name(tmp_path, capsys, monkeypatch):
+    path = _grpo_after(tmp_path, "sft")
+    recipe = yaml.safe_load(path.read_text())
+    recipe["stages"] = {
+        "first": {**recipe["stages"]["first"]},
+        "grpo": {
+            **recipe["stages"]["grpo"],
+            "init_from": None,
+            "rewards": [{"name": "reward_model", "stage": "first"}],
+        },
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "stages.grpo.rewards[0].stage: stage 'first' is a sft stage; it must be reward" in line
+    _changed(monkeypatch, "sft", reward_model=True)
+    assert main(["validate", str(path)]) == 0

@@ -460,7 +460,7 @@ def _classifier(
     }
     if head.get("multi_label"):
         edited["problem_type"] = "multi_label_classification"
-    elif head.get("type") == "classify":
+    elif head.get("labels"):  # a classifier's head (a reward model's scores one value, unlabelled)
         edited["problem_type"] = "single_label_classification"
     kept = [e for e in entries if e.key != "lm_head.weight"]
     return [*kept, dataclasses.replace(score, key="score.weight")], edited

@@ -53,7 +53,7 @@ def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tu
         if on_error not in ("raise", "zero"):
             raise UserError(f"{key}.on_error: {on_error!r}; use raise or zero")
         if reward_name == "reward_model" and isinstance(spec.get("stage"), str):
-            ctx.earlier_stage(name, spec["stage"], f"{key}.stage", ("reward",))
+            ctx.earlier_stage(name, spec["stage"], f"{key}.stage", stagetypes.types_with("reward_model"))
             spec["stage"] = str(ctx.output_dir / spec["stage"])
         try:
             bound = rewards.build(reward_name, **spec)
