@@ -117,3 +117,17 @@ def test_classifier_adapter_exports_to_a_plain_classifier(tmp_path):
         expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    # A classifier's head.json names its labels: single-label problem type and the names; a reward
+    # model's (no labels) leaves both to transformers' defaults.
+    import json
+
+    for head, problem in (
+        ({"type": "classify", "labels": ["x", "y", "z"]}, "single_label_classification"),
+        ({"type": "reward"}, None),
+    ):
+        (run / "cls" / "adapter" / adapters.HEAD_FILE).write_text(json.dumps(head))
+        again = tmp_path / f"again-{head['type']}"
+        assert main(["export", str(run / "cls"), "--out", str(again)]) == 0
+        config = json.loads((again / "config.json").read_text())
+        assert config.get("problem_type") == problem
+        assert (list(config["id2label"].values()) == ["x", "y", "z"]) == (problem is not None)
