@@ -1,5 +1,5 @@
 """bitsandbytes internals: its CPU 4-bit ops replaced by plain torch, its CPU repacking switched off, its
-4-bit layer's quant-state repair called from our forward. Checked on bitsandbytes 0.48-0.50.
+4-bit layer's quant-state repair called from our forward. Checked on bitsandbytes 0.50 (`CHECKED`).
 
 bitsandbytes' 4-bit ops on the CPU, in plain torch, so every CPU computes the same numbers.
 
@@ -30,7 +30,7 @@ from bitsandbytes.nn import modules as bnb_modules
 from finetune.compat import Target, applying, declare, fail
 from finetune.compat import torch as compat_torch
 
-CHECKED = "0.48-0.50"
+CHECKED = "0.50"
 _OPS = ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "gemv_4bit")
 
 CPU_KERNELS = declare(
