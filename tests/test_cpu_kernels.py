@@ -16,6 +16,8 @@ from finetune.compat import bitsandbytes as cpu_kernels
 from finetune.model.experts import NF4Experts
 from finetune.model.load import load_model, resolve_source
 
+pytestmark = pytest.mark.compat
+
 # NF4 levels (QLoRA paper, appendix E): quantiles of N(0, 1) normalised to [-1, 1], with an exact zero.
 NF4 = torch.tensor(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

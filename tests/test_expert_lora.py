@@ -14,6 +14,8 @@ from finetune.errors import UserError
 from finetune.model import adapters
 from finetune.stages import sft
 
+pytestmark = pytest.mark.compat
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -28,6 +28,8 @@ from finetune.model.experts import NF4Experts
 from finetune.model.export import base_folder, quantized_linears
 from finetune.model.load import Source, embedded_checkpoint, load_model
 
+pytestmark = pytest.mark.compat
+
 IDS = torch.tensor([[5, 89, 76, 93, 76, 89, 90, 76, 33, 7, 72, 73, 74, 75, 6]])
 FULL = {"targets": ["mla", "shared_experts", "routed_experts"], "router": "trainable"}
 PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")

@@ -19,6 +19,8 @@ from finetune.model import adapters
 from finetune.model.experts import NF4Experts
 from finetune.stages import sft
 
+pytestmark = pytest.mark.compat
+
 
 def _model(tmp_path, *, dtype="float32", expert_lora=True, quantization="nf4"):
     data = base_recipe(tmp_path)

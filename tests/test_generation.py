@@ -9,6 +9,8 @@ from transformers import CompileConfig
 from finetune.fast import generation
 from finetune.model.load import load_model, resolve_source
 
+pytestmark = pytest.mark.compat
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -13,6 +13,8 @@ from peft import PeftModel
 from finetune import pipeline, recipe
 from finetune.stages import sft
 
+pytestmark = pytest.mark.compat
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
