@@ -1,5 +1,5 @@
 """PEFT internals: its transformers-4 MoE target shim kept off our module names, and its adapter-key
-pattern matching reused to read an adapter folder. Checked on PEFT 0.19-0.21 (`CHECKED`)."""
+pattern matching reused to read an adapter folder. Checked on PEFT 0.21 (`CHECKED`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune.compat import Target, applying, declare, resolve
 
-CHECKED = "0.19-0.21"
+CHECKED = "0.21"
 _CONVERSION = "peft.utils.transformers_weight_conversion"
 
 EXACT_TARGETS = declare(

@@ -1,6 +1,6 @@
 """transformers internals: generation's compiled decode step, the loaders' key lists, the Trainer's
 hooks for a self-sharded model and for checkpoint loading, the bnb quantizer's module rule.
-Checked on transformers 5.23-5.25 (`CHECKED`)."""
+Checked on transformers 5.24-5.25 (`CHECKED`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from finetune.compat import Target, applying, declare, fail, resolve
 
-CHECKED = "5.23-5.25"
+CHECKED = "5.24-5.25"
 _GENERATION = "transformers.generation.utils"
 
 AUTO_COMPILE = declare(
