@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from finetune import schema
 from finetune.errors import UserError
 
+pytestmark = pytest.mark.long  # multi-process runs: .ci/run's own step, out of the default suite
+
 
 def _recipe(tmp_path, out) -> str:
     data = {

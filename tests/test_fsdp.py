@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import REPO, base_recipe, fails, write_recipe
 
+pytestmark = pytest.mark.long  # multi-process runs: .ci/run's own step, out of the default suite
+
 # The NF4 storage of the routed experts (frozen parameters; the scalar offset is a buffer).
 STORAGE = tuple(f"_{p}" for p in ("packed", "absmax", "code", "absmax2", "code2"))
 ROWS, LENGTH = 4, 16

@@ -18,6 +18,7 @@ from finetune.model.experts import NF4Experts
 REVERSE = REPO / "recipes" / "data" / "reverse"
 
 
+@pytest.mark.long
 def test_tiny_grpo_recipe_raises_the_reward(tmp_path):
     r = recipe.load(REPO / "recipes" / "tiny" / "grpo.yaml", [f"output_dir={tmp_path / 'run'}"])
     summaries = pipeline.run(r)
@@ -266,6 +267,7 @@ def test_prompts_without_a_prompt_or_messages_column(tmp_path, capsys):
     assert "needs a `prompt` column (text or messages), or `messages`" in line
 
 
+@pytest.mark.long
 def test_pipeline_recipe_chains_sft_reward_and_grpo(tmp_path):
     """recipes/tiny/pipeline.yaml end to end: the policy continues the SFT adapter and is scored by the
     reward stage's model (finetune.predict), in one run folder."""
