@@ -248,3 +248,28 @@ def test_cuda_blocks_run_the_grouped_kernel_and_agree_with_the_module_regions(tm
     )
     for got in (fused, modules):
         assert got[0] < 1.5 * eager[0] + 0.01 and got[1] < 1.5 * eager[1] + 0.01, (got, eager)
+
+
+def test_regions_trace_whole_in_a_fresh_process(tmp_path):
+    """The compat checks a region's code makes have run before it compiles. In a fresh process (a user's
+    run) their first run inside a region, an import and a set mutation, broke its graph into pieces and
+    lost the in-graph recomputation: the V2-Lite step's peak doubled (docs/benchmarks.md, issue 22)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import pathlib, torch, torch._dynamo.utils as counters
+from test_blocks import _grouped
+from test_fusion import _model, _step
+from finetune.fast import fusion
+model = _grouped(_model(pathlib.Path({str(tmp_path)!r}), dtype="bfloat16"))
+fusion.apply(model)
+_step(model)
+print(sorted(counters.counters["graph_break"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]

@@ -94,7 +94,11 @@ def check(patch: Patch) -> None:
 
 
 def applying(patch: Patch) -> None:
-    """Check `patch`'s targets and record that it applies."""
+    """Check `patch`'s targets and record that it applies. Once recorded, a membership test and nothing
+    else: hot paths call this inside compiled regions, where an import or a set mutation would break
+    the graph (the first call must come before compiling; `finetune.fast` makes it eagerly)."""
+    if patch.name in APPLIED:
+        return
     check(patch)
     APPLIED.add(patch.name)
 

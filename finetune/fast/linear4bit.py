@@ -75,6 +75,8 @@ def supported(module: nn.Module) -> bool:
 
 def patch(module: nn.Module) -> None:
     """`module.forward` through the dequantize kernel (undone by `unpatch`)."""
+    # The compat check runs here, eagerly: its first run inside a compiled region would break the graph.
+    compat_bnb.repair_quant_state(module)
     module.forward = types.MethodType(_forward, module)
 
 
