@@ -75,3 +75,13 @@ class StageContext:
         # Seed before LoRA init so the same recipe gives the same starting adapter.
         torch.manual_seed(self.seed)
         return adapters.attach(self.base_model(head, **head_kwargs), **self.adapter_kwargs, head=head)
+
+    def policy_model(self, init_from: str | None) -> torch.nn.Module:
+        """A policy to train: the base + a fresh adapter, or + the adapter of the earlier stage `init_from`
+        (trainable, routed-expert LoRA and router included)."""
+        if init_from is None:
+            return self.adapted_model()
+        torch.manual_seed(self.seed)
+        return adapters.load_adapter(
+            self.base_model(), self.output_dir / init_from / "adapter", trainable=True
+        )

@@ -416,14 +416,14 @@ def prompt_target_pairs(rows: Dataset, *, key: str, source: str | None = None) -
 # ------------------------------------------------------------------------ what the trainer will see
 
 
-def preference_format(rows: Dataset, *, key: str) -> Dataset:
-    """Pairwise rows for TRL's RewardTrainer: `chosen` and `rejected` (texts, or conversations when both
-    are message lists), an optional explicit `prompt`, an optional numeric `margin`."""
+def preference_format(rows: Dataset, *, key: str, what: str = "a reward stage") -> Dataset:
+    """Pairwise rows for TRL's RewardTrainer (and DPOTrainer): `chosen` and `rejected` (texts, or
+    conversations when both are message lists), an optional explicit `prompt`, an optional numeric `margin`."""
     columns = set(rows.column_names)
     missing = [c for c in ("chosen", "rejected") if c not in columns]
     if missing:
         raise UserError(
-            f"{key}: a reward stage needs `chosen` and `rejected` columns; missing {', '.join(missing)} "
+            f"{key}: {what} needs `chosen` and `rejected` columns; missing {', '.join(missing)} "
             f"(found: {', '.join(sorted(columns))})"
         )
     for i, row in enumerate(rows):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 from transformers import TrainingArguments
-from trl import GRPOConfig, RewardConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 from finetune.schema import DataConfig, Float, HeldoutConfig, Int, Strict
 
@@ -59,6 +59,7 @@ class GRPOSchema(Strict):
     data: DataConfig
     rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
     init_from: str | None = None  # an earlier stage (`policy_init`) whose adapter the policy continues
+    reference: Literal["init", "base"] = "init"  # the KL's reference (beta > 0): the starting policy, or base
     routing_replay: bool = False  # train on the experts each token was generated with
     # Prompts from other columns: a Python format string over a row's columns (e.g. "{question}"), sent as
     # the user turn of a conversation (after `system_prompt`, when given).
@@ -67,6 +68,29 @@ class GRPOSchema(Strict):
     max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
     samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
     train: dict[str, Any] = Field(default_factory=dict)
+
+
+class _PreferenceSchema(Strict):
+    data: DataConfig
+    init_from: str | None = None  # an earlier stage (`policy_init`) whose adapter the policy continues
+    # The reference policy: the starting policy (base + the `init_from` adapter; the base without one),
+    # or the base model whatever the start.
+    reference: Literal["init", "base"] = "init"
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class DPOSchema(_PreferenceSchema):
+    """`stages.<name>` of `type: dpo`: `chosen` / `rejected` pairs (optional `prompt`), through TRL's
+    DPOTrainer and any of its `loss_type`s."""
+
+    type: Literal["dpo"]
+
+
+class KTOSchema(_PreferenceSchema):
+    """`stages.<name>` of `type: kto`: `prompt` / `completion` / `label` rows (a boolean: desirable or
+    not), or preference pairs, each split into a desirable and an undesirable row."""
+
+    type: Literal["kto"]
 
 
 class EvalSchema(Strict):
@@ -104,6 +128,8 @@ STAGE_TYPES: dict[str, StageType] = {
     "sft": StageType(SFTSchema, SFTConfig, "causal_lm", fsdp=True, policy_init=True),
     "reward": StageType(RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True, reward_model=True),
     "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True),
+    "dpo": StageType(DPOSchema, DPOConfig, "causal_lm", policy_init=True),
+    "kto": StageType(KTOSchema, KTOConfig, "causal_lm", policy_init=True),
     "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True),
     "eval": StageType(EvalSchema, None, None),
 }

@@ -1,6 +1,6 @@
 """The bundled toy task: reverse a four-letter lowercase word. Random models fail it; a few hundred LoRA steps fix it.
 
-The files under recipes/data/{reverse,preference,classify}/ are this module's output:
+The files under recipes/data/{reverse,preference,capitals,classify}/ are this module's output:
     python -m finetune.toy recipes/data
 """
 
@@ -61,6 +61,20 @@ def preferences(n_train: int = 2000, n_test: int = 200, seed: int = 1) -> dict[s
     return out
 
 
+def capitals(n_train: int = 1000, n_test: int = 100, seed: int = 3) -> dict[str, list[dict]]:
+    """Pairs teaching a preference the reversal SFT data never shows: the reversed word in capitals is
+    chosen, the same reversal in lowercase (what SFT learns to write) rejected (implicit prompt)."""
+    out: dict[str, list[dict]] = {}
+    for split, rows in splits(n_train, n_test, seed).items():
+        pairs = []
+        for row in rows:
+            user, answer = row["messages"]
+            upper = {"role": "assistant", "content": answer["content"].upper()}
+            pairs.append({"chosen": [user, upper], "rejected": [user, answer]})
+        out[split] = pairs
+    return out
+
+
 # Where a word's first letter falls in the alphabet: three classes a tiny classifier can learn.
 CLASSES = {"early": "abcdefgh", "middle": "ijklmnop", "late": "qrstuvwxyz"}
 
@@ -84,9 +98,11 @@ def _write(folder: Path, data: dict[str, list[dict]]) -> None:
 
 
 def write(root: Path) -> None:
-    """`<root>/reverse/` (SFT), `<root>/preference/` (reward pairs), `<root>/classify/` (labelled words)."""
+    """`<root>/reverse/` (SFT), `<root>/preference/` (reward pairs), `<root>/capitals/` (DPO / KTO pairs),
+    `<root>/classify/` (labelled words)."""
     _write(root / "reverse", splits())
     _write(root / "preference", preferences())
+    _write(root / "capitals", capitals())
     _write(root / "classify", classes())
 
 

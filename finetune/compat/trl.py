@@ -1,6 +1,6 @@
 """TRL internals: SFT's chunked LM head (replaced by ours under `model.kernels`), SFTTrainer's dataset
-preparation (run for `validate`'s token counts), GRPOTrainer's reference adapter and its logged
-completions. Checked on TRL 1.16."""
+preparation (run for `validate`'s token counts), the reference adapter GRPO, DPO and KTO copy, the
+preference trainers' reference precompute, and GRPO's logged completions. Checked on TRL 1.16."""
 
 from __future__ import annotations
 
@@ -43,6 +43,20 @@ GRPO_REFERENCE = declare(
     "and the trainer: TRL's reference pass then disables the adapter",
     Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
     Target("trl.trainer.grpo_config", "GRPOConfig.beta"),
+)
+PREFERENCE_REFERENCE = declare(
+    "trl.preference_reference",
+    "trl",
+    CHECKED,
+    "builds DPOTrainer / KTOTrainer with `precompute_ref_log_probs` off, deletes the frozen 'ref' adapter "
+    "their constructor copies from a PEFT model (it misses the routed-expert LoRA), so their reference "
+    "pass disables the adapter (`model.reference`), then runs their own `_precompute_ref_logps` as the "
+    "constructor would, with a cache key that names the reference",
+    Target("trl.trainer.dpo_trainer", "DPOTrainer._precompute_ref_logps"),
+    Target("trl.trainer.kto_trainer", "KTOTrainer._precompute_ref_logps"),
+    Target("trl.trainer.dpo_config", "DPOConfig.precompute_ref_log_probs"),
+    Target("trl.trainer.kto_config", "KTOConfig.precompute_ref_log_probs"),
+    Target(_UTILS, "hash_module"),
 )
 GRPO_LOGS = declare(
     "trl.grpo_logged_completions",
@@ -125,6 +139,51 @@ def no_reference_copy(config: Any, field: str = "beta") -> Iterator[Callable[[An
         yield restore
     finally:
         setattr(config, field, value)
+
+
+def drop_reference_copy(model: Any) -> None:
+    """Delete the 'ref' adapter a preference trainer's constructor copied from the policy's, if any."""
+    applying(PREFERENCE_REFERENCE)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")  # the policy's adapter active and trainable, as before the copy
+
+
+@contextlib.contextmanager
+def deferred_precompute(config: Any) -> Iterator[Callable[[Any, str], None]]:
+    """While inside, the preference trainer's constructor precomputes no reference log-probs; yields
+    `precompute(trainer, reference)`, which restores the setting and, when the config asked, runs the
+    trainer's own precompute through the reference now installed, cached under `reference`'s name."""
+    applying(PREFERENCE_REFERENCE)
+    if not hasattr(config, "precompute_ref_log_probs"):
+        raise fail(PREFERENCE_REFERENCE, f"{type(config).__name__} has no `precompute_ref_log_probs`")
+    wanted = bool(config.precompute_ref_log_probs)
+    config.precompute_ref_log_probs = False
+
+    def precompute(trainer: Any, reference: str) -> None:
+        config.precompute_ref_log_probs = wanted
+        trainer.precompute_ref_logps = wanted
+        if not wanted:
+            return
+        run = getattr(trainer, "_precompute_ref_logps", None)
+        if run is None:
+            raise fail(PREFERENCE_REFERENCE, f"{type(trainer).__name__} has no `_precompute_ref_logps`")
+        digest = resolve(PREFERENCE_REFERENCE, PREFERENCE_REFERENCE.targets[-1])(trainer.model)
+        trainer._precompute_model_hash = f"{digest}:{reference}"  # a base and an init reference differ
+        size = config.precompute_ref_batch_size
+        trainer.train_dataset = run(
+            trainer.train_dataset, "train", size or config.per_device_train_batch_size
+        )
+        evaluation, eval_size = trainer.eval_dataset, size or config.per_device_eval_batch_size
+        if isinstance(evaluation, dict):
+            trainer.eval_dataset = {k: run(v, k, eval_size) for k, v in evaluation.items()}
+        elif evaluation is not None:
+            trainer.eval_dataset = run(evaluation, "eval", eval_size)
+
+    try:
+        yield precompute
+    finally:
+        config.precompute_ref_log_probs = wanted
 
 
 def logged(trainer: Any) -> dict[str, Any]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import classify, eval, grpo, reward, sft
+from finetune.stages import classify, dpo, eval, grpo, kto, reward, sft
 from finetune.stagetypes import STAGE_TYPES
 
 REGISTRY: dict[str, ModuleType] = {
     "sft": sft,
     "reward": reward,
     "classify": classify,
+    "dpo": dpo,
+    "kto": kto,
     "grpo": grpo,
     "eval": eval,
 }

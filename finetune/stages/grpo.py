@@ -1,6 +1,7 @@
 """GRPO on TRL's GRPOTrainer: the policy is the 4-bit base + LoRA (fresh, or an earlier stage's adapter
-with `init_from`), the reference policy the same model with the adapter disabled (routed-expert LoRA
-included), rewards from the `rewards` package, and optional routing replay for the MoE layers."""
+with `init_from`), the KL's reference policy the starting policy (`reference: init`, a frozen copy of the
+starting adapter) or the base (`reference: base`, the adapter disabled, routed-expert LoRA included),
+rewards from the `rewards` package, and optional routing replay for the MoE layers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from finetune.compat import trl as compat_trl
 from finetune.context import StageContext
 from finetune.errors import UserError
 from finetune.fast import generation
-from finetune.model import adapters, replay, routing
+from finetune.model import replay, routing
 from finetune.schema import train_arguments
 from finetune.stages import common, reward_model
 from finetune.stages.moe_trainer import MoETrainerMixin
@@ -218,13 +219,7 @@ def run(
     out = ctx.stage_dir(name)
     tokenizer = ctx.tokenizer()
     if model is None:
-        if stage.init_from is not None:
-            torch.manual_seed(ctx.seed)
-            model = adapters.load_adapter(
-                ctx.base_model(), ctx.output_dir / stage.init_from / "adapter", trainable=True
-            )
-        else:
-            model = ctx.adapted_model()
+        model = ctx.policy_model(stage.init_from)
     eos = tokenizer.eos_token_id
     replayer = replay.RoutingReplay(
         model, replay=stage.routing_replay, eos_token_ids=[eos] if eos is not None else []
@@ -250,6 +245,7 @@ def run(
                 router_monitor=monitor,
                 samples=samples,
                 samples_per_log=stage.samples_per_log,
+                reference=reference_mode(stage, inputs.args.beta),
             )
     finally:
         monitor.remove()
@@ -276,6 +272,14 @@ def run(
         rundir.plot_curves(metrics, keys, out / "reward.png", f"{ctx.name} / {name}: reward")
     common.finish(trainer, out, f"{ctx.name} / {name}", summary)
     return summary
+
+
+def reference_mode(stage: Any, beta: float = 1.0) -> str | None:
+    """What the reference pass computes: nothing without one (`beta` 0), the frozen starting adapter
+    (`init` after `init_from`), else the base model (a fresh adapter starts as the base)."""
+    if not beta:
+        return None
+    return "init" if stage.reference == "init" and stage.init_from is not None else "base"
 
 
 def _reward_windows(metrics: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:

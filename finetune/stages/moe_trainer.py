@@ -1,5 +1,5 @@
-"""What a TRL trainer needs around it to train our DeepSeek MoE with a loss of its own (GRPO today; the
-preference trainers, DPO / KTO, next): `MoETrainerMixin`, put before the TRL trainer class.
+"""What a TRL trainer needs around it to train our DeepSeek MoE with a loss of its own (GRPO, DPO, KTO):
+`MoETrainerMixin`, put before the TRL trainer class.
 
 - The expert-balance loss of a trainable router. `RouterMonitor` adds it to the model output's `loss`,
   which a trainer computing its loss from the logits never reads; here it is taken from the monitor and
@@ -7,21 +7,26 @@ preference trainers, DPO / KTO, next): `MoETrainerMixin`, put before the TRL tra
 - No copied "ref" adapter. With `ref_copy_field` (a config field, e.g. GRPO's `beta`) nonzero at
   construction, TRL copies a PEFT adapter into a frozen "ref" adapter. That copy misses the routed-expert
   LoRA (not PEFT's), doubles the LoRA memory and fails on some adapters. Built with the field at 0 there
-  is none, and TRL's reference pass disables the adapter instead, which `adapters.attach` extends to the
-  expert LoRA: the reference is the base model. The field's value is put back on the config and the
-  trainer after construction.
+  is none, and TRL's reference pass disables the adapter instead. The field's value is put back on the
+  config and the trainer after construction. DPO and KTO copy one whatever their settings: it is
+  deleted after construction, and their reference precompute (which would have read it) runs then.
+- The reference policy (`reference`): what "adapter disabled" computes in TRL's reference pass, set by
+  `finetune.model.reference` once TRL has cast the trainable tensors: `base` (the adapter off, routed-
+  expert LoRA included), or `init` (the adapter as training starts, a LoRA-sized frozen copy).
 - A samples log: the rows `_sample_rows` returns (by default none), read before each `log` call of the
   trainer, appended to `samples` (JSON lines, with the step) on the main process at logging steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from finetune.compat import trl as compat_trl
-from finetune.model import routing
+from finetune.model import adapters, routing
+from finetune.model import reference as reference_policy
 
 
 class MoETrainerMixin:
@@ -36,15 +41,31 @@ class MoETrainerMixin:
         router_monitor: routing.RouterMonitor,
         samples: Path | None = None,
         samples_per_log: int = 0,
+        reference: reference_policy.Mode | None = None,
         **kwargs: Any,
     ):
-        field = self.ref_copy_field
-        if field is None:
+        config, field = kwargs["args"], self.ref_copy_field
+        with contextlib.ExitStack() as stack:
+            restore = stack.enter_context(compat_trl.no_reference_copy(config, field)) if field else None
+            precompute = None
+            if self.copies_reference:
+                precompute = stack.enter_context(compat_trl.deferred_precompute(config))
+                # The copy must wrap the modules the adapter wraps (PEFT would re-target a loaded one's).
+                stack.enter_context(adapters.exact_targets())
             super().__init__(*args, **kwargs)
-        else:
-            with compat_trl.no_reference_copy(kwargs["args"], field) as restore:
-                super().__init__(*args, **kwargs)
-            restore(self)
+            if restore is not None:
+                restore(self)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.copies_reference:
+                compat_trl.drop_reference_copy(model)
+            self.reference: reference_policy.Reference | None = None
+            if reference is not None:
+                # After TRL's casts of the trainable tensors: the frozen copy holds what training starts from.
+                adapters.keep_router_fp32(model)
+                adapters.keep_full_copies_dtype(model)
+                self.reference = reference_policy.install(model, reference)
+            if precompute is not None:
+                precompute(self, reference or "base")
         self._monitor, self._samples, self._samples_per_log = router_monitor, samples, samples_per_log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,0 +1,233 @@
+"""What the offline preference stages (DPO, KTO) share around their TRL trainer: the checks before a
+run (trainer config, `init_from`, rows in the shape the trainer reads, token lengths), the starting
+policy and its reference (`MoETrainerMixin` + `finetune.model.reference`), the evaluation of the
+held-out rows before and after training, the curves of chosen / rejected log-probs and the summary.
+
+The held-out preference accuracy is TRL's own `rewards/accuracies` of an evaluation pass: the share of
+pairs whose implicit reward, beta * (log pi - log pi_ref), is higher for the chosen side. Before
+training it is measured against the base model (with `init_from`, the starting adapter's own preference;
+against itself it would be 0 by construction).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from finetune import data, rundir, scoring, stagetypes
+from finetune.context import StageContext
+from finetune.errors import UserError
+from finetune.model import routing
+from finetune.schema import train_arguments
+from finetune.stages import common
+
+# The evaluation metrics a summary keeps (TRL's names, `eval_` prefix dropped).
+SUMMARY_METRICS = (
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+    "loss",
+)
+
+
+@dataclass
+class PreferenceInputs:
+    args: Any
+    train: Dataset | None  # None: a Hub dataset not fetched (validate stays offline)
+    eval: Dataset | None
+    report: list = field(default_factory=list)
+
+
+def reference_mode(stage: Any) -> str:
+    """`init` only where the start differs from the base: a fresh adapter starts as the base model."""
+    return "init" if stage.reference == "init" and stage.init_from is not None else "base"
+
+
+def check(
+    name: str,
+    stage: Any,
+    ctx: StageContext,
+    *,
+    fetch: bool,
+    config_cls: type,
+    rows_of: Callable[[Dataset, str], Dataset],
+    items_of: Callable[[Dataset], list],
+) -> PreferenceInputs:
+    """The trainer config, `init_from`, and the rows as `rows_of` shapes them, measured in tokens (each
+    of `items_of`'s sequences per row; the longest counts). Writes nothing."""
+    arguments = train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)
+    common.check_precision(name, arguments, ctx)
+    args = ctx.trainer_config(config_cls, name, arguments)
+    d, key = stage.data, f"stages.{name}.data"
+    common.check_trainer(name, args, has_eval=d.eval is not None)
+    common.check_fsdp(name, stage.type, args, ctx)
+    _check_loss_types(name, args, config_cls)
+    if getattr(args, "sync_ref_model", False):
+        raise UserError(
+            f"stages.{name}.train.sync_ref_model: TRL does not sync a reference with an adapter; the "
+            f"reference is stages.{name}.reference (init: the starting policy, base: the base model)"
+        )
+    if stage.init_from is not None:
+        ctx.earlier_stage(
+            name, stage.init_from, f"stages.{name}.init_from", stagetypes.types_with("policy_init")
+        )
+    loaded: dict[str, Dataset] = {}
+    splits = common.read_splits(d, key, fetch=fetch)
+    for report, rows in splits:
+        if rows is None:
+            continue
+        rows = rows_of(rows, f"{key}.{report.split}")
+        skipped = common.tokenizer_unfetched(ctx, fetch)
+        if skipped:
+            report.note = skipped
+        else:
+            _measure(
+                report, items_of(rows), ctx.tokenizer(), args.max_length, f"stages.{name}.train.max_length"
+            )
+        loaded[report.split] = rows
+    return PreferenceInputs(args, loaded.get("train"), loaded.get("eval"), [r for r, _ in splits])
+
+
+def _check_loss_types(name: str, args: Any, config_cls: type) -> None:
+    """`loss_type` names the installed TRL documents on its config (its `choices`, or the names its help
+    lists); TRL itself checks them only mid-training."""
+    spec = getattr(config_cls, "__dataclass_fields__", {}).get("loss_type")
+    metadata = spec.metadata if spec is not None else {}
+    known = metadata.get("choices") or re.findall(r"`'([a-z0-9_]+)'`", metadata.get("help", ""))
+    given = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+    unknown = [t for t in given if t not in known]
+    if known and unknown:
+        raise UserError(
+            f"stages.{name}.train.loss_type: {unknown[0]!r} is not a loss of TRL's {config_cls.__name__} "
+            f"(it has: {', '.join(known)})"
+        )
+
+
+def _measure(
+    report: data.SplitReport, rows: list[list], tokenizer: Any, limit: int | None, setting: str
+) -> None:
+    """Token lengths of each row's longest sequence; the trainer keeps the first `limit` tokens."""
+    lengths = [max(len(scoring.encode(tokenizer, item)) for item in items) for items in rows]
+    cut = sum(n > limit for n in lengths) if limit is not None else 0
+    report.kept, report.cut = len(lengths), cut
+    report.note = "tokens of the longest sequence of a row; the trainer truncates those over max_length"
+    data.fill_lengths(report, lengths)
+    if cut > data.CUT_WARN_SHARE * len(lengths):
+        assert report.p95 is not None and report.max is not None
+        data.warn(
+            f"{report.source}: max_length {limit} truncates {cut} of {len(lengths)} rows ({cut / len(lengths):.1%}); "
+            f"{setting}={data.suggest_max_length(report.p95, report.max)} keeps them whole"
+        )
+
+
+def pair_items(rows: Dataset) -> list[list]:
+    """Each pair's two sequences (the explicit `prompt` joined in front)."""
+    items = scoring.pair_items(rows)
+    return [items[i : i + 2] for i in range(0, len(items), 2)]
+
+
+class StartEvaluation:
+    """Put before `MoETrainerMixin`. With `evaluate_start`, evaluates the held-out rows once before the
+    first step (not on a resume) with the base model as reference, kept in `evaluated_before`: the
+    starting adapter's own preference. Not with precomputed reference log-probs (those are fixed)."""
+
+    evaluated_before: dict[str, float] | None = None
+
+    def __init__(self, *args: Any, evaluate_start: bool = False, **kwargs: Any):
+        self._evaluate_start = evaluate_start
+        super().__init__(*args, **kwargs)
+
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+        reference = getattr(self, "reference", None)
+        precomputed = getattr(self.args, "precompute_ref_log_probs", False)
+        wanted = self._evaluate_start and resume_from_checkpoint is None and self.eval_dataset is not None
+        if wanted and reference is not None and not precomputed:
+            mode, reference.mode = reference.mode, "base"
+            try:
+                self.evaluated_before = self.evaluate(metric_key_prefix="before")
+            finally:
+                reference.mode = mode
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _metrics(evaluated: dict[str, float], prefix: str) -> dict[str, float]:
+    """`SUMMARY_METRICS` of an `evaluate()` result. TRL logs its own under `eval_` whatever the prefix."""
+    out = {}
+    for name in SUMMARY_METRICS:
+        value = evaluated.get(f"{prefix}_{name}", evaluated.get(f"eval_{name}"))
+        if value is not None:
+            out[name.replace("rewards/accuracies", "preference_accuracy")] = value
+    return out
+
+
+def run(
+    name: str,
+    stage: Any,
+    inputs: PreferenceInputs,
+    ctx: StageContext,
+    *,
+    trainer_cls: type,
+    resume_from: str | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train the policy; the held-out metrics before and after, and the curves, go into the run folder."""
+    out = ctx.stage_dir(name)
+    tokenizer = ctx.tokenizer()
+    model = model if model is not None else ctx.policy_model(stage.init_from)
+    monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
+    mode = reference_mode(stage)
+    try:
+        trainer, tokenizer, trained, adapter = common.fit(
+            trainer_cls,
+            model,
+            inputs,
+            tokenizer,
+            out,
+            monitor,
+            resume_from,
+            kernels=ctx.kernels,
+            # TRL's chunked head stays: these trainers read outputs ours does not compute (mean logits).
+            chunked_head=False,
+            router_monitor=monitor,
+            reference=mode,
+            evaluate_start=stage.init_from is not None,
+        )
+        after = trainer.evaluate() if inputs.eval is not None else {}
+    finally:
+        monitor.remove()
+    summary: dict[str, Any] = {
+        "stage": name,
+        "type": stage.type,
+        "train": trained,
+        "adapter": str(adapter),
+        "reference": mode,
+    }
+    if init := stage.init_from:
+        summary["init_from"] = init
+    if inputs.eval is not None:
+        summary["eval"] = {"after": _metrics(after, "eval")}
+        if trainer.evaluated_before is not None:
+            summary["eval"]["before"] = {**_metrics(trainer.evaluated_before, "before"), "reference": "base"}
+    if trainer.is_world_process_zero():
+        metrics = rundir.read_metrics(out / "metrics.jsonl")
+        title = f"{ctx.name} / {name}"
+        rundir.plot_curves(
+            metrics, ["logps/chosen", "logps/rejected"], out / "logps.png", f"{title}: log-probs"
+        )
+        rundir.plot_curves(
+            metrics,
+            ["rewards/margins", "rewards/chosen", "rewards/rejected"],
+            out / "rewards.png",
+            f"{title}: implicit rewards",
+        )
+    common.finish(trainer, out, f"{ctx.name} / {name}", summary)
+    return summary
