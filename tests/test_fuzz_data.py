@@ -271,7 +271,7 @@ CASES = [
             _lines({"messages": [{"role": "robot", "content": "x"}, *_chat()["messages"]]}),
             key="heldout",
         ),
-        "stages.sft.heldout.data: h.jsonl: row 1: role 'robot' is not one the chat template renders",
+        "data/h.jsonl: row 1: role 'robot' is not one the chat template renders",
     ),
     Case(
         "content_number_in_one_row",
