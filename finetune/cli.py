@@ -179,6 +179,9 @@ def _validate(args: argparse.Namespace) -> int:
         report = getattr(checked.inputs[name], "report", ())
         if report:
             print(data.format_report(list(report)))
+    held = pipeline.held_run(r)
+    if held is not None:
+        print(f"  output_dir {r.output_dir} holds {held}: `run` needs --resume or --overwrite")
     return 0
 
 

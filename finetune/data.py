@@ -319,15 +319,19 @@ def turn_problem(turn: Any, j: int, field: str = "messages") -> str | None:
             return f"`{field}` item {j} has no `{name}`"
     role, content = turn["role"], turn["content"]
     if not isinstance(role, str):
-        return f"`{field}` item {j}: `role` is a {_kind(role)} {_short(role)}, not text"
+        return f"`{field}` item {j}: `role` is {_a(_kind(role))} {_short(role)}, not text"
     if isinstance(content, list):
         return (
-            f"`{field}` item {j} ({role}): `content` is a {_kind(content)}: multimodal content "
+            f"`{field}` item {j} ({role}): `content` is {_a(_kind(content))}: multimodal content "
             "(a list of parts) is not supported; give the text as a string"
         )
     if not isinstance(content, str):
-        return f"`{field}` item {j} ({role}): `content` is a {_kind(content)} {_short(content)}, not text"
+        return f"`{field}` item {j} ({role}): `content` is {_a(_kind(content))} {_short(content)}, not text"
     return None
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
 def conversation_problem(messages: Any, field: str = "messages") -> str | None:

@@ -161,6 +161,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
     return summaries
 
 
+def held_run(recipe: Recipe) -> str | None:
+    """What the recipe's output_dir holds as a run ("a finished run (sft: finished)"), else None."""
+    return rundir.describe_run(Path(recipe.output_dir), list(recipe.stages))
+
+
 def _refuse_a_run_there(out: Path, stages: list[str], *, locked: bool = False) -> None:
     """A run into a folder that holds one would replace it: a user error naming the ways on. Writes nothing.
 

@@ -182,9 +182,8 @@ def lock_holder(output_dir: Path) -> str | None:
 
 # ------------------------------------------------------------------------------- a run already there
 
-ASIDE = (
-    ".overwritten-"  # <output_dir>/.overwritten-<pid>/: the old run while `--overwrite` starts the new one
-)
+# <output_dir>/.overwritten-<pid>/: the old run while `--overwrite` starts the new one.
+ASIDE = ".overwritten-"
 
 
 def _saved_stages(output_dir: Path) -> list[str]:
@@ -196,7 +195,9 @@ def _saved_stages(output_dir: Path) -> list[str]:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return []
     stages = saved.get("stages") if isinstance(saved, dict) else None
-    return [str(name) for name in stages] if isinstance(stages, dict) else []
+    names = [str(name) for name in stages] if isinstance(stages, dict) else []
+    # Only names a recipe allows (letters, digits, '-', '_'): never a path out of the folder.
+    return [n for n in names if n.replace("_", "").replace("-", "").isalnum()]
 
 
 def run_files(output_dir: Path, stages: list[str]) -> list[Path]:

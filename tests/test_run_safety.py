@@ -221,6 +221,11 @@ def test_a_partial_run_is_named_and_resume_continues_it(capsys, tmp_path):
     assert main(["run", recipe]) == 2
     assert "holds a partial run (sft: finished, second: stopped after checkpoint-1); " in _one_error(capsys)
     assert _files(out) == kept
+    assert main(["validate", recipe]) == 0  # says so too
+    assert (
+        f"  output_dir {out} holds a partial run (sft: finished, second: stopped after checkpoint-1): "
+        "`run` needs --resume or --overwrite"
+    ) in capsys.readouterr().out.splitlines()
     assert main(["run", recipe, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "stage sft: finished in an earlier attempt" in printed

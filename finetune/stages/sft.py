@@ -96,13 +96,13 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
         sources = {
             "train": (f"{key}.train", d.train),
             "eval": (f"{key}.eval", d.eval),
-            "heldout": (hkey, None),
+            "heldout": (hkey, h.data if h is not None else None),
         }
         for r in measured:
             split_key, source = sources[r.split]
             if r.split == "heldout":
                 assert pairs is not None and h is not None
-                data.check_roles(pairs[0], tokenizer, key=split_key, source=h.data)
+                data.check_roles(pairs[0], tokenizer, key=split_key, source=source)
                 data.measure_prompts(r, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
                 continue
             rows = train if r.split == "train" else evaluation
