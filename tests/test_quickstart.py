@@ -13,8 +13,9 @@ from pathlib import Path
 
 from conftest import REPO
 
-# A tqdm bar as it is redrawn: "Truncating train dataset:  40%|████      | 3205/8000 [00:00<00:00, ...]".
-PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\| *[\d?.]+[kMG]?/[\d?.]+[kMG]? \[")
+# A tqdm bar as it is redrawn: "Truncating train dataset:  40%|████      | 3205/8000 [00:00<00:00, ...]",
+# or without a total: "Generating train split: 3205 examples [00:00, ...]".
+PROGRESS_BAR = re.compile(r"^.*(\d+%\|.*\| *[\d?.]+[kMG]?/[\d?.]+[kMG]?|: *[\d.]+[kMG]? ?[a-z]*) \[[\d:?]+")
 
 
 def stray_stderr(err: str) -> list[str]:
