@@ -33,11 +33,18 @@ def _parser() -> argparse.ArgumentParser:
         if verb == "inspect":
             sub.add_argument("--json", action="store_true", help="print one JSON object keyed by module kind")
         if verb == "run":
-            sub.add_argument(
+            existing = sub.add_mutually_exclusive_group()
+            existing.add_argument(
                 "--resume",
                 action="store_true",
                 help="continue the run in output_dir (same recipe): finished stages are skipped, the others "
                 "continue from their last complete checkpoint",
+            )
+            existing.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace the run in output_dir (deleted once the new run has started; without this "
+                "flag or --resume, a folder holding a run is refused)",
             )
         sub.add_argument("recipe", help="recipe YAML file")
         sub.add_argument(
@@ -172,6 +179,9 @@ def _validate(args: argparse.Namespace) -> int:
         report = getattr(checked.inputs[name], "report", ())
         if report:
             print(data.format_report(list(report)))
+    held = pipeline.held_run(r)
+    if held is not None:
+        print(f"  output_dir {r.output_dir} holds {held}: `run` needs --resume or --overwrite")
     return 0
 
 
@@ -283,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
     from finetune.distributed import is_primary
 
     r = recipe.load(args.recipe, args.overrides)
-    summaries = pipeline.run(r, resume=args.resume)
+    summaries = pipeline.run(r, resume=args.resume, overwrite=args.overwrite)
     if is_primary():  # under torchrun, one process reports
         _print_table(summaries)
         print(f"\nrun directory: {r.output_dir}")

@@ -309,17 +309,47 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def turn_problem(turn: Any, j: int, field: str = "messages") -> str | None:
+    """What is wrong with message `j` (1-based) of a conversation in column `field`, else None: a
+    {role, content} message whose role and content are text (chat templates render text only)."""
+    if not isinstance(turn, dict):
+        return f"`{field}` item {j} is a {_kind(turn)} {_short(turn)}, not a {{role, content}} message"
+    for name in ("role", "content"):
+        if turn.get(name) is None:
+            return f"`{field}` item {j} has no `{name}`"
+    role, content = turn["role"], turn["content"]
+    if not isinstance(role, str):
+        return f"`{field}` item {j}: `role` is {_a(_kind(role))} {_short(role)}, not text"
+    if isinstance(content, list):
+        return (
+            f"`{field}` item {j} ({role}): `content` is {_a(_kind(content))}: multimodal content "
+            "(a list of parts) is not supported; give the text as a string"
+        )
+    if not isinstance(content, str):
+        return f"`{field}` item {j} ({role}): `content` is {_a(_kind(content))} {_short(content)}, not text"
+    return None
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
+
+
+def conversation_problem(messages: Any, field: str = "messages") -> str | None:
+    """What is wrong with a conversation (a non-empty list of `turn_problem`-free messages), else None."""
+    if not isinstance(messages, list) or not messages:
+        return f"`{field}` must be a non-empty list of {{role, content}} messages"
+    return next((p for j, t in enumerate(messages, 1) if (p := turn_problem(t, j, field))), None)
+
+
 def _messages_problem(messages: Any) -> str | None:
     if messages is None or messages == []:
         return "`messages` is empty"
     if not isinstance(messages, list):
         return f"`messages` must be a list of {{role, content}} messages, got a {_kind(messages)} {_short(messages)}"
     for j, turn in enumerate(messages, 1):
-        if not isinstance(turn, dict):
-            return f"`messages` item {j} is a {_kind(turn)} {_short(turn)}, not a {{role, content}} message"
-        for field in ("role", "content"):
-            if turn.get(field) is None:
-                return f"`messages` item {j} has no `{field}`"
+        problem = turn_problem(turn, j)
+        if problem is not None:
+            return problem
     if messages[-1]["role"] != "assistant":
         return f"`messages` must end with an assistant turn (the last is {messages[-1]['role']!r})"
     return None
@@ -360,10 +390,9 @@ def _check_prompt_completion(rows: Dataset, *, key: str, name: Callable[[int], s
                 raise UserError(
                     f"{key}: {name(i)}: `{field}` must be a string or a list of messages, got a {_kind(value)}"
                 )
-            if isinstance(value, list) and (not value or any(not isinstance(t, dict) for t in value)):
-                raise UserError(
-                    f"{key}: {name(i)}: `{field}` must be a non-empty list of {{role, content}} messages"
-                )
+            problem = conversation_problem(value, field) if isinstance(value, list) else None
+            if problem is not None:
+                raise UserError(f"{key}: {name(i)}: {problem}")
         if isinstance(prompt, str) != isinstance(completion, str):
             raise UserError(
                 f"{key}: {name(i)}: `prompt` and `completion` must both be strings or both message lists, "
@@ -413,6 +442,83 @@ def prompt_target_pairs(rows: Dataset, *, key: str, source: str | None = None) -
     return list(shaped["prompt"]), targets
 
 
+# -------------------------------------------------------------------------- roles a template renders
+
+# The roles chat templates use (Hugging Face's chat format, OpenAI's, Llama 3's `ipython`): a template's
+# accepted roles, as an error lists them, are those of these (and of the data) that it renders.
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+_PROBE = "finetune-role-probe"
+_rendered: dict[tuple[str, str], bool] = {}
+
+
+def _probes(role: str) -> list[list[dict]]:
+    """Short conversations with one `role` message (its text `_PROBE`) where templates put such a turn:
+    first (a system prompt), before an answer (a user turn), as the answer, after a tool call."""
+    probe = {"role": role, "content": _PROBE}
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+    }
+    return [
+        [probe, user, answer],
+        [probe, answer],
+        [user, probe],
+        [user, call, probe, answer],
+        [user, answer, probe],
+    ]
+
+
+def renders_role(tokenizer: Any, role: str) -> bool:
+    """Whether the tokenizer's chat template renders a message of `role`: its text appears in the output
+    of one of `_probes(role)`. A template that drops the turn or raises (an unknown role) does not."""
+    template = tokenizer.chat_template
+    if (template, role) not in _rendered:
+        found = False
+        for conversation in _probes(role):
+            try:
+                text = tokenizer.apply_chat_template(conversation, tokenize=False)
+            except Exception:  # templates raise on roles and orders they do not take
+                continue
+            if isinstance(text, str) and _PROBE in text:
+                found = True
+                break
+        _rendered[(template, role)] = found
+    return _rendered[(template, role)]
+
+
+def check_roles(conversations: Any, tokenizer: Any, *, key: str, source: str | None = None) -> None:
+    """Every role in `conversations` (per row: a list of messages, or a text that has none) is one the
+    chat template renders; else one line naming the file, the row and the roles it does render."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return  # no template (text rows only) or several named ones: the trainer reports what it meets
+    first: dict[str, int] = {}
+    for i, turns in enumerate(conversations):
+        for turn in turns if isinstance(turns, list) else ():
+            first.setdefault(turn["role"], i)
+    bad = [role for role in first if not renders_role(tokenizer, role)]
+    if not bad:
+        return
+    role = min(bad, key=first.__getitem__)
+    accepted = [r for r in dict.fromkeys([*KNOWN_ROLES, *first]) if renders_role(tokenizer, r)]
+    raise UserError(
+        f"{key}: {_row_namer(source)(first[role])}: role {role!r} is not one the chat template renders "
+        f"(it renders: {', '.join(accepted) or 'none of ' + ', '.join(KNOWN_ROLES)})"
+    )
+
+
+def stage_template(tokenizer: Any, args: Any) -> Any:
+    """The tokenizer as the stage's trainer templates with it: TRL's SFTTrainer reads a `.jinja`/`.j2`
+    `chat_template_path` into it (a tokenizer to clone a template from is only loaded by the trainer)."""
+    path = getattr(args, "chat_template_path", None)
+    if not path or not str(path).endswith((".jinja", ".j2")) or not Path(path).is_file():
+        return tokenizer
+    staged = copy.copy(tokenizer)
+    staged.chat_template = Path(path).read_text(encoding="utf-8")
+    return staged
+
+
 # ------------------------------------------------------------------------ what the trainer will see
 
 
@@ -426,12 +532,17 @@ def preference_format(rows: Dataset, *, key: str, what: str = "a reward stage") 
             f"{key}: {what} needs `chosen` and `rejected` columns; missing {', '.join(missing)} "
             f"(found: {', '.join(sorted(columns))})"
         )
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, 1):
         kinds = {type(row["chosen"]).__name__, type(row["rejected"]).__name__}
         if not kinds <= {"str", "list"} or len(kinds) > 1:
             raise UserError(
                 f"{key}: row {i}: `chosen` and `rejected` must both be texts or both message lists"
             )
+        for field in ("prompt", "chosen", "rejected"):
+            value = row.get(field)
+            problem = conversation_problem(value, field) if isinstance(value, list) else None
+            if problem is not None:
+                raise UserError(f"{key}: row {i}: {problem}")
         if "margin" in columns and not isinstance(row["margin"], int | float):
             raise UserError(f"{key}: row {i}: `margin` must be a number, got {row['margin']!r}")
     keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in columns]
@@ -507,8 +618,13 @@ def measure(
     keep_end = not packing and args.truncation_mode == "keep_end"
     lengths: list[int] = []
     kept = cut = 0
+    special = set(tokenizer.all_special_ids)
+    empty: list[int] = []  # rows whose trained tokens hold no text: an empty answer and its end-of-turn token
     for batch in prepared.iter(batch_size=1000):
         for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            trained = [t for t in labels if t != -100 and t not in special]
+            if not tokenizer.decode(trained).strip():
+                empty.append(len(lengths))
             lengths.append(len(ids))
             if not truncates or len(ids) <= limit:
                 kept += 1
@@ -519,6 +635,7 @@ def measure(
             cut += any(t != -100 for t in outside)
     report.kept, report.cut = kept, cut
     fill_lengths(report, lengths)
+    _check_empty_answers(empty, len(lengths), key=key, source=report.source)
     if report.rows is None or not cut:
         return
     assert report.p95 is not None and report.max is not None
@@ -536,6 +653,25 @@ def measure(
             f"{key}: max_length {limit} cuts trainable tokens of {cut} of {report.rows} rows "
             f"({cut / report.rows:.1%}, over {CUT_WARN_SHARE:.0%}){also}; {lengths_text} "
             f"({max_length_key}={suggestion} keeps them)"
+        )
+
+
+def _check_empty_answers(empty: list[int], rows: int, *, key: str, source: str) -> None:
+    """Rows whose trained part (the assistant turn, after the chat template) holds no text teach only
+    the end-of-turn token: all of them are an error, more than `CUT_WARN_SHARE` a warning."""
+    if not empty or not rows:
+        return
+    if len(empty) == rows:
+        raise UserError(
+            f"{key}: {source}: the assistant turn of every row (1 to {rows}) is empty after the chat "
+            "template; training would learn nothing but end-of-turn tokens: give the assistant turns text"
+        )
+    if len(empty) > CUT_WARN_SHARE * rows:
+        listed = ", ".join(str(i + 1) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        warn(
+            f"{key}: {source}: rows {listed} ({len(empty)} of {rows}, {len(empty) / rows:.1%}, over "
+            f"{CUT_WARN_SHARE:.0%}) have an empty assistant turn after the chat template; they train only "
+            "end-of-turn tokens"
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from finetune import data
 from finetune.errors import UserError
 from finetune.rundir import save_figure
 
@@ -56,14 +57,9 @@ def rows(dataset: Dataset, *, key: str, need_label: bool = True) -> tuple[list, 
     for i, item in enumerate(items, 1):
         if column == "text" and not isinstance(item, str):
             raise UserError(f"{key}: row {i}: `text` must be a string, got {item!r:.40}")
-        if column == "messages" and not (
-            isinstance(item, list)
-            and item
-            and all(isinstance(m, dict) and m.get("role") and m.get("content") is not None for m in item)
-        ):
-            raise UserError(
-                f"{key}: row {i}: `messages` must be a non-empty list of {{role, content}} messages"
-            )
+        problem = data.conversation_problem(item) if column == "messages" else None
+        if problem is not None:
+            raise UserError(f"{key}: row {i}: {problem}")
     return items, dataset["label"] if "label" in columns else [None] * len(items)
 
 

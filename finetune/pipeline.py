@@ -86,29 +86,50 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
 context = recipe_mod.stage_context
 
 
-def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict[str, dict]:
     """Check all inputs first (so bad input writes nothing), then train stage by stage.
 
-    The run folder is locked while the run writes it. With `resume`, a run folder holding the same
-    recipe continues: a finished stage (summary.json and adapter) is skipped, a stage with a complete
-    checkpoint continues from it, any other stage starts fresh. Without it, the recipe's stages start
-    fresh: their old summaries and checkpoints are removed first.
+    The run folder is locked while the run writes it. A folder that holds a run (finished or not) is
+    refused unless `resume` or `overwrite` says what to do with it; the refusal writes nothing. With
+    `resume`, a run folder holding the same recipe continues: a finished stage (summary.json and
+    adapter) is skipped, a stage with a complete checkpoint continues from it, any other stage starts
+    fresh. With `overwrite`, the old run is moved aside until the new one has written its recipe (a start
+    that fails puts it back), then deleted.
     """
     checked = plan(recipe, fetch=True)
     out = Path(recipe.output_dir)
+    stages = list(recipe.stages)
+    # Under torchrun every rank runs this: the first one holds the lock and writes the shared files.
+    primary = is_primary()
     if resume:
         _previous_recipe(recipe, out, quiet=True)  # a different recipe is refused before anything is written
+    elif primary and not overwrite:
+        _refuse_a_run_there(out, stages)  # before the lock, which would write its pid
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"output_dir: cannot create {out} ({err.strerror or err})") from None
     summaries = {}
-    # Under torchrun every rank runs this: the first one holds the lock and writes the shared files.
-    primary = is_primary()
     with rundir.locked(out) if primary else contextlib.nullcontext():
+        if primary:
+            rundir.recover_aside(out)  # a run killed while --overwrite started it
         previous = _previous_recipe(recipe, out) if resume else None
         if primary:
-            rundir.write_recipe(recipe, out, resumed=previous)
+            replaced, aside = None, None
+            if overwrite:
+                replaced = rundir.describe_run(out, stages)
+                aside = rundir.set_aside(out, stages)
+            elif not resume:
+                _refuse_a_run_there(out, stages, locked=True)  # one may have appeared since the check above
+            try:
+                rundir.write_recipe(recipe, out, resumed=previous)
+            except BaseException:
+                if aside is not None:
+                    rundir.restore(aside, out)
+                raise
+            if aside is not None:
+                rundir.discard(aside)
+                print(f"{out}: replaced {replaced} (--overwrite)", flush=True)
             rundir.remove_leftovers(out)
         for name, stage in recipe.stages.items():
             stage_dir = out / name
@@ -138,6 +159,26 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, dict]:
             )
             barrier()  # the next stage may read what rank 0 wrote (an adapter to continue or evaluate)
     return summaries
+
+
+def held_run(recipe: Recipe) -> str | None:
+    """What the recipe's output_dir holds as a run ("a finished run (sft: finished)"), else None."""
+    return rundir.describe_run(Path(recipe.output_dir), list(recipe.stages))
+
+
+def _refuse_a_run_there(out: Path, stages: list[str], *, locked: bool = False) -> None:
+    """A run into a folder that holds one would replace it: a user error naming the ways on. Writes nothing.
+
+    `locked`: this process holds the folder's lock (else a run holding it is named first)."""
+    holder = None if locked else rundir.lock_holder(out)
+    if holder is not None:
+        raise rundir.busy(out, holder)
+    held = rundir.describe_run(out, stages)
+    if held is not None:
+        raise UserError(
+            f"output_dir: {out} holds {held}; continue it with --resume, replace it with --overwrite, "
+            "or choose another output_dir"
+        )
 
 
 def _previous_recipe(recipe: Recipe, out: Path, *, quiet: bool = False) -> Recipe | None:

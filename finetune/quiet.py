@@ -1,5 +1,5 @@
 """Keep stderr for messages meant for users: library deprecation notices and bitsandbytes' CPU-kernel
-notice (we replace those kernels, see finetune/compat/bitsandbytes.py) are for developers, not users."""
+notices (we replace those kernels, see finetune/compat/bitsandbytes.py) are for developers, not users."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ def library_noise_off() -> None:
         warnings.filterwarnings("ignore", category=category)
     # "Failed to load CPU gemm_4bit_forward from kernels-community": logged at import on AVX512-BF16 CPUs.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # On those CPUs bitsandbytes' import also fetches that kernel through the `kernels` package, which logs
+    # "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging
+    # Face Hub is in offline mode." (offline) or downloads it (online). The kernel serves only the CPU
+    # 4-bit GEMV that finetune replaces; nothing else in a finetune process uses `kernels`.
+    logging.getLogger("kernels").setLevel(logging.ERROR)

@@ -147,11 +147,7 @@ def locked(output_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            pid = handle.read().strip() or "unknown"
-            raise UserError(
-                f"{output_dir}: another run (pid {pid}) is writing this run folder; "
-                "wait for it to end or choose another output_dir"
-            ) from None
+            raise busy(output_dir, handle.read().strip() or "unknown") from None
         try:
             handle.seek(0)
             handle.truncate()
@@ -160,6 +156,126 @@ def locked(output_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def busy(output_dir: Path, pid: str) -> UserError:
+    return UserError(
+        f"{output_dir}: another run (pid {pid}) is writing this run folder; "
+        "wait for it to end or choose another output_dir"
+    )
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """The pid of the run writing `output_dir` (holding its lock), else None. Writes nothing."""
+    try:
+        handle = open(output_dir / LOCK_FILE)  # noqa: SIM115 - read-only: a probe must not touch the file
+    except OSError:
+        return None  # no lock file: no run has written here
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+# ------------------------------------------------------------------------------- a run already there
+
+# <output_dir>/.overwritten-<pid>/: the old run while `--overwrite` starts the new one.
+ASIDE = ".overwritten-"
+
+
+def _saved_stages(output_dir: Path) -> list[str]:
+    """The stage names of the run folder's recipe.yaml (none if it is missing or unreadable)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((output_dir / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return []
+    stages = saved.get("stages") if isinstance(saved, dict) else None
+    names = [str(name) for name in stages] if isinstance(stages, dict) else []
+    # Only names a recipe allows (letters, digits, '-', '_'): never a path out of the folder.
+    return [n for n in names if n.replace("_", "").replace("-", "").isalnum()]
+
+
+def run_files(output_dir: Path, stages: list[str]) -> list[Path]:
+    """What a run into `output_dir` with these `stages` would replace: the folder's recipe.yaml and the
+    non-empty folders of its stages and of `stages`. Other files in the folder are not a run's."""
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / "recipe.yaml"] if (output_dir / "recipe.yaml").is_file() else []
+    for name in dict.fromkeys([*_saved_stages(output_dir), *stages]):
+        folder = output_dir / name
+        if folder.is_dir() and any(True for _ in folder.iterdir()):
+            found.append(folder)
+    return found
+
+
+def _stage_state(folder: Path) -> str:
+    if (folder / "summary.json").is_file():
+        return "finished"
+    complete = [c for c in _checkpoint_folders(folder) if is_complete(c)]
+    if complete:
+        return f"stopped after {complete[-1].name}"
+    return "started" if folder.is_dir() and any(True for _ in folder.iterdir()) else "not started"
+
+
+def describe_run(output_dir: Path, stages: list[str]) -> str | None:
+    """What `output_dir` holds, e.g. "a finished run (sft: finished, eval: finished)"; None: no run."""
+    files = run_files(output_dir, stages)
+    if not files:
+        return None
+    names = list(dict.fromkeys([*_saved_stages(output_dir), *(f.name for f in files if f.is_dir())]))
+    states = {name: _stage_state(output_dir / name) for name in names}
+    finished = (output_dir / "recipe.yaml").is_file() and all(s == "finished" for s in states.values())
+    detail = ", ".join(f"{name}: {state}" for name, state in states.items()) or "recipe.yaml only"
+    return f"{'a finished' if finished else 'a partial'} run ({detail})"
+
+
+def set_aside(output_dir: Path, stages: list[str]) -> Path | None:
+    """Move the run in `output_dir` (its `run_files`) into `<output_dir>/.overwritten-<pid>/`, where
+    `restore` puts it back and `discard` deletes it; None when there is no run. Renames only."""
+    files = run_files(output_dir, stages)
+    if not files:
+        return None
+    aside = output_dir / f"{ASIDE}{os.getpid()}"
+    try:
+        aside.mkdir()
+        for path in files:
+            os.replace(path, aside / path.name)
+    except OSError as err:
+        restore(aside, output_dir)
+        raise UserError(f"{output_dir}: cannot move the earlier run aside ({err.strerror or err})") from None
+    return aside
+
+
+def restore(aside: Path, output_dir: Path) -> None:
+    """Put a run set aside back (what the new run wrote in its place is replaced)."""
+    for path in list(aside.iterdir()) if aside.is_dir() else ():
+        target = output_dir / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    with contextlib.suppress(OSError):
+        aside.rmdir()
+
+
+def discard(aside: Path) -> None:
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_aside(output_dir: Path) -> None:
+    """After a run killed while `--overwrite` started it: a run set aside comes back if the new run had
+    not written its recipe yet; otherwise it is deleted, as that run would have done."""
+    for aside in sorted(output_dir.glob(f"{ASIDE}*")) if output_dir.is_dir() else ():
+        if not aside.is_dir():
+            continue
+        if (output_dir / "recipe.yaml").is_file():
+            discard(aside)
+        else:
+            restore(aside, output_dir)
 
 
 def versions() -> dict[str, str]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import base_recipe, fails, write_jsonl, write_recipe
+from conftest import REPO, base_recipe, fails, write_jsonl, write_recipe
 
 import finetune
 from finetune.cli import main
@@ -109,3 +110,17 @@ def test_unreachable_hub_model(capsys, tmp_path):
     capsys.readouterr()
     msg = fails(capsys, tmp_path, ["inspect", path])
     assert "model.path: cannot load Hub id 'no-such-org/no-such-model'" in msg
+
+
+def test_stderr_holds_no_library_notices(tmp_path):
+    """`validate` on the CI recipe, offline, as a user runs it: nothing on stderr (bitsandbytes' import on
+    AVX512-BF16 CPUs logged the `kernels` package's publisher-trust notice there)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "validate", str(REPO / "recipes" / "tiny" / "sft.yaml")],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

@@ -314,3 +314,102 @@ def test_no_truncation_warning_below_share(capsys, tmp_path):
     assert "warning:" not in captured.err
     train = next(line.split() for line in captured.out.splitlines() if line.split()[:1] == ["train"])
     assert train[1:4] == ["40", "40", "2"]
+
+
+# ----------------------------------------------------------- roles, contents and empty assistant turns
+
+# A template that renders tool turns (after an assistant's tool call), like DeepSeek-V2.5's and Qwen's.
+TOOL_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}"
+    "{% for call in m.get('tool_calls') or [] %}call {{ call['function']['name'] }}{% endfor %}"
+    "{{ eos_token }}{% endgeneration %}"
+    "{% elif m['role'] in ['system', 'user'] %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% elif m['role'] == 'tool' %}<|user|>result: {{ m['content'] }}"
+    "{% else %}{{ raise_exception('no role ' + m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# DeepSeek-V2-Chat's template: a role it does not know is dropped without a word.
+DEEPSEEK_V2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _tool_rows(n: int) -> list[dict]:
+    rows = []
+    for row in chat_rows(n):
+        user, answer = row["messages"]
+        call = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "reverse", "arguments": {}}}],
+        }
+        tool = {"role": "tool", "content": answer["content"]}
+        rows.append({"messages": [{"role": "system", "content": "Be brief."}, user, call, tool, answer]})
+    return rows
+
+
+def test_system_user_assistant_trains(capsys, tmp_path):
+    rows = chat_rows(8)
+    for row in rows:
+        row["messages"].insert(0, {"role": "system", "content": "Reverse the word."})
+    path = write_jsonl(tmp_path / "sys.jsonl", rows)
+    d = base_recipe(tmp_path, max_steps=1)
+    d["stages"]["sft"]["data"]["train"] = str(path)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", d))]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert (tmp_path / "run" / "sft" / "summary.json").is_file()
+
+
+def test_tool_roles_train_where_the_template_renders_them(capsys, tmp_path):
+    path = write_jsonl(tmp_path / "tools.jsonl", _tool_rows(8))
+    d = base_recipe(tmp_path, max_steps=1)
+    d["stages"]["sft"]["data"]["train"] = str(path)
+    # The embedded template has no tool role: refused, naming the roles it has.
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", d))]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: row 1: role 'tool' is not one the chat template renders " in err
+    assert "(it renders: system, user, assistant)" in err
+    # A template with a tool role (`chat_template_path`, as TRL's SFTTrainer reads it) trains on them.
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    d["stages"]["sft"]["train"]["chat_template_path"] = str(template)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", d))]) == 0
+    assert (tmp_path / "run" / "sft" / "summary.json").is_file()
+
+
+def test_a_role_the_template_drops_is_refused():
+    """DeepSeek-V2-Chat's template renders a `tool` turn as nothing: the check sees that it drops it."""
+    from finetune.model.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = DEEPSEEK_V2_TEMPLATE
+    assert [r for r in data.KNOWN_ROLES if data.renders_role(tokenizer, r)] == ["system", "user", "assistant"]
+    rows = [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]] * 2
+    data.check_roles(rows, tokenizer, key="k")
+    with pytest.raises(UserError, match=r"^k: row 2: role 'tool' is not one the chat template renders \(it "):
+        data.check_roles([rows[0], [*rows[1], {"role": "tool", "content": "c"}]], tokenizer, key="k")
+
+
+def test_empty_assistant_turns_over_the_share_warn(capsys, tmp_path):
+    rows = chat_rows(20)
+    for row in rows[:2]:  # 10 % > 5 %
+        row["messages"][1]["content"] = ""
+    path = write_jsonl(tmp_path / "some_empty.jsonl", rows)
+    d = base_recipe(tmp_path)
+    d["stages"]["sft"]["data"]["train"] = str(path)
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", d))]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: stages.sft.data.train: {path}: rows 1, 2 (2 of 20, 10.0%, over 5%) have an empty "
+        "assistant turn after the chat template; they train only end-of-turn tokens"
+    ]
+    rows[1]["messages"][1]["content"] = "ok"  # 1 of 20: 5 %, not over
+    write_jsonl(path, rows)
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().err

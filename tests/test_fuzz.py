@@ -232,6 +232,13 @@ CASES = [
         flags=("--resume",),
     ),
     Case(
+        "run-folder-holds-a-run",
+        "output_dir: {tmp}/run holds a partial run (sft: not started); continue it with --resume, "
+        "replace it with --overwrite, or choose another output_dir",
+        setup=_earlier_run(),
+        verbs=("run",),
+    ),
+    Case(
         "resume-other-recipe",
         "--resume: the recipe differs from the run's {tmp}/run/recipe.yaml at `stages.sft.train.learning_rate` "
         "(run: 0.5, given: not set)",

@@ -250,6 +250,74 @@ CASES = [
         _file("b.jsonl", _lines(_chat(), "", _chat(), {"messages": [{"role": "user", "content": "x"}]})),
         "row 3 (line 4): `messages` must end with an assistant turn",
     ),
+    # roles and contents the chat template cannot render, answers it renders as nothing
+    Case(
+        "role_robot",
+        _file(
+            "robot.jsonl",
+            _lines(
+                _chat(),
+                _chat(),
+                {"messages": [{"role": "robot", "content": "beep"}, *_chat()["messages"]]},
+            ),
+        ),
+        "robot.jsonl: row 3: role 'robot' is not one the chat template renders "
+        "(it renders: system, user, assistant)",
+    ),
+    Case(
+        "role_robot_heldout",
+        _file(
+            "h.jsonl",
+            _lines({"messages": [{"role": "robot", "content": "x"}, *_chat()["messages"]]}),
+            key="heldout",
+        ),
+        "data/h.jsonl: row 1: role 'robot' is not one the chat template renders",
+    ),
+    Case(
+        "content_number_in_one_row",
+        _file("n.jsonl", _lines(_chat(), _chat("reverse: wxyz", 5), _chat())),
+        "n.jsonl: row 2: `messages` item 2 (assistant): `content` is a number 5, not text",
+    ),
+    Case(
+        "content_multimodal",
+        _file(
+            "mm.jsonl",
+            _lines(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                        _chat()["messages"][1],
+                    ]
+                }
+            ),
+        ),
+        "mm.jsonl: row 1: `messages` item 1 (user): `content` is a list of objects: multimodal content "
+        "(a list of parts) is not supported; give the text as a string",
+    ),
+    Case(
+        "content_number_prompt_completion",
+        _file(
+            "pcn.jsonl",
+            _lines(
+                {
+                    "prompt": [{"role": "user", "content": 1}],
+                    "completion": [{"role": "assistant", "content": "x"}],
+                }
+            ),
+        ),
+        "pcn.jsonl: row 1: `prompt` item 1 (user): `content` is a number 1, not text",
+    ),
+    Case(
+        "every_content_empty",
+        _file("empty.jsonl", _lines(_chat("", ""), _chat("", ""), _chat("", ""))),
+        "empty.jsonl: the assistant turn of every row (1 to 3) is empty after the chat template; "
+        "training would learn nothing but end-of-turn tokens",
+    ),
+    Case(
+        "every_completion_blank",
+        _file("blank.jsonl", _lines({"prompt": "a", "completion": " "}, {"prompt": "b", "completion": "\n"})),
+        "blank.jsonl: the assistant turn of every row (1 to 2) is empty after the chat template",
+    ),
     # malformed files: JSON Lines with a bad line (datasets' reader names none)
     Case(
         "jsonl_bad_line",

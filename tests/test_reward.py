@@ -44,8 +44,8 @@ def test_tiny_reward_recipe_learns_the_preferences(tmp_path):
     ("row", "message"),
     [
         ({"chosen": "a", "answer": "b"}, "needs `chosen` and `rejected` columns; missing rejected"),
-        ({"chosen": "a", "rejected": [{"role": "user", "content": "b"}]}, "row 0: `chosen` and `rejected`"),
-        ({"chosen": "a", "rejected": "b", "margin": "big"}, "row 0: `margin` must be a number"),
+        ({"chosen": "a", "rejected": [{"role": "user", "content": "b"}]}, "row 1: `chosen` and `rejected`"),
+        ({"chosen": "a", "rejected": "b", "margin": "big"}, "row 1: `margin` must be a number"),
     ],
 )
 def test_bad_pairs_are_one_line(tmp_path, capsys, row, message):

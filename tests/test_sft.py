@@ -85,8 +85,8 @@ def test_pipeline_run_writes_resolved_recipe(tmp_path):
     # The resolved recipe is itself a valid recipe.
     assert recipe.load(tmp_path / "run" / "recipe.yaml").adapter.r == 2
     assert (tmp_path / "run" / "sft" / "adapter" / "adapter_config.json").is_file()
-    # A rerun into the same directory replaces the metrics log instead of appending to it.
-    pipeline.run(r)
+    # A rerun into the same directory (--overwrite) replaces the metrics log instead of appending to it.
+    pipeline.run(r, overwrite=True)
     rows = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert sum('"loss"' in row for row in rows) == 1
 

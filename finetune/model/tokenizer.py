@@ -9,12 +9,14 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 # Printable ASCII plus newline and tab: enough for toy tasks, small enough for a 128-row embedding.
 CHARACTERS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
 
-# `{% generation %}` marks assistant text so TRL's assistant-only loss also works on this template.
+# `{% generation %}` marks assistant text so TRL's assistant-only loss also works on this template. The
+# roles are those it has tokens for; any other role is an error (`finetune.data.check_roles` probes this).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}{% endif %}"
+    "{% elif message['role'] in ['system', 'user'] %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% else %}{{ raise_exception('the chat template has no role ' + message['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

@@ -76,6 +76,8 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
         for report, _, _ in read.values():
             report.note = skipped
         return inputs
+    for which, (report, items, _) in read.items():
+        data.check_roles(items, ctx.tokenizer(), key=f"{key}.{which}", source=report.source)
     encode(inputs, stage, ctx.tokenizer(), f"stages.{name}.max_length")
     return inputs
 

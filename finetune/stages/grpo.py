@@ -147,6 +147,10 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
             continue
         which = report.split
         rows = prompt_rows(rows, f"{key}.{which}", stage, f"stages.{name}")
+        for i, prompt in enumerate(rows["prompt"], 1):
+            problem = data.conversation_problem(prompt, "prompt") if isinstance(prompt, list) else None
+            if problem is not None:
+                raise UserError(f"{key}.{which}: {report.source}: row {i}: {problem}")
         for reward_key, columns in needs:
             missing = [c for c in columns if c not in rows.column_names]
             if missing:
@@ -167,6 +171,9 @@ def _measure(
     report: data.SplitReport, rows: Dataset, tokenizer: Any, stage: Schema, name: str, new_tokens: int
 ) -> Dataset:
     """Prompt token lengths (as TRL templates them); rows over `max_prompt_length` are dropped."""
+    data.check_roles(
+        rows["prompt"], tokenizer, key=f"stages.{name}.data.{report.split}", source=report.source
+    )
     lengths = [
         len(tokenizer(data.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
         for p in rows["prompt"]

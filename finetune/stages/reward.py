@@ -62,6 +62,9 @@ def _measure(
     report: data.SplitReport, pairs: Dataset, tokenizer: Any, limit: int | None, key: str, name: str
 ) -> None:
     """Token lengths of each pair's longer side; pairs over `limit` are the ones the trainer drops."""
+    sides = ("prompt", "chosen", "rejected")
+    turns = [[t for side in sides if isinstance(row.get(side), list) for t in row[side]] for row in pairs]
+    data.check_roles(turns, tokenizer, key=key, source=report.source)
     sequences = pair_sequences(pairs, tokenizer, None)
     lengths = [max(len(a), len(b)) for a, b in zip(sequences[0::2], sequences[1::2], strict=True)]
     dropped = sum(n > limit for n in lengths) if limit is not None else 0

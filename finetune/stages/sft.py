@@ -92,20 +92,33 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
         for r in measured:
             r.note = f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
     elif measured:
-        tokenizer = ctx.tokenizer()
+        tokenizer = data.stage_template(ctx.tokenizer(), args)
+        sources = {
+            "train": (f"{key}.train", d.train),
+            "eval": (f"{key}.eval", d.eval),
+            "heldout": (hkey, h.data if h is not None else None),
+        }
         for r in measured:
+            split_key, source = sources[r.split]
             if r.split == "heldout":
                 assert pairs is not None and h is not None
+                data.check_roles(pairs[0], tokenizer, key=split_key, source=source)
                 data.measure_prompts(r, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
                 continue
+            rows = train if r.split == "train" else evaluation
+            assert rows is not None
+            if "prompt" in rows.column_names:
+                conversations = zip(rows["prompt"], rows["completion"], strict=True)
+                turns = [p + c if isinstance(p, list) else None for p, c in conversations]
+                data.check_roles(turns, tokenizer, key=split_key, source=source)
             packing = args.packing if r.split == "train" or args.eval_packing is None else args.eval_packing
             data.measure(
                 r,
-                train if r.split == "train" else evaluation,
+                rows,
                 tokenizer=tokenizer,
                 args=args,
                 packing=packing,
-                key=f"{key}.{r.split}",
+                key=split_key,
                 max_length_key=f"stages.{name}.train.max_length",
             )
     return SFTInputs(args, train, evaluation, pairs, tuple(reports))
