@@ -23,7 +23,7 @@ def _same(row: dict[str, Any]) -> bool:
 def dpo_pairs(rows: Dataset, *, key: str, stage: str) -> Dataset:
     """`chosen` / `rejected` (+ `prompt`) pairs, both sides texts or both conversations, never identical."""
     pairs = data.preference_format(rows, key=key, what=f"a {stage} stage")
-    for i, row in enumerate(pairs):
+    for i, row in enumerate(pairs, 1):
         if _same(row):
             raise UserError(
                 f"{key}: row {i}: `chosen` and `rejected` are identical; a pair without a difference "
@@ -49,7 +49,7 @@ def kto_rows(rows: Dataset, *, key: str) -> Dataset:
             f"{key}: a kto stage needs `prompt`, `completion` and `label` columns (or `chosen` / `rejected` "
             f"pairs); missing {', '.join(missing)} (found: {', '.join(sorted(columns))})"
         )
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, 1):
         if not isinstance(row["label"], bool):
             raise UserError(
                 f"{key}: row {i}: `label` must be true or false (desirable or not), got {row['label']!r}"
@@ -59,6 +59,10 @@ def kto_rows(rows: Dataset, *, key: str) -> Dataset:
             raise UserError(
                 f"{key}: row {i}: `prompt` and `completion` must both be texts or both message lists"
             )
+        for field in ("prompt", "completion"):
+            problem = data.conversation_problem(row[field], field) if isinstance(row[field], list) else None
+            if problem is not None:
+                raise UserError(f"{key}: row {i}: {problem}")
     labels = set(rows["label"])
     if len(labels) < 2:
         only = "desirable" if True in labels else "undesirable"

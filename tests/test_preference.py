@@ -212,13 +212,30 @@ USER = {"role": "user", "content": "reverse: abcd"}
             "dpo",
             [{"prompt": "x", "chosen": "same", "rejected": "same"}],
             {},
-            "stages.p.data.train: row 0: `chosen` and `rejected` are identical",
+            "stages.p.data.train: row 1: `chosen` and `rejected` are identical",
         ),
         (
             "kto",
             [{"prompt": "x", "completion": "y", "label": "yes"}],
             {},
-            "stages.p.data.train: row 0: `label` must be true or false (desirable or not), got 'yes'",
+            "stages.p.data.train: row 1: `label` must be true or false (desirable or not), got 'yes'",
+        ),
+        (
+            "dpo",
+            [
+                {
+                    "chosen": [USER, {"role": "robot", "content": "x"}],
+                    "rejected": [USER, {"role": "assistant", "content": "y"}],
+                }
+            ],
+            {},
+            "role 'robot' is not one the chat template renders (it renders: system, user, assistant)",
+        ),
+        (
+            "kto",
+            [{"prompt": [USER], "completion": [{"role": "assistant", "content": 3}], "label": True}],
+            {},
+            "row 1:",
         ),
         (
             "kto",

@@ -116,6 +116,10 @@ def _measure(
     report: data.SplitReport, rows: list[list], tokenizer: Any, limit: int | None, setting: str
 ) -> None:
     """Token lengths of each row's longest sequence; the trainer keeps the first `limit` tokens."""
+    turns = [[t for item in items if isinstance(item, list) for t in item] for items in rows]
+    data.check_roles(
+        turns, tokenizer, key=setting.rsplit(".train.", 1)[0] + f".data.{report.split}", source=report.source
+    )
     lengths = [max(len(scoring.encode(tokenizer, item)) for item in items) for items in rows]
     cut = sum(n > limit for n in lengths) if limit is not None else 0
     report.kept, report.cut = len(lengths), cut
