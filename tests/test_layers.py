@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "finetune.heap",
             "finetune.data",
+            "finetune.preferences",
             "finetune.heldout",
             "finetune.scoring",
             "finetune.labels",

@@ -42,7 +42,11 @@ def _recipe(tmp_path, stage_type: str, **stage) -> dict:
                 "init_from": "sft",
                 "data": {"train": str(CAPITALS / "test.jsonl"), **stage.pop("data", {})},
                 **stage,
-                "train": {**train, "learning_rate": 1e-2, **stage.pop("train", {})},
+                "train": {
+                    **{k: v for k, v in train.items() if stage_type != "grpo" or k != "max_length"},
+                    "learning_rate": 1e-2,
+                    **stage.pop("train", {}),
+                },
             },
         },
     }
@@ -107,6 +111,9 @@ def test_reference_is_the_starting_adapter_with_expert_lora(sft_run):
     chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     start = adapters.load_adapter(ctx.base_model(), sft_run[0] / "run" / "sft" / "adapter").eval()
     assert any(layer.has_lora for layer in start.modules() if isinstance(layer, NF4Experts))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    for name, p in start.named_parameters():  # the trainer's dtypes: TRL runs a 4-bit model's LoRA in bf16
+        p.data = p.data.to(dtypes[name])
     separate = _completion_logps(start, batch)
     torch.testing.assert_close(torch.cat([chosen, rejected]).float(), separate, rtol=0, atol=1e-4)
     now = dict(model.named_parameters())
@@ -275,3 +282,55 @@ def test_bad_preference_input_is_one_line_and_writes_nothing(
     path = write_recipe(tmp_path / "r.yaml", _bad(tmp_path, stage_type, rows, **stage))
     for verb in ("validate", "run"):
         assert message in fails(capsys, tmp_path, [verb, str(path)])
+
+
+@pytest.mark.parametrize("reference", ["init", "base"])
+def test_grpo_kl_starts_at_zero_against_the_starting_policy(sft_run, reference):
+    """GRPO with `init_from` and beta > 0: the KL at the first step is 0 to the starting policy, and not
+    to the base (the reference before this change)."""
+    from finetune.stages import grpo
+
+    r, plan = _stage(
+        sft_run,
+        "grpo",
+        reference=reference,
+        data={"train": str(REVERSE / "test.jsonl")},
+        rewards=[{"name": "similarity"}],
+        train={
+            "max_steps": 1,
+            "beta": 0.1,
+            "per_device_train_batch_size": 8,
+            "num_generations": 4,
+            "max_completion_length": 6,
+        },
+    )
+    summary = grpo.run("pref", r.stages["pref"], plan.inputs["pref"], plan.context)
+    first = _metrics(sft_run[0] / "run" / "pref" / "metrics.jsonl")[0]
+    assert summary["train"]["steps"] == 1
+    if reference == "init":
+        assert abs(first["kl"]) < 1e-6, first
+    else:
+        assert first["kl"] > 1e-4, first
+
+
+def test_a_dpo_run_exports_its_merged_adapter(tmp_path, capsys):
+    """`finetune run` then `finetune export` of the DPO stage: the merged checkpoint computes what base +
+    the DPO adapter (MLA and routed-expert LoRA) computes (`--base quantized`: the same 4-bit base)."""
+    from test_export import IDS, export
+    from transformers import AutoModelForCausalLM
+
+    from finetune.cli import main
+
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, "dpo"))
+    assert main(["run", str(path)]) == 0
+    stage = tmp_path / "run" / "pref"
+    assert json.loads((stage / "summary.json").read_text())["reference"] == "init"
+    ctx = pipeline.plan(recipe.load(path)).context
+    adapted = adapters.load_adapter(ctx.base_model(), stage / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        export(stage, tmp_path / "out", "--base", "quantized"), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        gap = (merged(IDS).logits - adapted(IDS).logits).abs().max()
+        effect = (adapted(IDS).logits - ctx.base_model()(IDS).logits).abs().max()
+    assert effect > 1e-2 and gap < 1e-4 * effect, (gap, effect)

@@ -285,22 +285,19 @@ def _check_all_loaded(model: PeftModel, folder: Path) -> None:
 
 def _lora_dtype_as_saved(model: torch.nn.Module, folder: Path) -> None:
     """Run the LoRA factors in the dtype they were trained and saved in: TRL trains a quantized model's
-    LoRA in bf16, PEFT reloads it as fp32, and the outputs would then differ from the trained model's.
-    PEFT's factors and the routed-expert LoRA each follow their own file (they may differ)."""
-
-    def saved(path: Path) -> torch.dtype | None:
-        factors = {k: e for k, e in header(path).items() if "lora_" in k} if path.is_file() else {}
-        # The expert file also holds each layer's `lora_alpha` (fp32) and `lora_experts` (ids).
-        found = {
-            DTYPES[e.dtype] for k, e in factors.items() if not k.endswith(("lora_alpha", "lora_experts"))
-        }
-        return found.pop() if len(found) == 1 else None
-
-    experts = {id(p) for layer in expert_layers(model).values() for p in layer.parameters()}
-    peft_dtype, expert_dtype = saved(folder / "adapter_model.safetensors"), saved(folder / EXPERTS_FILE)
+    LoRA in bf16, PEFT reloads it as fp32, and the outputs would then differ from the trained model's."""
+    saved = {
+        DTYPES[e.dtype]
+        for path in (folder / "adapter_model.safetensors", folder / EXPERTS_FILE)
+        if path.is_file()
+        for k, e in header(path).items()
+        if "lora_" in k
+    }
+    if len(saved) != 1:
+        return
+    dtype = saved.pop()
     for name, param in model.named_parameters():
-        dtype = expert_dtype if id(param) in experts else peft_dtype
-        if "lora_" in name and dtype is not None and param.dtype != dtype:
+        if "lora_" in name and param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 

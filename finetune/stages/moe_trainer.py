@@ -31,9 +31,11 @@ from finetune.model import reference as reference_policy
 
 class MoETrainerMixin:
     """See the module. Keyword arguments: `router_monitor` (the model's `RouterMonitor`), `samples` (the
-    samples.jsonl path, or None), `samples_per_log` (how many rows per logging step `_sample_rows` keeps)."""
+    samples.jsonl path, or None), `samples_per_log` (how many rows per logging step `_sample_rows` keeps),
+    `reference` (`init` | `base`: what TRL's reference pass computes; None: the trainer runs none)."""
 
     ref_copy_field: str | None = None  # the config field whose nonzero value makes TRL copy a "ref" adapter
+    copies_reference: bool = False  # the constructor copies a "ref" adapter and may precompute through it
 
     def __init__(
         self,
@@ -55,11 +57,11 @@ class MoETrainerMixin:
             super().__init__(*args, **kwargs)
             if restore is not None:
                 restore(self)
-            model = self.accelerator.unwrap_model(self.model)
             if self.copies_reference:
-                compat_trl.drop_reference_copy(model)
+                compat_trl.drop_reference_copy(self.accelerator.unwrap_model(self.model))
             self.reference: reference_policy.Reference | None = None
             if reference is not None:
+                model = self.accelerator.unwrap_model(self.model)
                 # After TRL's casts of the trainable tensors: the frozen copy holds what training starts from.
                 adapters.keep_router_fp32(model)
                 adapters.keep_full_copies_dtype(model)
