@@ -45,3 +45,22 @@ def test_host_step_compares_the_two_region_schemes(tmp_path):
     entries = result["region_entries_per_step"]
     layers = 2 * 2 * 2 + 2
     assert entries == {"layers": layers, "modules": 2 * (4 + 5) + 2, "ingraph": 2 * 2 + 2, "noguards": layers}
+
+
+@pytest.mark.slow
+def test_dpo_step_runs_every_variant_on_the_cpu(tmp_path):
+    out = tmp_path / "dpo.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--layers", "2", "--seq", "32", "--steps", "1"]
+    args += ["--warmup", "1", "--out", str(out)]
+    subprocess.run([sys.executable, "dpo_step.py", *args], cwd=REPO / "benchmarks", check=True)
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert list(runs) == ["sft", "dpo-init", "dpo-base", "dpo-precompute"]
+    assert not [r for r in runs.values() if "error" in r]
+    assert all(r["tokens_first_step"] == 8 * 32 for r in runs.values())  # 8 sequences × 32 tokens a step
+    # The starting adapter is nonzero: against itself (init) the first margins are 0, against the base not.
+    assert runs["dpo-init"]["rewards_margins"][0] == 0 and runs["dpo-base"]["rewards_margins"][0] != 0
+    assert runs["dpo-precompute"]["rewards_margins"] == pytest.approx(
+        runs["dpo-init"]["rewards_margins"], abs=1e-3
+    )
+    assert runs["dpo-init"]["frozen_reference_bytes"] > 0 and runs["dpo-base"]["frozen_reference_bytes"] == 0
+    assert runs["dpo-precompute"]["precompute_s"] > 0 and runs["dpo-init"]["precompute_s"] is None
