@@ -162,6 +162,9 @@ def test_tiny_dpo_recipe_learns_a_preference_sft_lacks(tmp_path):
         assert (stage / plot).stat().st_size > 0
     # The saved adapter reloads to the trained policy.
     reloaded = adapters.load_adapter(ctx.base_model(), stage / "adapter").eval()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    for name, p in reloaded.named_parameters():  # the trainer's dtypes: TRL runs a 4-bit model's LoRA in bf16
+        p.data = p.data.to(dtypes[name])
     model.eval()
     ids = torch.tensor([[5, 89, 76, 93, 76, 89, 90, 76, 33, 7, 72, 73, 74, 75, 6]])
     with torch.no_grad():
