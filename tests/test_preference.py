@@ -137,6 +137,7 @@ def test_dpo_margins_start_at_zero_against_the_starting_policy(sft_run, referenc
         assert abs(first["rewards/chosen"]) > 1e-3, first
 
 
+@pytest.mark.long
 def test_tiny_dpo_recipe_learns_a_preference_sft_lacks(tmp_path):
     """recipes/tiny/dpo.yaml: held-out preference accuracy from the SFT adapter's own (against the base)
     to ≥ 0.9; base weights bit-identical, MLA and expert LoRA moved; the adapter reloads and exports."""
