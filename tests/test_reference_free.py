@@ -154,6 +154,37 @@ def test_the_trainers_are_the_mixin_on_trl():
         )
         assert not module.Trainer.copies_reference
         assert module.TRAINER_CONFIG is module.TYPE.trainer_config
+        # The Trainer divides TRL's batch-mean loss for gradient accumulation (the balance loss with it).
+        assert module.Trainer.loss_is_scaled_for_ga is False
+
+
+class _Monitor:
+    def __init__(self, aux):
+        self.aux = aux
+
+    def take_pending(self):
+        aux, self.aux = self.aux, None
+        return aux
+
+
+@pytest.mark.parametrize(("scaled", "expected"), [(True, 2.0 + 0.8 / 4), (False, 2.8), (None, 2.0 + 0.8 / 4)])
+def test_the_balance_loss_is_scaled_as_the_trainer_loss_is(scaled, expected):
+    """A trainer whose loss the Trainer divides for accumulation (DPO, KTO, ORPO, CPO) gets the balance
+    loss undivided, or it would be divided twice; GRPO's comes divided, so it is divided too."""
+
+    class _Parent:
+        current_gradient_accumulation_steps = 4
+        loss_is_scaled_for_ga = scaled
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return torch.tensor(2.0)
+
+    class _Trainer(moe_trainer.MoETrainerMixin, _Parent):
+        pass
+
+    trainer = object.__new__(_Trainer)
+    trainer._monitor = _Monitor(torch.tensor(0.8))
+    assert trainer.compute_loss(torch.nn.Linear(1, 1), {}).item() == pytest.approx(expected)
 
 
 def test_experimental_trl_loads_on_first_use_and_quietly():
