@@ -293,7 +293,8 @@ def test_tiny_orpo_recipe_learns_a_preference_sft_lacks(tmp_path):
     summary = REGISTRY["orpo"].run("orpo", r.stages["orpo"], plan.inputs["orpo"], ctx, model=model)
 
     before, after = summary["eval"]["before"], summary["eval"]["after"]
-    assert before["preference_accuracy"] <= 0.6, before  # SFT writes lowercase
+    # Measured (seeds 42, 1, 7): before 0.02, 0.02, 0.04 (SFT writes lowercase); after 1.0, 0.99, 1.0.
+    assert before["preference_accuracy"] <= 0.6, before
     assert after["preference_accuracy"] >= 0.9, after
     now = dict(model.named_parameters())
     assert all(torch.equal(now[n].detach(), v) for n, v in frozen.items())
