@@ -431,6 +431,14 @@ def apply_override(data: dict[str, Any], text: str) -> None:
     node[keys[-1]] = value
 
 
+def _public_name(cls: type) -> str:
+    """Where users find a config class: `trl.SFTConfig`, `transformers.TrainingArguments`,
+    `trl.experimental.orpo.ORPOConfig` (the package that exports it, not its defining module)."""
+    parts = cls.__module__.split(".")
+    package = parts[:3] if parts[1:2] == ["experimental"] else parts[:1]
+    return ".".join([*package, cls.__name__])
+
+
 def _check_train_args(recipe: Recipe, source: str) -> None:
     for name, stage in recipe.stages.items():
         if trainer_config_class(stage.type) is None:  # a stage that trains nothing has no `train:`
@@ -441,9 +449,9 @@ def _check_train_args(recipe: Recipe, source: str) -> None:
             if key in OWNED_TRAIN_KEYS:
                 raise UserError(f"{source}: `{path}` cannot be set: {OWNED_TRAIN_KEYS[key]}")
             if key not in fields:
-                cls = trainer_config_class(stage.type).__name__
+                cls = _public_name(trainer_config_class(stage.type))
                 raise UserError(
-                    f"{source}: unknown trainer argument `{path}`{_suggest(key, fields)} (see trl.{cls})"
+                    f"{source}: unknown trainer argument `{path}`{_suggest(key, fields)} (see {cls})"
                 )
             annotation = _trainer_types(stage.type)[key]
             typed = _typed(value, annotation)

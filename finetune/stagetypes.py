@@ -2,12 +2,15 @@
 whose fields `train:` takes, and what the type can do (`StageType`). One registry, `STAGE_TYPES`.
 
 Declarative: no trainer and no model is imported here (TRL's config classes only), so the recipe
-builds its stage union from this module. What a type does when it runs is its runtime module,
+builds its stage union from this module. A config class of TRL's unstable `trl.experimental` (ORPO's,
+CPO's), whose package imports its trainer, is declared by the `finetune.compat.trl` function that
+returns it, called on first use. What a type does when it runs is its runtime module,
 `finetune/stages/<type>.py`, registered in `finetune.stages.REGISTRY` (the same keys, checked there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +18,7 @@ from pydantic import Field
 from transformers import TrainingArguments
 from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
+from finetune.compat import trl as compat_trl
 from finetune.schema import DataConfig, Float, HeldoutConfig, Int, Strict
 
 # ------------------------------------------------------------------------------------------- schemas
@@ -93,6 +97,31 @@ class KTOSchema(_PreferenceSchema):
     type: Literal["kto"]
 
 
+class _ReferenceFreeSchema(Strict):
+    data: DataConfig
+    init_from: str | None = None  # an earlier stage (`policy_init`) whose adapter the policy continues
+    # No reference policy: the loss reads the policy alone. Accepted by the schema so that setting it is
+    # the stage's own one-line error (`preference.check`), not a bare unknown key.
+    reference: Literal["init", "base"] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class ORPOSchema(_ReferenceFreeSchema):
+    """`stages.<name>` of `type: orpo`: `chosen` / `rejected` pairs (optional `prompt`), through TRL's
+    ORPOTrainer (`trl.experimental`): the chosen side's language-model loss plus an odds-ratio term
+    (`beta`, ORPO's lambda), reference-free."""
+
+    type: Literal["orpo"]
+
+
+class SimPOSchema(_ReferenceFreeSchema):
+    """`stages.<name>` of `type: simpo`: `chosen` / `rejected` pairs (optional `prompt`), through TRL's
+    CPOTrainer (`trl.experimental`) with its SimPO loss (`loss_type: simpo`, `cpo_alpha: 0` by
+    default): length-normalized log-probs with a target margin (`simpo_gamma`), reference-free."""
+
+    type: Literal["simpo"]
+
+
 class EvalSchema(Strict):
     """`stages.<name>` of `type: eval`."""
 
@@ -111,12 +140,21 @@ class StageType:
     """A stage type's declaration: its section, its trainer config and what it can do."""
 
     schema: type[Strict]  # the `stages.<name>` section, with `type: Literal[<name>]`
-    trainer_config: type | None  # the config class whose fields `train:` takes; None: trains nothing
+    # The config class whose fields `train:` takes, or a function returning it (imported on first use:
+    # `trainer_config`); None: trains nothing.
+    config: type | Callable[[], type] | None
     head: Literal["causal_lm", "seq_cls"] | None  # the head its adapter is trained on; None: no adapter
     fsdp: bool = False  # trains under an FSDP launch (`stages.common.fit` shards the model)
     policy_init: bool = False  # its adapter may start a GRPO policy (`init_from`)
     predict: bool = False  # `finetune predict` / `Predictor` load it (a trained head's outputs)
     reward_model: bool = False  # its model scores completions as a reward (GRPO's `reward_model`, `stage:`)
+    reference_free: bool = False  # no reference policy in its loss: no reference pass, `reference:` refused
+
+    @property
+    def trainer_config(self) -> type | None:
+        """The config class whose fields `train:` takes (None: the type trains nothing)."""
+        config = self.config
+        return config if config is None or isinstance(config, type) else config()
 
     @property
     def adapter(self) -> bool:
@@ -130,6 +168,11 @@ STAGE_TYPES: dict[str, StageType] = {
     "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True),
     "dpo": StageType(DPOSchema, DPOConfig, "causal_lm", policy_init=True),
     "kto": StageType(KTOSchema, KTOConfig, "causal_lm", policy_init=True),
+    # Reference-free; their config classes are TRL's experimental ones, imported on first use.
+    "orpo": StageType(ORPOSchema, compat_trl.orpo_config, "causal_lm", policy_init=True, reference_free=True),
+    "simpo": StageType(
+        SimPOSchema, compat_trl.cpo_config, "causal_lm", policy_init=True, reference_free=True
+    ),
     "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True),
     "eval": StageType(EvalSchema, None, None),
 }

@@ -230,7 +230,8 @@ def _two_stages(tmp_path, first_type: str, **grpo_stage) -> dict:
         ),
         (
             lambda t: _two_stages(t, "reward", init_from="first"),
-            "stages.grpo.init_from: stage 'first' is a reward stage; it must be sft or dpo or kto or grpo",
+            "stages.grpo.init_from: stage 'first' is a reward stage; it must be sft or dpo or kto or orpo or "
+            "simpo or grpo",
         ),
         (
             lambda t: _two_stages(t, "sft", rewards=[{"name": "reward_model", "stage": "first"}]),

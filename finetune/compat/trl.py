@@ -1,16 +1,18 @@
 """TRL internals: SFT's chunked LM head (replaced by ours under `model.kernels`), SFTTrainer's dataset
 preparation (run for `validate`'s token counts), the reference adapter GRPO, DPO and KTO copy, the
-preference trainers' reference precompute, and GRPO's logged completions. Checked on TRL 1.16."""
+preference trainers' reference precompute, GRPO's logged completions, and the reference-free
+preference trainers of `trl.experimental` (ORPO, CPO / SimPO). Checked on TRL 1.16."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from finetune.compat import Target, applying, declare, fail, resolve
+from finetune.compat import Patch, Target, applying, declare, fail, resolve
 
 CHECKED = "1.16"
 _UTILS = "trl.trainer.utils"
@@ -65,6 +67,32 @@ GRPO_LOGS = declare(
     "reads the prompts, completions and per-reward values GRPOTrainer keeps for its own logging "
     "(`_logs`), to write samples.jsonl",
     Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
+)
+_ORPO = "trl.experimental.orpo"
+_CPO = "trl.experimental.cpo"
+ORPO = declare(
+    "trl.experimental_orpo",
+    "trl",
+    CHECKED,
+    "imports ORPOTrainer / ORPOConfig from `trl.experimental` (an unstable API: TRL may change or drop it "
+    "in any release, and warns on import; the warning is silenced here) for `type: orpo`, which passes "
+    "them an adapted PeftModel and no reference model",
+    Target(_ORPO, "ORPOTrainer"),
+    Target(_ORPO, "ORPOConfig"),
+    Target(_ORPO, "ORPOConfig.beta"),
+)
+CPO = declare(
+    "trl.experimental_cpo",
+    "trl",
+    CHECKED,
+    "imports CPOTrainer / CPOConfig from `trl.experimental` (an unstable API: TRL may change or drop it in "
+    "any release, and warns on import; the warning is silenced here) for `type: simpo`: its SimPO loss "
+    "(`loss_type: simpo`, `cpo_alpha: 0`) on an adapted PeftModel, no reference model",
+    Target(_CPO, "CPOTrainer"),
+    Target(_CPO, "CPOConfig"),
+    Target(_CPO, "CPOConfig.loss_type"),
+    Target(_CPO, "CPOConfig.cpo_alpha"),
+    Target(_CPO, "CPOConfig.simpo_gamma"),
 )
 
 
@@ -193,3 +221,32 @@ def logged(trainer: Any) -> dict[str, Any]:
     if not isinstance(logs, dict) or not {"prompt", "completion", "rewards"} <= set(logs):
         raise fail(GRPO_LOGS, "GRPOTrainer keeps no `_logs` with prompt, completion and rewards")
     return logs
+
+
+def _experimental(patch: Patch, index: int) -> type:
+    """A class of `trl.experimental`, imported without the warning its first import gives (the use is
+    declared here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"You are importing from 'trl\.experimental'")
+        applying(patch)
+        return resolve(patch, patch.targets[index])
+
+
+def orpo_trainer() -> type:
+    """TRL's ORPOTrainer (`trl.experimental.orpo`)."""
+    return _experimental(ORPO, 0)
+
+
+def orpo_config() -> type:
+    """TRL's ORPOConfig (`trl.experimental.orpo`)."""
+    return _experimental(ORPO, 1)
+
+
+def cpo_trainer() -> type:
+    """TRL's CPOTrainer (`trl.experimental.cpo`): CPO, and SimPO with `loss_type="simpo"`, `cpo_alpha=0`."""
+    return _experimental(CPO, 0)
+
+
+def cpo_config() -> type:
+    """TRL's CPOConfig (`trl.experimental.cpo`)."""
+    return _experimental(CPO, 1)

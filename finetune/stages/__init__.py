@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from finetune.stages import classify, dpo, eval, grpo, kto, reward, sft
+from finetune.stages import classify, dpo, eval, grpo, kto, orpo, reward, sft, simpo
 from finetune.stagetypes import STAGE_TYPES
 
 REGISTRY: dict[str, ModuleType] = {
@@ -21,6 +21,8 @@ REGISTRY: dict[str, ModuleType] = {
     "classify": classify,
     "dpo": dpo,
     "kto": kto,
+    "orpo": orpo,
+    "simpo": simpo,
     "grpo": grpo,
     "eval": eval,
 }

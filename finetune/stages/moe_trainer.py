@@ -74,9 +74,11 @@ class MoETrainerMixin:
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         aux = self._monitor.take_pending()
         if aux is not None and model.training:
-            # The trainer's loss is already scaled for gradient accumulation (TRL's trainers do so
-            # themselves, GRPO's included); so is this.
-            loss = loss + aux.to(loss.dtype) / self.current_gradient_accumulation_steps
+            # Scaled for gradient accumulation as the trainer's own loss is: GRPO's comes scaled
+            # (`loss_is_scaled_for_ga`), so this is divided too; DPO's, KTO's, ORPO's and CPO's is a batch
+            # mean that the Trainer divides after this (False), with the balance loss in it.
+            scaled = getattr(self, "loss_is_scaled_for_ga", None) is not False
+            loss = loss + aux.to(loss.dtype) / (self.current_gradient_accumulation_steps if scaled else 1)
         return loss
 
     def _sample_rows(self) -> list[dict[str, Any]]:

@@ -1,12 +1,15 @@
-"""What the offline preference stages (DPO, KTO) share around their TRL trainer: the checks before a
-run (trainer config, `init_from`, rows in the shape the trainer reads, token lengths), the starting
-policy and its reference (`MoETrainerMixin` + `finetune.model.reference`), the evaluation of the
-held-out rows before and after training, the curves of chosen / rejected log-probs and the summary.
+"""What the offline preference stages (DPO, KTO, ORPO, SimPO) share around their TRL trainer: the checks
+before a run (trainer config, `init_from`, rows in the shape the trainer reads, token lengths), the
+starting policy and its reference (`MoETrainerMixin` + `finetune.model.reference`; none for the
+reference-free types), the evaluation of the held-out rows before and after training, the curves of
+chosen / rejected log-probs and the summary.
 
 The held-out preference accuracy is TRL's own `rewards/accuracies` of an evaluation pass: the share of
 pairs whose implicit reward, beta * (log pi - log pi_ref), is higher for the chosen side. Before
 training it is measured against the base model (with `init_from`, the starting adapter's own preference;
-against itself it would be 0 by construction).
+against itself it would be 0 by construction). A reference-free type's reward is the policy's own
+(beta times the mean log-prob per completion token, ORPO and SimPO alike): before training it is the
+starting policy's (the `init_from` adapter, or the base), measured as it is after.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ SUMMARY_METRICS = (
     "logps/chosen",
     "logps/rejected",
     "kl",
+    "nll_loss",  # ORPO (and SimPO with cpo_alpha > 0): the chosen side's language-model loss
+    "log_odds_ratio",  # ORPO: mean log sigmoid of the log odds ratio, chosen over rejected
+    "log_odds_chosen",  # ORPO: mean log odds ratio
     "loss",
 )
 
@@ -47,8 +53,11 @@ class PreferenceInputs:
     report: list = field(default_factory=list)
 
 
-def reference_mode(stage: Any) -> str:
-    """`init` only where the start differs from the base: a fresh adapter starts as the base model."""
+def reference_mode(stage: Any) -> str | None:
+    """`init` only where the start differs from the base: a fresh adapter starts as the base model. None
+    for a reference-free type (its loss reads the policy alone)."""
+    if stagetypes.STAGE_TYPES[stage.type].reference_free:
+        return None
     return "init" if stage.reference == "init" and stage.init_from is not None else "base"
 
 
@@ -61,10 +70,17 @@ def check(
     config_cls: type,
     rows_of: Callable[[Dataset, str], Dataset],
     items_of: Callable[[Dataset], list],
+    defaults: dict[str, Any] | None = None,
+    title: str | None = None,
 ) -> PreferenceInputs:
-    """The trainer config, `init_from`, and the rows as `rows_of` shapes them, measured in tokens (each
-    of `items_of`'s sequences per row; the longest counts). Writes nothing."""
-    arguments = train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)
+    """The trainer config (`defaults` under the recipe's `train:`), `init_from`, and the rows as
+    `rows_of` shapes them, measured in tokens (each of `items_of`'s sequences per row; the longest
+    counts). `title`: the method's name in messages (default: the stage type). Writes nothing."""
+    if stagetypes.STAGE_TYPES[stage.type].reference_free and stage.reference is not None:
+        raise UserError(
+            f"stages.{name}.reference: {title or stage.type} is reference-free (no reference pass); drop it"
+        )
+    arguments = {**(defaults or {}), **train_arguments(stage, dtype=ctx.dtype, cuda=ctx.cuda)}
     common.check_precision(name, arguments, ctx)
     args = ctx.trainer_config(config_cls, name, arguments)
     d, key = stage.data, f"stages.{name}.data"
@@ -101,7 +117,9 @@ def _check_loss_types(name: str, args: Any, config_cls: type) -> None:
     """`loss_type` names the installed TRL documents on its config (its `choices`, or the names its help
     lists); TRL itself checks them only mid-training."""
     spec = getattr(config_cls, "__dataclass_fields__", {}).get("loss_type")
-    metadata = spec.metadata if spec is not None else {}
+    if spec is None:  # one loss (ORPO)
+        return
+    metadata = spec.metadata
     known = metadata.get("choices") or re.findall(r"`'([a-z0-9_]+)'`", metadata.get("help", ""))
     given = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
     unknown = [t for t in given if t not in known]
@@ -141,8 +159,10 @@ def pair_items(rows: Dataset) -> list[list]:
 
 class StartEvaluation:
     """Put before `MoETrainerMixin`. With `evaluate_start`, evaluates the held-out rows once before the
-    first step (not on a resume) with the base model as reference, kept in `evaluated_before`: the
-    starting adapter's own preference. Not with precomputed reference log-probs (those are fixed)."""
+    first step (not on a resume), kept in `evaluated_before`: with the base model as reference, the
+    starting adapter's own preference (not with precomputed reference log-probs: those are fixed); a
+    reference-free trainer (none installed) as it evaluates after training: the starting policy's own
+    reward."""
 
     evaluated_before: dict[str, float] | None = None
 
@@ -154,7 +174,9 @@ class StartEvaluation:
         reference = getattr(self, "reference", None)
         precomputed = getattr(self.args, "precompute_ref_log_probs", False)
         wanted = self._evaluate_start and resume_from_checkpoint is None and self.eval_dataset is not None
-        if wanted and reference is not None and not precomputed:
+        if wanted and reference is None:  # reference-free (`MoETrainerMixin` built with no reference)
+            self.evaluated_before = self.evaluate(metric_key_prefix="before")
+        elif wanted and not precomputed:
             mode, reference.mode = reference.mode, "base"
             try:
                 self.evaluated_before = self.evaluate(metric_key_prefix="before")
@@ -203,7 +225,8 @@ def run(
             chunked_head=False,
             router_monitor=monitor,
             reference=mode,
-            evaluate_start=stage.init_from is not None,
+            # Reference-free: the starting policy's own reward, the base's too (a fresh adapter).
+            evaluate_start=mode is None or stage.init_from is not None,
         )
         after = trainer.evaluate() if inputs.eval is not None else {}
     finally:
@@ -220,7 +243,9 @@ def run(
     if inputs.eval is not None:
         summary["eval"] = {"after": _metrics(after, "eval")}
         if trainer.evaluated_before is not None:
-            summary["eval"]["before"] = {**_metrics(trainer.evaluated_before, "before"), "reference": "base"}
+            before = _metrics(trainer.evaluated_before, "before")
+            # The starting policy's own preference: against the base, or (reference-free) by itself.
+            summary["eval"]["before"] = before if mode is None else {**before, "reference": "base"}
     if trainer.is_world_process_zero():
         metrics = rundir.read_metrics(out / "metrics.jsonl")
         title = f"{ctx.name} / {name}"
