@@ -16,41 +16,12 @@ import pytest
 import torch
 from conftest import REPO, fails, write_jsonl, write_recipe
 from safetensors.torch import load_file
+from test_preference import CAPITALS, _bad, _recipe  # the same SFT start and bad-input recipe
 
 from finetune import pipeline, recipe
 from finetune.compat import trl as compat_trl
 from finetune.model import adapters
 from finetune.stages import REGISTRY, moe_trainer, preference, sft
-
-CAPITALS = REPO / "recipes" / "data" / "capitals"
-REVERSE = REPO / "recipes" / "data" / "reverse"
-ADAPTER = {"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"], "expert_r": 4}
-
-
-def _recipe(tmp_path, stage_type: str, **stage) -> dict:
-    """A short SFT (a nonzero adapter, expert LoRA included), then a `stage_type` stage continuing it."""
-    train = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "max_length": 32}
-    return {
-        "name": "t",
-        "output_dir": str(tmp_path / "run"),
-        "seed": 1,
-        "model": {"preset": "tiny", "dtype": "float32"},
-        "adapter": ADAPTER,
-        "stages": {
-            "sft": {
-                "type": "sft",
-                "data": {"train": str(REVERSE / "test.jsonl")},
-                "train": {**train, "max_steps": 6, "learning_rate": 2e-2},
-            },
-            "pref": {
-                "type": stage_type,
-                "init_from": "sft",
-                "data": {"train": str(CAPITALS / "test.jsonl"), **stage.pop("data", {})},
-                **stage,
-                "train": {**train, "learning_rate": 1e-2, **stage.pop("train", {})},
-            },
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +178,6 @@ def test_experimental_trl_loads_on_first_use_and_quietly():
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def _bad(tmp_path, stage_type: str, rows: list[dict], **stage) -> dict:
-    data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    return {
-        "name": "t",
-        "output_dir": str(tmp_path / "run"),
-        "model": {"preset": "tiny", "dtype": "float32"},
-        "stages": {"p": {"type": stage_type, "data": {"train": str(data)}, **stage}},
-    }
 
 
 PAIR = {"prompt": "x", "chosen": "a", "rejected": "b"}

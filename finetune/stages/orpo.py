@@ -8,7 +8,6 @@ orpo stage), never by importing this module."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from finetune import preferences
 from finetune.compat import trl as compat_trl
 from finetune.context import StageContext
 from finetune.stages import preference
-from finetune.stages.moe_trainer import MoETrainerMixin
 from finetune.stagetypes import STAGE_TYPES, ORPOSchema
 
 TYPE = STAGE_TYPES["orpo"]
@@ -27,25 +25,8 @@ Schema = ORPOSchema  # the `stages.<name>` section, declared with the type
 DEFAULTS: dict[str, Any] = {"remove_unused_columns": False}
 
 
-def __getattr__(name: str) -> Any:
-    """`TRAINER_CONFIG` (`stages.<name>.train` takes its fields) and `Trainer`, built on first use."""
-    if name == "TRAINER_CONFIG":
-        return TYPE.trainer_config
-    if name == "Trainer":
-        return trainer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def trainer_class() -> type:
-    """TRL's ORPOTrainer with the MoE parts (`MoETrainerMixin`, no reference installed) and the starting
-    policy's evaluation."""
-
-    class Trainer(preference.StartEvaluation, MoETrainerMixin, compat_trl.orpo_trainer()):
-        copies_reference = False  # nothing to copy: ORPOTrainer builds no reference model
-
-    Trainer.__qualname__ = "Trainer"
-    return Trainer
+trainer_class = preference.lazy_trainer(compat_trl.orpo_trainer)  # TRL's ORPOTrainer + the MoE parts
+__getattr__ = preference.lazy_attributes(TYPE, trainer_class)  # `TRAINER_CONFIG`, `Trainer` on first use
 
 
 def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> preference.PreferenceInputs:

@@ -14,6 +14,7 @@ starting policy's (the `init_from` adapter, or the base), measured as it is afte
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from finetune.errors import UserError
 from finetune.model import routing
 from finetune.schema import train_arguments
 from finetune.stages import common
+from finetune.stages.moe_trainer import MoETrainerMixin
 
 # The evaluation metrics a summary keeps (TRL's names, `eval_` prefix dropped).
 SUMMARY_METRICS = (
@@ -183,6 +185,36 @@ class StartEvaluation:
             finally:
                 reference.mode = mode
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def lazy_trainer(trl_trainer: Callable[[], type]) -> Callable[[], type]:
+    """For a reference-free type whose TRL trainer is imported on first use (`trl.experimental`, through
+    `finetune.compat.trl`): the stage's `Trainer` class (`StartEvaluation`, `MoETrainerMixin`, no reference
+    installed, then TRL's), built once when first asked for."""
+
+    @functools.cache
+    def trainer_class() -> type:
+        class Trainer(StartEvaluation, MoETrainerMixin, trl_trainer()):
+            copies_reference = False  # nothing to copy: these trainers build no reference model
+
+        Trainer.__qualname__ = "Trainer"
+        return Trainer
+
+    return trainer_class
+
+
+def lazy_attributes(stage_type: Any, trainer_class: Callable[[], type]) -> Callable[[str], Any]:
+    """A module `__getattr__` giving `TRAINER_CONFIG` (what `stages.<name>.train` takes) and `Trainer` on
+    first use, so importing the stage module imports no `trl.experimental`."""
+
+    def module_getattr(name: str) -> Any:
+        if name == "TRAINER_CONFIG":
+            return stage_type.trainer_config
+        if name == "Trainer":
+            return trainer_class()
+        raise AttributeError(f"module has no attribute {name!r}")
+
+    return module_getattr
 
 
 def _metrics(evaluated: dict[str, float], prefix: str) -> dict[str, float]:

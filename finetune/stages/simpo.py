@@ -11,7 +11,6 @@ simpo stage), never by importing this module."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from finetune.compat import trl as compat_trl
 from finetune.context import StageContext
 from finetune.errors import UserError
 from finetune.stages import preference
-from finetune.stages.moe_trainer import MoETrainerMixin
 from finetune.stagetypes import STAGE_TYPES, SimPOSchema
 
 TYPE = STAGE_TYPES["simpo"]
@@ -31,25 +29,8 @@ Schema = SimPOSchema  # the `stages.<name>` section, declared with the type
 DEFAULTS: dict[str, Any] = {"loss_type": "simpo", "cpo_alpha": 0.0, "remove_unused_columns": False}
 
 
-def __getattr__(name: str) -> Any:
-    """`TRAINER_CONFIG` (`stages.<name>.train` takes its fields) and `Trainer`, built on first use."""
-    if name == "TRAINER_CONFIG":
-        return TYPE.trainer_config
-    if name == "Trainer":
-        return trainer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def trainer_class() -> type:
-    """TRL's CPOTrainer with the MoE parts (`MoETrainerMixin`, no reference installed) and the starting
-    policy's evaluation."""
-
-    class Trainer(preference.StartEvaluation, MoETrainerMixin, compat_trl.cpo_trainer()):
-        copies_reference = False  # nothing to copy: CPOTrainer builds no reference model
-
-    Trainer.__qualname__ = "Trainer"
-    return Trainer
+trainer_class = preference.lazy_trainer(compat_trl.cpo_trainer)  # TRL's CPOTrainer + the MoE parts
+__getattr__ = preference.lazy_attributes(TYPE, trainer_class)  # `TRAINER_CONFIG`, `Trainer` on first use
 
 
 def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) -> preference.PreferenceInputs:
