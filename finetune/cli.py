@@ -172,7 +172,11 @@ def _validate(args: argparse.Namespace) -> int:
         rows = getattr(
             checked.inputs[name], "summary", ""
         ) or (  # a stage that trains nothing says what it does
-            f"{len(train)} training rows" if train is not None else "Hub dataset (loaded when a run starts)"
+            "Hub dataset (loaded when a run starts)"
+            if train is None
+            else f"{len(train)} training rows"
+            if hasattr(train, "__len__")
+            else "streamed training rows"
         )
         print(f"  stage {name} ({stage.type}): {rows}")
         # Per split: rows read, kept after templating/truncation, cut by max_length, token lengths.

@@ -17,11 +17,12 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 
 from finetune.compat import CompatError
 from finetune.compat import trl as compat_trl
@@ -29,7 +30,7 @@ from finetune.errors import UserError, first_line
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 LOCAL_SUFFIXES = (*_BUILDERS, ".arrow")
-_QUIET_ROWS = 20_000  # below this, reading and mapping take a blink: no progress bars
+QUIET_ROWS = 20_000  # below this, reading and mapping take a blink: no progress bars
 # A Hub dataset name: `name` or `owner/name`. Anything else (more slashes, spaces, ...) can only be a path.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Share of a split's rows whose trainable tokens `max_length` cuts above which `validate` and `run` warn.
@@ -37,7 +38,7 @@ CUT_WARN_SHARE = 0.05
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
+def quiet(enabled: bool) -> Iterator[None]:
     """No progress bars for small data, and none of datasets' own error logging (we raise our own)."""
     was = datasets.is_progress_bar_enabled()
     verbosity = datasets.logging.get_verbosity()
@@ -119,7 +120,7 @@ class _Where:
 
 def _load_hub(spec: str, where: _Where) -> Dataset:
     try:
-        with _quiet(False):
+        with quiet(False):
             rows = datasets.load_dataset(spec, where.config, split=where.split)
     except Exception as err:  # network, missing repo, missing config or split: all one line for the user
         raise where.load_error(f"Hub dataset {spec!r}", err) from None
@@ -164,7 +165,7 @@ def _load_local(path: Path, where: _Where) -> Dataset:
     small = path.stat().st_size < 50_000_000
     if suffix == ".arrow":
         try:
-            with _quiet(small):
+            with quiet(small):
                 return Dataset.from_file(str(path))
         except Exception as err:
             raise UserError(
@@ -173,7 +174,7 @@ def _load_local(path: Path, where: _Where) -> Dataset:
             ) from None
     builder = _BUILDERS[suffix]
     try:
-        with _quiet(small):
+        with quiet(small):
             rows = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # the datasets library raises many types for malformed files
         cause = _bad_json(path) if builder == "json" else None
@@ -181,7 +182,7 @@ def _load_local(path: Path, where: _Where) -> Dataset:
             raise UserError(f"{key}: {path}: {cause}") from None
         raise UserError(f"{key}: cannot read {path}: {_cause(err)}") from None
     if builder == "text":  # one row per line; blank lines would train on an end-of-sequence token alone
-        with _quiet(len(rows) < _QUIET_ROWS):
+        with quiet(len(rows) < QUIET_ROWS):
             rows = rows.filter(lambda r: bool(r["text"].strip()))
     return rows
 
@@ -197,7 +198,7 @@ def _load_folder(path: Path, where: _Where) -> Dataset:
     key = where.key
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
-            with _quiet(True):
+            with quiet(True):
                 saved = datasets.load_from_disk(str(path))
         except Exception as err:
             raise UserError(
@@ -219,11 +220,61 @@ def _load_folder(path: Path, where: _Where) -> Dataset:
         )
     # A folder of data files (train.jsonl, test.jsonl, ...) or a local copy of a Hub dataset repository.
     try:
-        with _quiet(True):
+        with quiet(True):
             rows = datasets.load_dataset(str(path), where.config, split=where.split)
     except Exception as err:
         raise where.load_error(f"the data folder {path}", err) from None
     return _one_split(rows, where, str(path))
+
+
+def stream_rows(spec: str, *, key: str, split: str = "train", config: str | None = None) -> IterableDataset:
+    """One split read lazily, as `datasets` streams it (`load_dataset(..., streaming=True)`): local JSON
+    Lines / JSON / Parquet / CSV / text files, folders of data files and Hub datasets; an `.arrow` file
+    or a `save_to_disk` folder (memory-mapped already) through `to_iterable_dataset`. Nothing is read
+    here: a bad file shows when the rows are first read (`peek`)."""
+    where = _Where(spec, key, split, config, None, None)
+    if not is_local(spec):
+        try:
+            with quiet(False):
+                return datasets.load_dataset(spec, config, split=split, streaming=True)
+        except Exception as err:
+            raise where.load_error(f"Hub dataset {spec!r}", err) from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{key}: data file not found: {path}")
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    if saved or path.suffix == ".arrow":
+        return _load_local(path, where).to_iterable_dataset()
+    if path.is_dir():
+        try:
+            with quiet(True):
+                return datasets.load_dataset(str(path), config, split=split, streaming=True)
+        except Exception as err:
+            raise where.load_error(f"the data folder {path}", err) from None
+    if path.suffix not in _BUILDERS:
+        raise UserError(
+            f"{key}: {path}: cannot stream a {path.suffix or 'suffix-less'!r} file (use {', '.join(_BUILDERS)})"
+        )
+    if path.stat().st_size == 0:
+        raise UserError(f"{key}: dataset is empty: {path}")
+    rows = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", streaming=True)
+    return rows.filter(lambda r: bool(r["text"].strip())) if path.suffix == ".txt" else rows
+
+
+def peek(rows: IterableDataset, n: int, *, key: str, source: str) -> list[dict[str, Any]]:
+    """The first `n` rows of a stream (fewer if it is shorter; none is an error), errors as `load_rows`'."""
+    try:
+        with quiet(True):
+            head = list(rows.take(n))
+    except UserError:
+        raise
+    except Exception as err:  # a malformed file shows only when it is read
+        path = Path(source).expanduser()
+        cause = _bad_json(path) if path.suffix in (".json", ".jsonl") and path.is_file() else None
+        raise UserError(f"{key}: {shown(source)}: {cause or _cause(err)}") from None
+    if not head:
+        raise UserError(f"{key}: dataset is empty: {source}")
+    return head
 
 
 # ------------------------------------------------------------------------------------ malformed JSON
@@ -285,7 +336,7 @@ def _bad_json(path: Path) -> str | None:
 # --------------------------------------------------------------------------------------- row checks
 
 
-def _row_namer(source: str | None) -> Callable[[int], str]:
+def row_namer(source: str | None) -> Callable[[int], str]:
     """`<source>: row N` (1-based, in file order); in a JSON Lines file with blank lines, its line too."""
     path = Path(source).expanduser() if source else None
     jsonl = path is not None and path.suffix == ".jsonl" and path.is_file()
@@ -373,7 +424,7 @@ def _parsed_messages(rows: Dataset, *, key: str, name: Callable[[int], str]) -> 
             raise UserError(f"{key}: {name(i)}: {problem}")
     if not parse:
         return rows
-    with _quiet(len(rows) < _QUIET_ROWS):
+    with quiet(len(rows) < QUIET_ROWS):
         return rows.map(
             lambda r: {
                 "messages": json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]
@@ -409,10 +460,10 @@ def sft_format(rows: Dataset, *, key: str, source: str | None = None) -> Dataset
     `source` (the local path, if any) lets errors name a JSON Lines file's line.
     """
     columns = set(rows.column_names)
-    name = _row_namer(source)
+    name = row_namer(source)
     if "messages" in columns:
         rows = _parsed_messages(rows, key=key, name=name)
-        with _quiet(len(rows) < _QUIET_ROWS):
+        with quiet(len(rows) < QUIET_ROWS):
             return rows.map(
                 lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
                 remove_columns=rows.column_names,
@@ -503,7 +554,7 @@ def check_roles(conversations: Any, tokenizer: Any, *, key: str, source: str | N
     role = min(bad, key=first.__getitem__)
     accepted = [r for r in dict.fromkeys([*KNOWN_ROLES, *first]) if renders_role(tokenizer, r)]
     raise UserError(
-        f"{key}: {_row_namer(source)(first[role])}: role {role!r} is not one the chat template renders "
+        f"{key}: {row_namer(source)(first[role])}: role {role!r} is not one the chat template renders "
         f"(it renders: {', '.join(accepted) or 'none of ' + ', '.join(KNOWN_ROLES)})"
     )
 
@@ -563,6 +614,24 @@ class SplitReport:
     p95: int | None = None
     max: int | None = None
     note: str = ""
+    parts: list[SourcePart] = dataclass_field(default_factory=list)  # a mixture's sources
+    info: list[str] = dataclass_field(default_factory=list)  # how it was read: the format, a mixture's notes
+
+
+@dataclass
+class SourcePart:
+    """One source of a mixture: rows read, kept in the mixture, cut by its weight, realized share."""
+
+    source: str
+    format: str  # as read: `sharegpt (auto)`, `alpaca`, ...
+    read: int | None = None  # None: streamed (not counted ahead)
+    kept: int | None = None
+    weight: float | None = None
+    share: float | None = None  # kept / rows of the mixture
+
+    @property
+    def cut(self) -> int | None:
+        return None if self.read is None or self.kept is None else max(0, self.read - self.kept)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -585,7 +654,7 @@ def tokenize_like_trainer(rows: Dataset, *, tokenizer: Any, args: Any, split: st
     """
     full = copy.copy(args)
     full.max_length, full.shuffle_dataset = None, False
-    with _quiet(len(rows) < _QUIET_ROWS):
+    with quiet(len(rows) < QUIET_ROWS):
         prepared = compat_trl.prepare_sft_dataset(rows, tokenizer, full, split)
     return prepared.select_columns(["input_ids", "labels"])
 
@@ -730,7 +799,19 @@ def format_report(reports: list[SplitReport], indent: str = "    ") -> str:
         notes = []
         if r.total is not None:
             notes.append(f"first {r.rows} of {r.total} rows (max_samples)")
+        notes += r.info
         if r.note:
             notes.append(r.note)
         lines += [f"{indent}{'':<9}  {n}" for n in notes]
+        if r.parts:
+            lines.append(
+                f"{indent}{'':<9}  {'read':>8}{'kept':>8}{'cut':>8}{'weight':>8}{'share':>8}  {'format':<18}source"
+            )
+            for p in r.parts:
+                weight = "-" if p.weight is None else f"{p.weight:g}"
+                share = "-" if p.share is None else f"{p.share:.1%}"
+                lines.append(
+                    f"{indent}{'':<9}  {cell(p.read):>8}{cell(p.kept):>8}{cell(p.cut):>8}{weight:>8}{share:>8}"
+                    f"  {p.format:<18}{p.source}"
+                )
     return "\n".join(lines)

@@ -322,9 +322,16 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
             continue
         for section, keys in (("data", {"train", "eval"}), ("heldout", {"data"})):
             block = stage.get(section)
+            if isinstance(block, list):  # `data: [sources]`
+                block = {"train": block}
             if isinstance(block, dict):
                 for key in keys & block.keys():
-                    block[key] = anchor(block[key])
+                    if isinstance(block[key], list):  # a mixture's sources
+                        for source in block[key]:
+                            if isinstance(source, dict) and "path" in source:
+                                source["path"] = anchor(source["path"])
+                    else:
+                        block[key] = anchor(block[key])
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any], path: tuple = ()) -> dict[str, Any]:

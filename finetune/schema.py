@@ -144,14 +144,43 @@ class AdapterConfig(Strict):
     router_aux_loss_coef: Float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
 
 
+# How a source's rows are read (docs/recipes.md, Data sources): `auto` detects the format by its columns.
+SourceFormat = Literal[
+    "auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt", "preference", "kto"
+]
+
+
+class SourceConfig(Strict):
+    """One source of a mixture (`data.train` / `data.eval` as a list)."""
+
+    path: str  # a local file or folder, or a Hub dataset name
+    config: str | None = None  # Hub config name (default: data.config)
+    split: str | None = None  # default: data.train_split (data.eval_split for eval sources)
+    # A share of the mixture (≤ 1; the shares add up to 1) or a row count (a whole number > 1).
+    weight: Float | None = Field(None, gt=0)
+    columns: dict[str, str] = Field(default_factory=dict)  # {ours: theirs}: the source's columns renamed
+    format: SourceFormat = "auto"
+
+
 class DataConfig(Strict):
-    train: str
-    eval: str | None = None
+    train: str | Annotated[list[SourceConfig], Field(min_length=1)]
+    eval: str | Annotated[list[SourceConfig], Field(min_length=1)] | None = None
     train_split: str = "train"  # splits and configs apply to Hub datasets (and local dataset folders)
     eval_split: str = "test"
     config: str | None = None  # Hub config name, e.g. `main` for openai/gsm8k: load_dataset(train, config)
     eval_config: str | None = None  # config of the eval and held-out data (default: `config`)
     max_samples: int | None = Field(None, gt=0)
+    # Of a `train` / `eval` given as one path (a list's sources carry their own).
+    format: SourceFormat = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Read `train` as it trains (datasets' IterableDataset): needs `train.max_steps`.
+    streaming: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_train(cls, data: Any) -> Any:
+        """`data: [sources]` is short for `data: {train: [sources]}`."""
+        return {"train": data} if isinstance(data, list) else data
 
 
 class HeldoutConfig(Strict):

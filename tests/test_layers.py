@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "finetune.heap",
             "finetune.data",
+            "finetune.formats",
+            "finetune.mixture",
             "finetune.preferences",
             "finetune.heldout",
             "finetune.scoring",

@@ -51,7 +51,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     common.check_trainer(name, args, has_eval=d.eval is not None)
     common.check_fsdp(name, stage.type, args, ctx)
     where = labels.Where(name, stage.labels, stage.num_labels, stage.multi_label)
-    splits = common.read_splits(d, key, fetch=fetch)
+    splits = common.read_splits(d, key, fetch=fetch, seed=ctx.seed)
     reports = [report for report, _ in splits]
     read: dict[str, tuple[data.SplitReport, list, list]] = {}
     named_ids = None

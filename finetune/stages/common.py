@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, heap, rundir, stagetypes
+from finetune import data, distributed, heap, mixture, rundir, stagetypes
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError
 from finetune.fast import fusion, generation
@@ -260,26 +260,92 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
             )
 
 
-def read_splits(d: Any, key: str, *, fetch: bool) -> list[tuple[data.SplitReport, Any]]:
+def sources(d: Any, which: str, key: str) -> list[mixture.Source]:
+    """The `train` or `eval` sources of a stage's `data` section as plain arguments: one path (with the
+    section's `format` / `columns`) or a mixture's list, each source's split and config defaulting to
+    the section's."""
+    spec = d.train if which == "train" else d.eval
+    split, split_key = (d.train_split, "train_split") if which == "train" else (d.eval_split, "eval_split")
+    config = d.config if which == "train" else d.eval_config or d.config
+    config_key = "config" if which == "train" or d.eval_config is None else "eval_config"
+    if isinstance(spec, str):
+        return [
+            mixture.Source(
+                spec,
+                f"{key}.{which}",
+                split,
+                config,
+                None,
+                dict(d.columns),
+                d.format,
+                f"{key}.{split_key}",
+                f"{key}.{config_key}",
+                at=key,
+            )
+        ]
+    return [
+        mixture.Source(
+            s.path,
+            f"{key}.{which}.{i}",
+            s.split or split,
+            s.config or config,
+            s.weight,
+            dict(s.columns),
+            s.format,
+            f"{key}.{which}.{i}.split" if s.split else f"{key}.{split_key}",
+            f"{key}.{which}.{i}.config" if s.config else f"{key}.{config_key}",
+        )
+        for i, s in enumerate(spec)
+    ]
+
+
+def read_split(
+    d: Any, which: str, key: str, *, fetch: bool, seed: int, shape: mixture.Shape | None = None
+) -> tuple[data.SplitReport, mixture.Read | None] | None:
+    """One split (`train`, capped at `max_samples` and streamed with `streaming`, or `eval`) with the
+    report `validate` prints; None when the stage has no such split, no rows for a Hub dataset that
+    `validate` (fetch=False) does not load. `shape`: see `mixture.read`."""
+    if (d.train if which == "train" else d.eval) is None:
+        return None
+    listed = sources(d, which, key)
+    mixed = len(listed) > 1
+    report = data.SplitReport(
+        which, f"mixture of {len(listed)} sources (seed {seed})" if mixed else data.shown(listed[0].path)
+    )
+    if not fetch and not all(data.is_local(s.path) for s in listed):
+        report.note = "Hub dataset: loaded when a run starts"
+        return report, None
+    got = mixture.read(
+        listed,
+        key=f"{key}.{which}",
+        seed=seed,
+        max_samples=d.max_samples if which == "train" else None,
+        shape=shape,
+        streaming=d.streaming and which == "train",
+    )
+    report.total = got.total
+    report.rows = len(got.rows) if got.sample is None else len(got.sample)
+    if mixed:
+        report.parts = got.parts
+    report.info = got.notes if mixed else [f"format: {got.parts[0].format}", *got.notes]
+    return report, got
+
+
+def read_splits(
+    d: Any, key: str, *, fetch: bool, seed: int = 0, shape: mixture.Shape | None = None
+) -> list[tuple[data.SplitReport, Any]]:
     """The stage's train split (capped at `max_samples`) and eval split, each with the report `validate`
-    prints; rows are None for a Hub dataset that `validate` (fetch=False) does not load."""
+    prints; rows are None for a Hub dataset that `validate` (fetch=False) does not load. These stages
+    read their rows whole: `streaming` is refused."""
+    if d.streaming:
+        raise UserError(
+            f"{key}.streaming: this stage type reads its rows whole; streaming is for sft stages (drop it)"
+        )
     out = []
-    for which, spec, split, config, cap in (
-        ("train", d.train, d.train_split, d.config, d.max_samples),
-        ("eval", d.eval, d.eval_split, d.eval_config or d.config, None),
-    ):
-        if spec is None:
-            continue
-        report = data.SplitReport(which, data.shown(spec))
-        if not fetch and not data.is_local(spec):
-            report.note = "Hub dataset: loaded when a run starts"
-            out.append((report, None))
-            continue
-        rows = data.load_rows(spec, key=f"{key}.{which}", split=split, config=config)
-        if cap is not None and cap < len(rows):
-            report.total, rows = len(rows), rows.select(range(cap))
-        report.rows = len(rows)
-        out.append((report, rows))
+    for which in ("train", "eval"):
+        got = read_split(d, which, key, fetch=fetch, seed=seed, shape=shape)
+        if got is not None:
+            out.append((got[0], None if got[1] is None else got[1].rows))
     return out
 
 

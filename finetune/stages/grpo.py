@@ -140,7 +140,7 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
         raise UserError(
             f"stages.{name}.train.reward_weights: {len(args.reward_weights)} weights for {len(funcs)} rewards"
         )
-    splits = common.read_splits(d, key, fetch=fetch)
+    splits = common.read_splits(d, key, fetch=fetch, seed=ctx.seed)
     loaded: dict[str, Dataset | None] = {}
     for report, rows in splits:
         if rows is None:

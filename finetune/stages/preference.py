@@ -99,7 +99,7 @@ def check(
             name, stage.init_from, f"stages.{name}.init_from", stagetypes.types_with("policy_init")
         )
     loaded: dict[str, Dataset] = {}
-    splits = common.read_splits(d, key, fetch=fetch)
+    splits = common.read_splits(d, key, fetch=fetch, seed=ctx.seed, shape=lambda rows, k, _: rows_of(rows, k))
     for report, rows in splits:
         if rows is None:
             continue

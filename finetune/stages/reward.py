@@ -40,7 +40,9 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
     common.check_fsdp(name, stage.type, args, ctx)
-    splits = common.read_splits(d, key, fetch=fetch)
+    splits = common.read_splits(
+        d, key, fetch=fetch, seed=ctx.seed, shape=lambda rows, k, _: data.preference_format(rows, key=k)
+    )
     pairs_of = {
         r.split: data.preference_format(rows, key=f"{key}.{r.split}")
         for r, rows in splits

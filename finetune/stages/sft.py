@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
 from finetune import data, heldout
 from finetune.context import StageContext
 from finetune.distributed import is_primary
+from finetune.errors import UserError
 from finetune.model import fsdp, routing
 from finetune.schema import train_arguments
 from finetune.stages import common
@@ -26,7 +27,7 @@ TRAINER_CONFIG = TYPE.trainer_config  # `stages.<name>.train` takes its fields
 @dataclass
 class SFTInputs:
     args: SFTConfig
-    train: Dataset | None  # None: a Hub dataset not fetched (validate stays offline)
+    train: Dataset | IterableDataset | None  # None: a Hub dataset not fetched (validate stays offline)
     eval: Dataset | None
     heldout: tuple[list, list[str]] | None
     report: tuple[data.SplitReport, ...] = ()  # per split: rows read and kept, token lengths (`validate`)
@@ -54,37 +55,53 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     )
     reports: list[data.SplitReport] = []
 
-    def load(split: str, spec: str | None, spec_key: str, max_samples: int | None) -> Dataset | None:
-        if spec is None:
-            return None
-        report = data.SplitReport(split, data.shown(spec))
+    def load_heldout(spec: str, spec_key: str, max_samples: int | None) -> Dataset | None:
+        report = data.SplitReport("heldout", data.shown(spec))
         reports.append(report)
         if not fetch and not data.is_local(spec):
             report.note = "Hub dataset: loaded when a run starts"
             return None
-        train_split = split == "train"
         rows = data.load_rows(
             spec,
             key=spec_key,
-            split=d.train_split if train_split else d.eval_split,
-            config=d.config if train_split else eval_config,
-            split_key=f"{key}.train_split" if train_split else f"{key}.eval_split",
-            config_key=f"{key}.config" if train_split else eval_config_key,
+            split=d.eval_split,
+            config=eval_config,
+            split_key=f"{key}.eval_split",
+            config_key=eval_config_key,
         )
         if max_samples is not None and max_samples < len(rows):
             report.total, rows = len(rows), rows.select(range(max_samples))
         report.rows = len(rows)
         return rows
 
-    train = load("train", d.train, f"{key}.train", d.max_samples)
-    train = data.sft_format(train, key=f"{key}.train", source=d.train) if train is not None else None
-    evaluation = load("eval", d.eval, f"{key}.eval", None)
-    evaluation = (
-        data.sft_format(evaluation, key=f"{key}.eval", source=d.eval) if evaluation is not None else None
-    )
+    if d.streaming and args.max_steps <= 0:
+        raise UserError(
+            f"stages.{name}.train.max_steps: streamed data ({key}.streaming) has no length to count epochs "
+            "by; set max_steps (the number of optimizer steps to train)"
+        )
+    splits: dict[
+        str, tuple[Dataset | IterableDataset, Dataset]
+    ] = {}  # split → (trainer's rows, checked rows)
+    for which in ("train", "eval"):
+        got = common.read_split(
+            d,
+            which,
+            key,
+            fetch=fetch,
+            seed=ctx.seed,
+            shape=lambda rows, k, src: data.sft_format(rows, key=k, source=src),
+        )
+        if got is None:
+            continue
+        report, read = got
+        reports.append(report)
+        if read is not None:
+            rows = read.rows if read.sample is None else _stream_shape(read.rows, read.sample.column_names)
+            splits[which] = (rows, read.rows if read.sample is None else read.sample)
+    train, evaluation = (splits[w][0] if w in splits else None for w in ("train", "eval"))
     h = stage.heldout
     hkey = f"stages.{name}.heldout.data"
-    held = load("heldout", h.data, hkey, h.max_samples) if h is not None else None
+    held = load_heldout(h.data, hkey, h.max_samples) if h is not None else None
     pairs = data.prompt_target_pairs(held, key=hkey, source=h.data) if held is not None else None
 
     measured = [r for r in reports if r.rows is not None]
@@ -94,8 +111,8 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     elif measured:
         tokenizer = data.stage_template(ctx.tokenizer(), args)
         sources = {
-            "train": (f"{key}.train", d.train),
-            "eval": (f"{key}.eval", d.eval),
+            "train": (f"{key}.train", d.train if isinstance(d.train, str) else None),
+            "eval": (f"{key}.eval", d.eval if isinstance(d.eval, str) else None),
             "heldout": (hkey, h.data if h is not None else None),
         }
         for r in measured:
@@ -105,8 +122,7 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
                 data.check_roles(pairs[0], tokenizer, key=split_key, source=source)
                 data.measure_prompts(r, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
                 continue
-            rows = train if r.split == "train" else evaluation
-            assert rows is not None
+            rows = splits[r.split][1]
             if "prompt" in rows.column_names:
                 conversations = zip(rows["prompt"], rows["completion"], strict=True)
                 turns = [p + c if isinstance(p, list) else None for p, c in conversations]
@@ -122,6 +138,21 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
                 max_length_key=f"stages.{name}.train.max_length",
             )
     return SFTInputs(args, train, evaluation, pairs, tuple(reports))
+
+
+def _stream_shape(rows: IterableDataset, columns: list[str]) -> IterableDataset:
+    """A streamed split as `data.sft_format` shapes rows (its checks ran on the first rows, whose shaped
+    `columns` these are): a `messages` conversation becomes a prompt (all turns but the last) and a
+    completion (the last)."""
+
+    def split(row: dict[str, Any]) -> dict[str, Any]:
+        if "messages" not in row:
+            return {}
+        return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+    if "prompt" in columns and "completion" in columns:
+        rows = rows.map(split)
+    return rows.select_columns(columns)
 
 
 def run(
