@@ -60,7 +60,7 @@ def recipe(folder: Path, data: Path, streaming: bool, steps: int) -> Path:
                 "train": {
                     "max_steps": steps,
                     "per_device_train_batch_size": 4,
-                    "max_length": 256,
+                    "max_length": 1024,
                     "logging_steps": 1,
                     "save_strategy": "no",
                     "use_cpu": True,

@@ -413,3 +413,62 @@ def test_sft_trains_on_a_three_source_mixture_and_a_stream(tmp_path):
         assert any("loss" in m for m in metrics)
         saved = yaml.safe_load((tmp_path / f"run-{streaming}" / "recipe.yaml").read_text())
         assert saved["stages"]["sft"]["data"]["train"][2]["columns"] == {"messages": "chat"}
+
+
+# ------------------------------------------------------------------------------ every stage that trains
+
+
+def _stage_sources(tmp_path, stage_type: str) -> list[dict]:
+    """Two sources in the shape `stage_type` reads, the second under other column names."""
+    if stage_type in ("dpo", "reward", "orpo"):
+        rows = [{"prompt": f"say {w}", "chosen": w, "rejected": w[::-1]} for w in WORDS]
+        renamed = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
+        columns = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    elif stage_type == "kto":
+        rows = [{"prompt": f"say {w}", "chosen": w, "rejected": w[::-1]} for w in WORDS]
+        renamed = [{"q": r["prompt"], "a": r["chosen"], "ok": i % 2 == 0} for i, r in enumerate(rows)]
+        columns = {"prompt": "q", "completion": "a", "label": "ok"}
+    elif stage_type == "classify":
+        rows = [{"text": w, "label": ["a", "b"][i % 2]} for i, w in enumerate(WORDS)]
+        renamed = [{"sentence": r["text"], "label": r["label"]} for r in rows]
+        columns = {"text": "sentence"}
+    else:  # grpo: conversations whose last turn is the reference answer
+        rows = _alpaca(8)
+        renamed = [{"conversations": r["conversations"]} for r in _sharegpt(8, system=False)]
+        columns = {}
+    first = write_jsonl(tmp_path / "first.jsonl", rows)
+    second = write_jsonl(tmp_path / "second.jsonl", renamed)
+    return [{"path": str(first), "weight": 0.5}, {"path": str(second), "weight": 0.5, "columns": columns}]
+
+
+@pytest.mark.parametrize("stage_type", ["dpo", "kto", "orpo", "reward", "classify", "grpo"])
+def test_every_training_stage_reads_a_mixture(tmp_path, stage_type):
+    stage: dict = {
+        "type": stage_type,
+        "data": _stage_sources(tmp_path, stage_type),
+        "train": {"max_steps": 1},
+    }
+    if stage_type == "grpo":
+        stage["rewards"] = [{"name": "similarity"}]
+        stage["train"].update(num_generations=2, per_device_train_batch_size=2)
+    d = {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 1,
+        "model": {"preset": "tiny", "dtype": "float32"},
+    }
+    d["stages"] = {"s": stage}
+    plan = pipeline.plan(recipe.load(write_recipe(tmp_path / "r.yaml", d)))
+    inputs = plan.inputs["s"]
+    report = inputs.report[0]
+    assert report.source == "mixture of 2 sources (seed 1)"
+    assert [(p.read, p.kept) for p in report.parts] == [(8, 8), (8, 8)]
+    if stage_type == "classify":
+        assert inputs.names == ["a", "b"] and len(inputs.train_split.items) == 16
+        return
+    rows = inputs.train
+    expected = {"kto": 8 * 2 + 8}.get(stage_type, 16)  # KTO: each pair gives two rows
+    assert len(rows) == expected
+    if stage_type == "grpo":
+        assert [p.format for p in report.parts] == ["alpaca (auto)", "sharegpt (auto)"]
+        assert all(p[-1]["role"] == "user" for p in rows["prompt"])

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
-from finetune import data, heldout
+from finetune import data, formats, heldout
 from finetune.context import StageContext
 from finetune.distributed import is_primary
 from finetune.errors import UserError
@@ -72,7 +72,9 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
         if max_samples is not None and max_samples < len(rows):
             report.total, rows = len(rows), rows.select(range(max_samples))
         report.rows = len(rows)
-        return rows
+        # Alpaca and ShareGPT held-out rows are read as conversations, as training rows are.
+        fmt = formats.detect(rows.column_names)
+        return formats.convert(rows, fmt, rows.column_names, key=spec_key, source=spec)
 
     if d.streaming and args.max_steps <= 0:
         raise UserError(
