@@ -182,6 +182,15 @@ class DataConfig(Strict):
         """`data: [sources]` is short for `data: {train: [sources]}`."""
         return {"train": data} if isinstance(data, list) else data
 
+    @model_validator(mode="after")
+    def _one_path_keys(self) -> DataConfig:
+        if (self.format != "auto" or self.columns) and not any(
+            isinstance(x, str) for x in (self.train, self.eval)
+        ):
+            key = "format" if self.format != "auto" else "columns"
+            raise ValueError(f"`{key}` applies to a train or eval given as one path; set it on each source")
+        return self
+
 
 class HeldoutConfig(Strict):
     """Exact-match check on held-out prompts, run before and after the stage trains."""

@@ -462,13 +462,21 @@ def test_every_training_stage_reads_a_mixture(tmp_path, stage_type):
     inputs = plan.inputs["s"]
     report = inputs.report[0]
     assert report.source == "mixture of 2 sources (seed 1)"
-    assert [(p.read, p.kept) for p in report.parts] == [(8, 8), (8, 8)]
+    # Rows as the stage reads them: KTO reads each pair as two rows, and the shares keep 8 of the 16.
+    first = 16 if stage_type == "kto" else 8
+    assert [(p.read, p.kept, p.cut) for p in report.parts] == [(first, 8, first - 8), (8, 8, 0)]
     if stage_type == "classify":
         assert inputs.names == ["a", "b"] and len(inputs.train_split.items) == 16
         return
     rows = inputs.train
-    expected = {"kto": 8 * 2 + 8}.get(stage_type, 16)  # KTO: each pair gives two rows
-    assert len(rows) == expected
+    assert len(rows) == 16
     if stage_type == "grpo":
         assert [p.format for p in report.parts] == ["alpaca (auto)", "sharegpt (auto)"]
         assert all(p[-1]["role"] == "user" for p in rows["prompt"])
+
+
+def test_data_level_format_needs_one_path(capsys, tmp_path):
+    line = _bad(capsys, tmp_path, three_sources(tmp_path, n=5), format="alpaca")
+    assert line.endswith(
+        "`stages.sft.data`: `format` applies to a train or eval given as one path; set it on each source"
+    )
