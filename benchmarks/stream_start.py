@@ -6,6 +6,7 @@ Writes a JSON Lines file of `messages` rows (default 1 GB, kept for the next run
 `metrics.jsonl` for the first logged step and sampling the resident set size of the process tree:
   small      a 2,000-row copy of the same rows, read whole (not streamed)
   streamed   the large file, streamed
+and, for scale, the seconds a fresh interpreter takes to import the stage (`imports_s`).
 
     python benchmarks/stream_start.py [--gb 1.0] [--dir /tmp/stream-bench] [--out stream_start.json]
 """
@@ -126,6 +127,15 @@ def main() -> None:
         for _, line in zip(range(2000), src, strict=False):
             dst.write(line)
     result = {"file": str(big), "file_bytes": big.stat().st_size, "steps": args.steps, "cpu": True}
+    # What any run pays before it reads data: the interpreter and the libraries a stage imports.
+    began = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import finetune.pipeline, finetune.stages.sft"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
+    result["imports_s"] = round(time.monotonic() - began, 2)
     for name, data, streaming in (("small", small, False), ("streamed", big, True)):
         path = recipe(args.dir, data, streaming, args.steps)
         result[name] = measure(path, args.dir / f"run-{name}")

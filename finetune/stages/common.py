@@ -269,31 +269,29 @@ def sources(d: Any, which: str, key: str) -> list[mixture.Source]:
     config = d.config if which == "train" else d.eval_config or d.config
     config_key = "config" if which == "train" or d.eval_config is None else "eval_config"
     if isinstance(spec, str):
-        return [
-            mixture.Source(
-                spec,
-                f"{key}.{which}",
-                split,
-                config,
-                None,
-                dict(d.columns),
-                d.format,
-                f"{key}.{split_key}",
-                f"{key}.{config_key}",
-                at=key,
-            )
-        ]
+        one = mixture.Source(
+            path=spec,
+            key=f"{key}.{which}",
+            split=split,
+            config=config,
+            columns=dict(d.columns),
+            format=d.format,
+            split_key=f"{key}.{split_key}",
+            config_key=f"{key}.{config_key}",
+            at=key,
+        )
+        return [one]
     return [
         mixture.Source(
-            s.path,
-            f"{key}.{which}.{i}",
-            s.split or split,
-            s.config or config,
-            s.weight,
-            dict(s.columns),
-            s.format,
-            f"{key}.{which}.{i}.split" if s.split else f"{key}.{split_key}",
-            f"{key}.{which}.{i}.config" if s.config else f"{key}.{config_key}",
+            path=s.path,
+            key=f"{key}.{which}.{i}",
+            split=s.split or split,
+            config=s.config or config,
+            weight=s.weight,
+            columns=dict(s.columns),
+            format=s.format,
+            split_key=f"{key}.{which}.{i}.split" if s.split else f"{key}.{split_key}",
+            config_key=f"{key}.{which}.{i}.config" if s.config else f"{key}.{config_key}",
         )
         for i, s in enumerate(spec)
     ]
