@@ -480,3 +480,12 @@ def test_data_level_format_needs_one_path(capsys, tmp_path):
     assert line.endswith(
         "`stages.sft.data`: `format` applies to a train or eval given as one path; set it on each source"
     )
+
+
+def test_eval_takes_sources_too(tmp_path):
+    specs = three_sources(tmp_path, n=10)
+    evaluation = [{k: v for k, v in s.items() if k != "weight"} for s in specs[1:]]
+    plan = pipeline.plan(recipe.load(_recipe(tmp_path, specs[0]["path"], eval=evaluation)))
+    report = next(r for r in plan.inputs["sft"].report if r.split == "eval")
+    assert [p.format for p in report.parts] == ["alpaca (auto)", "messages (auto)"]
+    assert len(plan.inputs["sft"].eval) == 20 and report.kept == 20
