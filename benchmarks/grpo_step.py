@@ -133,7 +133,9 @@ def main() -> None:
     def reward(completions, **kwargs):
         return [float(len(c)) / 1000 for c in completions]
 
-    replayer = replay.RoutingReplay(model, replay=a.replay, eos_token_ids=[tok.eos_token_id])
+    replayer = replay.RoutingReplay(
+        model, mode="rollout" if a.replay else "off", eos_token_ids=[tok.eos_token_id]
+    )
     monitor = routing.RouterMonitor(model, also=[replayer.report])
     trainer = Trainer(
         model=model,
