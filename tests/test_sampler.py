@@ -80,7 +80,7 @@ def test_the_recorder_leaves_generate_as_it_was(model):
     with sampler.recording(model):
         assert "generate" in model.__dict__
     assert "generate" not in model.__dict__ and model.generate == own
-    model.generate = wrapper = lambda *a, **k: None  # noqa: E731  another wrapper (routing replay's)
+    model.generate = wrapper = lambda *a, **k: None  # another wrapper (routing replay's)
     try:
         with sampler.recording(model):
             assert model.generate is not wrapper
