@@ -244,7 +244,11 @@ def run(
                 monitor,
                 resume_from,
                 kernels=ctx.kernels,
-                compiled_regions=False,  # it generates inside training: decode steps would recompile them
+                # Training passes through the compiled regions and our LM head (eager while generating:
+                # `fusion.suspended` in the trainer), unless an entropy bonus needs the entropy's gradient.
+                chunked_head=True,
+                head_temperature=args.temperature,
+                loss_head=not (args.entropy_coef or args.use_adaptive_entropy),
                 reward_funcs=inputs.reward_funcs,
                 router_monitor=monitor,
                 replayer=replayer,

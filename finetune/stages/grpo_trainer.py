@@ -8,6 +8,8 @@
   (`vllm_importance_sampling_*`, `compat.trl.SamplerCorrection`) reweights the sampler/trainer mismatch.
 - Mismatch metrics (`sampler.Mismatch`) from each rollout's sampler and old-policy log-probs.
 - Routing replay (`finetune.model.replay`) told which passes compute the reference policy.
+- Under `model.kernels: auto` the training passes run through the compiled regions and LM head
+  (`finetune.fast.fusion`), which are taken off while `generate` runs its own compiled decode step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from trl import GRPOTrainer
 
 from finetune.compat import trl as compat_trl
+from finetune.fast import fusion
 from finetune.model import replay, sampler
 from finetune.stages.moe_trainer import MoETrainerMixin
 
@@ -41,7 +44,8 @@ class Trainer(compat_trl.SamplerCorrection, MoETrainerMixin, GRPOTrainer):
         compat_trl.correct_sampling(self, bool(self.args.vllm_importance_sampling_correction))
 
     def _generate_single_turn(self, prompt_ids: list, *args: Any, **kwargs: Any) -> tuple[list, Any]:
-        with sampler.recording(self.model) as recorded:
+        # The compiled decode step traces the modules' own forwards: training's regions off meanwhile.
+        with fusion.suspended(self.model), sampler.recording(self.model) as recorded:
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         taken = recorded.take()
         if logprobs is None and taken is not None:
