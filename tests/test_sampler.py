@@ -87,3 +87,18 @@ def test_the_recorder_leaves_generate_as_it_was(model):
         assert model.generate is wrapper
     finally:
         del model.generate
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graphed_decode_steps_on_cuda_record_the_sampling_distribution(dtype, capsys):
+    """The CUDA-graphed compiled step (inductor), as GRPO samples under model.kernels: auto. The bound
+    is the decode path's numeric distance from a full forward, printed (docs/recipes.md states it)."""
+    gpu = load_model(resolve_source("tiny", None), dtype=dtype).cuda().eval()
+    with generation.compiled_decoding(gpu, True) as extra:
+        out, logprobs, prompt = _generate(gpu, **extra)
+    gap = float((logprobs - _reference(gpu, out, prompt)).abs().max())
+    with capsys.disabled():
+        print(f"\n{dtype}: graphed sampler log-probs vs a full forward: max |diff| {gap:.2e}")
+    assert gap < (1e-3 if dtype == "float32" else 0.1)
