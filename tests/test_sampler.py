@@ -35,7 +35,7 @@ def _reference(model, sequences: torch.Tensor, prompt: int) -> torch.Tensor:
 
 def _generate(model, **extra) -> tuple[torch.Tensor, torch.Tensor, int]:
     torch.manual_seed(3)
-    ids = torch.randint(3, model.config.vocab_size, (4, 6))
+    ids = torch.randint(3, model.config.vocab_size, (4, 6)).to(model.device)
     with sampler.recording(model) as recorded:
         out = model.generate(
             input_ids=ids,
