@@ -5,11 +5,14 @@ in NF4 (`NF4Experts`), LoRA r=16 on MLA, gradient checkpointing. The step is the
 trainer (`finetune.stages.grpo.Trainer`, TRL's GRPOTrainer) with routing replay on: 8 prompts × 8
 generations × 256 new tokens (EOS ignored), 64-token prompts, 16 completions per micro-batch, 4
 micro-batches per optimizer step (`--kernels`: as under `model.kernels: auto`, rollouts from the graphed
-decode step). Phases: generation (transformers `generate`), log-probs without
-gradient (TRL's old-policy pass; a reference pass too when --beta > 0), the policy forward with
-gradient, backward, and the rest (rewards, advantages, optimizer).
+decode step, training passes through the compiled regions and LM head; `--no-regions`: the fused
+small kernels only, as the stage trained before issue 24). The sampler log-probs are recorded and TRL's
+importance-sampling correction applied (`--no-correction`: off, no old-policy pass). Phases: generation
+(transformers `generate`), log-probs without gradient (the old-policy pass; a reference pass too when
+--beta > 0), the policy forward with gradient, backward, and the rest (rewards, advantages, optimizer).
 
     PYTHONUNBUFFERED=1 python benchmarks/grpo_step.py --out grpo.json [--layers 27] [--steps 2] [--kernels]
+        [--beta 0.04] [--replay rollout|old_policy|off] [--no-regions] [--no-correction]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from moe_qlora import quantize_linears  # benchmarks/ is on sys.path when this s
 from transformers import DeepseekV2ForCausalLM, PreTrainedTokenizerFast
 
 from finetune.fast import fusion, generation
-from finetune.model import adapters, replay, routing
+from finetune.model import adapters, replay, routing, sampler
 from finetune.model.experts import quantize_experts
 from finetune.model.presets import preset_config
 from finetune.stages.grpo import Trainer
@@ -90,7 +93,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=27)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.0)
-    parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--replay", choices=["rollout", "old_policy", "off"], default="rollout")
+    parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
     parser.add_argument(
         "--kernels",
@@ -128,12 +133,18 @@ def main() -> None:
         logging_steps=1,
         report_to="none",
         save_strategy="no",
+        vllm_importance_sampling_correction=a.correction,
     )
 
     def reward(completions, **kwargs):
         return [float(len(c)) / 1000 for c in completions]
 
-    replayer = replay.RoutingReplay(model, replay=a.replay, eos_token_ids=[tok.eos_token_id])
+    replayer = replay.RoutingReplay(model, mode=a.replay, eos_token_ids=[tok.eos_token_id])
+    mismatch = (
+        sampler.Mismatch(args.vllm_importance_sampling_mode, None, args.vllm_importance_sampling_clip_max)
+        if a.correction
+        else None
+    )
     monitor = routing.RouterMonitor(model, also=[replayer.report])
     trainer = Trainer(
         model=model,
@@ -142,6 +153,8 @@ def main() -> None:
         train_dataset=data,
         processing_class=tok,
         router_monitor=monitor,
+        replayer=replayer,
+        mismatch=mismatch,
         samples=out_dir / "samples.jsonl",
         samples_per_log=0,
     )
@@ -149,7 +162,8 @@ def main() -> None:
     top = replayer.top
     kernels = contextlib.ExitStack()  # as stages/grpo.py and stages/common.fit run GRPO
     kernels.enter_context(generation.fast_generate(model, a.kernels))  # inside the timer's wrapper
-    kernels.enter_context(fusion.fused(model, a.kernels, regions=False))
+    fused = {"regions": a.regions, "chunked_head": a.regions, "temperature": args.temperature}
+    kernels.enter_context(fusion.fused(model, a.kernels, **fused))
     top.generate = timer.wrap(top.generate, "generation")
     trainer._get_per_token_logps_and_entropies = timer.wrap(
         trainer._get_per_token_logps_and_entropies,
@@ -185,11 +199,15 @@ def main() -> None:
         "layers": a.layers,
         "replay": a.replay,
         "kernels": a.kernels,
+        "regions": a.kernels and a.regions,
+        "correction": a.correction,
         "beta": a.beta,
         "shape": "8 prompts x 8 generations x 256 new tokens, prompt 64, micro-batch 16, 4 micro-batches/step",
         "steps": per_step,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "routing": replayer.report(),
+        "mismatch": mismatch.report() if mismatch is not None else None,
+        "log_history": trainer.state.log_history,
         "new_tokens_per_s_generation": 64 * new_tokens / per_step[-1]["generation"] if per_step else None,
     }
     print(json.dumps(result, indent=2))

@@ -47,13 +47,23 @@ def is_primary() -> bool:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over every process (in place); itself without a process group."""
+    return _all_reduce(tensor, "SUM")
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s elementwise maximum over every process (in place)."""
+    return _all_reduce(tensor, "MAX")
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduce = getattr(torch.distributed.ReduceOp, op)
         if torch.distributed.get_backend() == "nccl" and not tensor.is_cuda:  # NCCL reduces GPU tensors only
             on_gpu = tensor.cuda()
-            torch.distributed.all_reduce(on_gpu, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(on_gpu, op=reduce)
             tensor.copy_(on_gpu.cpu())
         else:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(tensor, op=reduce)
     return tensor
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers import TrainingArguments
 from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
@@ -64,7 +64,8 @@ class GRPOSchema(Strict):
     rewards: list[dict[str, Any]] = Field(min_length=1)  # {name: ..., on_error: raise|zero, <arguments>}
     init_from: str | None = None  # an earlier stage (`policy_init`) whose adapter the policy continues
     reference: Literal["init", "base"] = "init"  # the KL's reference (beta > 0): the starting policy, or base
-    routing_replay: bool = False  # train on the experts each token was generated with
+    # Whose experts the training passes use: the rollout's (R3), the old-policy pass's (R2), or their own.
+    routing_replay: Literal["rollout", "old_policy", "off"] = "rollout"
     # Prompts from other columns: a Python format string over a row's columns (e.g. "{question}"), sent as
     # the user turn of a conversation (after `system_prompt`, when given).
     prompt_template: str | None = None
@@ -72,6 +73,14 @@ class GRPOSchema(Strict):
     max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
     samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
     train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("routing_replay", mode="before")
+    @classmethod
+    def _replay_as_bool(cls, value: Any) -> Any:
+        """The earlier spelling: true (the rollout's experts) or false (off)."""
+        if isinstance(value, bool):
+            return "rollout" if value else "off"
+        return {"true": "rollout", "false": "off"}.get(value, value) if isinstance(value, str) else value
 
 
 class _PreferenceSchema(Strict):

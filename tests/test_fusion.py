@@ -7,6 +7,8 @@ give back the eager model bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
@@ -147,9 +149,11 @@ def test_fused_training_step_in_bf16_stays_within_bf16_tolerance(tmp_path):
     assert max(_rel(fused_grads[n].float(), g.float()) for n, g in grads.items()) < 0.15
 
 
-def _fused_head_model(tmp_path):
+def _fused_head_model(tmp_path, temperature: float = 1.0):
     model = _model(tmp_path, expert_lora=False)
-    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    add_fused_lm_head(
+        model.get_base_model(), temperature=temperature, outputs=("log_probs", "entropy", "is_top1")
+    )
     return model
 
 
@@ -160,12 +164,14 @@ def _head_step(model, labels):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_lm_head_gives_trl_outputs_and_gradients(tmp_path):
-    model = _fused_head_model(tmp_path)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_lm_head_gives_trl_outputs_and_gradients(tmp_path, temperature):
+    """At GRPO's sampling temperature too (TRL's head divides the logits by it)."""
+    model = _fused_head_model(tmp_path, temperature)
     labels = IDS.clone()
     labels[0, :5] = -100
     trl_out, trl_grads = _head_step(model, labels)
-    assert lm_head.patch(model)
+    assert lm_head.patch(model, temperature=temperature)
     out, grads = _head_step(model, labels)
     for key in ("loss", "log_probs", "entropy"):
         torch.testing.assert_close(getattr(out, key), getattr(trl_out, key), rtol=1e-5, atol=1e-5)
@@ -232,27 +238,56 @@ def test_sft_with_kernels_patches_the_model_and_matches_20_losses(sft_losses):
     assert on[-1] < on[0]  # and it learns
 
 
-def test_grpo_with_kernels_keeps_routing_replay_and_compiles_no_regions(tmp_path, monkeypatch):
-    """GRPO generates inside training: it gets the small fused kernels only (no compiled regions, no
-    LM head swap), and routing replay still trains on the rollout's experts through the fused experts."""
+@pytest.mark.long  # compiles the regions on the CPU: ~2 minutes
+def test_grpo_with_kernels_trains_through_the_regions_and_generates_eager(tmp_path, monkeypatch):
+    """GRPO's training passes run through the compiled regions and our LM head (at the sampling
+    temperature); every rollout's generate sees the eager modules (the compiled decode step traces
+    them), the regions patched back after it; routing replay still trains on the rollout's experts."""
     from test_grpo import _grpo
 
-    seen: dict = {}
+    applied: list[dict] = []
     apply = fusion.apply
     monkeypatch.setattr(generation, "enabled", lambda k, m: k == "auto")
-    monkeypatch.setattr(fusion, "apply", lambda model, **kw: seen.update(apply(model, **kw)) or seen)
+    monkeypatch.setattr(fusion, "apply", lambda model, **kw: applied.append({**apply(model, **kw), **kw}))
+    patched_while_generating: list[bool] = []
+    from finetune.fast import lm_head
+    from finetune.model import sampler
+
+    recording = sampler.recording
+
+    @contextlib.contextmanager
+    def watch(model):
+        layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        patched_while_generating.append(any("forward" in m.__dict__ for m in layers))
+        with recording(model) as recorded:
+            yield recorded
+
+    monkeypatch.setattr(sampler, "recording", watch)
     data = _grpo(
         tmp_path,
         adapter={"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"], "expert_r": 8},
-        routing_replay=True,
-        train={"max_steps": 2, "num_iterations": 2, "learning_rate": 3e-2},
+        routing_replay="rollout",
+        train={"max_steps": 2, "num_iterations": 2, "learning_rate": 3e-2, "temperature": 0.7},
     )
     summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
-    assert seen["experts"] == 2 and seen["rms_norm"] > 0
-    assert seen["compiled_regions"] == seen["layers"] == seen["lm_head"] == 0
-    assert seen["linear4bit"] > 0  # with or without regions: a patch of the layers, not a compiled graph
-    assert summary["routing"]["router_mismatch"] > 0.05  # the router moved (0.32 measured) ...
+    first = applied[0]
+    assert first["layers"] == 3 and first["lm_head"] == 1 and first["temperature"] == 0.7
+    assert first["experts"] == 2 and first["linear4bit"] > 0
+    rollouts = len(patched_while_generating)
+    assert rollouts >= 1 and len(applied) == 1 + rollouts  # patched again after each rollout
+    assert all({k: again[k] for k in first} == first for again in applied[1:])  # same counts, settings
+    assert patched_while_generating == [False] * rollouts
+    assert summary["routing"]["router_mismatch"] > 0.05  # the router moved ...
     assert summary["routing"]["mismatch"] == 0.0  # ... and training still used the rollout's experts
+    assert lm_head  # imported for the monkeypatched names' module
+
+
+def test_an_entropy_bonus_keeps_trl_head(tmp_path):
+    """Our LM head gives no gradient through the entropy: with an entropy bonus GRPO keeps TRL's."""
+    model = _fused_head_model(tmp_path)
+    counts = fusion.apply(model, chunked_head=True, head=False)
+    assert counts["lm_head"] == 0 and counts["layers"] == 3
+    fusion.remove(model)
 
 
 def test_fused_step_with_16_bit_experts_matches_eager(tmp_path):

@@ -208,7 +208,7 @@ def test_observer_hooks_see_every_graphed_step_as_they_see_plain_ones(model):
     kwargs = {**_inputs(model, batch=2, seed=3), "max_new_tokens": 5}
 
     def observed(graphs):
-        recorder = replay.RoutingReplay(model, replay=False, eos_token_ids=[])
+        recorder = replay.RoutingReplay(model, mode="off", eos_token_ids=[])
         monitor = routing.RouterMonitor(model)
         try:
             assert not graphed.blocks_graphs(model)
@@ -257,7 +257,7 @@ def test_cuda_graphs_give_observers_the_plain_records(backend):
     kwargs = {**_inputs(model), "max_new_tokens": 8}
 
     def observed(on):
-        recorder = replay.RoutingReplay(model, replay=False, eos_token_ids=[])
+        recorder = replay.RoutingReplay(model, mode="off", eos_token_ids=[])
         monitor = routing.RouterMonitor(model)
         try:
             with generation.compiled_decoding(model, on, compile_config=config, absorb=False) as extra:

@@ -78,23 +78,84 @@ def _grpo(tmp_path, **stage) -> dict:
     }
 
 
-@pytest.mark.parametrize("replay", [True, False])
-def test_routing_replay_trains_on_the_rollout_experts(tmp_path, replay):
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("rollout", marks=pytest.mark.long),
+        "old_policy",
+        pytest.param("off", marks=pytest.mark.long),
+    ],
+)
+def test_routing_replay_trains_on_the_recorded_experts(tmp_path, mode):
     """Two optimisation passes per rollout (num_iterations: 2) at a high learning rate move the router's
-    choices; with replay the experts used still equal the rollout's."""
+    choices; with replay the experts used still equal the record's (the rollout's, or the old-policy
+    pass's), per layer too."""
     r = recipe.Recipe.model_validate(
         _grpo(
             tmp_path,
-            routing_replay=replay,
+            routing_replay=mode,
             train={"max_steps": 4, "num_iterations": 2, "learning_rate": 3e-2},
         )
     )
     routing = pipeline.run(r)["grpo"]["routing"]
+    assert routing["replay"] == mode
     assert routing["router_mismatch"] > 0.05, routing  # 0.32 measured either way
-    if replay:
-        assert routing["mismatch"] == 0.0
-    else:
+    if mode == "off":
         assert routing["mismatch"] == routing["router_mismatch"]
+    else:
+        assert routing["mismatch"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").open()]
+    layers = [k for k in logged[0] if k.startswith("routing/router_mismatch/layer")]
+    assert layers and all(0 <= logged[0][k] <= 1 for k in layers)
+
+
+def _correction_run(tmp_path, **train) -> list[dict]:
+    r = recipe.Recipe.model_validate(_grpo(tmp_path, train={"max_steps": 2, **train}))
+    pipeline.run(r)
+    return [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").open()][:-1]
+
+
+@pytest.mark.long
+def test_the_sampler_correction_sees_no_mismatch_where_there_is_none(tmp_path):
+    """Sampler and trainer share temperature and numerics (eager CPU): ratios 1, nothing corrected."""
+    logged = _correction_run(tmp_path, temperature=0.7)
+    for step in logged:
+        assert step["mismatch/kl"] < 1e-6, step
+        assert abs(step["mismatch/ratio_mean"] - 1) < 1e-4 and step["mismatch/ratio_max"] < 1.001
+        assert step["mismatch/corrected_share"] == 0.0
+        assert abs(step["sampling/importance_sampling_ratio/mean"] - 1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("token_truncate", marks=pytest.mark.long),
+        "token_mask",
+        pytest.param("sequence_mask", marks=pytest.mark.long),
+    ],
+)
+def test_an_unknown_sampling_temperature_is_measured_and_corrected(tmp_path, mode):
+    """Rollouts sampled at temperature 3 for a trainer at 1 (`generation_kwargs`, which the trainer
+    does not read): the KL and the ratios move, and the correction truncates or masks them."""
+    logged = _correction_run(
+        tmp_path,
+        generation_kwargs={"temperature": 3.0},
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_max=1.5,
+    )
+    for step in logged:
+        assert step["mismatch/kl"] > 0.05, step
+        assert step["mismatch/ratio_max"] > 1.5 and step["mismatch/corrected_share"] > 0.05
+        if mode == "token_truncate":  # clipped to the cap
+            assert step["sampling/importance_sampling_ratio/max"] <= 1.5 + 1e-6
+        else:  # masked: the corrected tokens (or sequences) weigh 0
+            assert step["sampling/importance_sampling_ratio/min"] == 0.0
+
+
+@pytest.mark.long
+def test_the_correction_can_be_turned_off(tmp_path):
+    logged = _correction_run(tmp_path, vllm_importance_sampling_correction=False)
+    assert not any(k.startswith(("mismatch/", "sampling/importance")) for k in logged[0])
 
 
 def test_generation_uses_the_expert_lora_and_the_reference_does_not(tmp_path):

@@ -84,6 +84,15 @@ REPORTERS = declare(
     "reads the Trainer's table of `report_to` integrations to refuse an unknown one before training",
     Target("transformers.integrations.integration_utils", "INTEGRATION_TO_CALLBACK"),
 )
+LAST_PROCESSORS = declare(
+    "transformers.last_logits_processors",
+    "transformers",
+    CHECKED,
+    "appends processors after every one `generate` builds itself (`_get_logits_processor`: temperature, "
+    "top-k / top-p and the other warpers come after a caller's `logits_processor` there), per model instance "
+    "while inside, so they see the scores the sampler draws from",
+    Target(_GENERATION, "GenerationMixin._get_logits_processor"),
+)
 QUANTIZED_MODULES = declare(
     "transformers.bnb_module_rule",
     "transformers",
@@ -146,6 +155,24 @@ def deferred_stop_check(on: bool) -> Iterator[None]:
         yield
     finally:
         check.is_supported = asked
+
+
+@contextlib.contextmanager
+def last_logits_processors(model: torch.nn.Module, *processors: Callable[..., Any]) -> Iterator[None]:
+    """`generate` of `model` runs `processors` after all of its own logits processors while inside."""
+    applying(LAST_PROCESSORS)
+    build = type(model)._get_logits_processor
+
+    def get_logits_processor(*args: Any, **kwargs: Any) -> Any:
+        built = build(model, *args, **kwargs)
+        built.extend(processors)
+        return built
+
+    model._get_logits_processor = get_logits_processor
+    try:
+        yield
+    finally:
+        del model._get_logits_processor
 
 
 @contextlib.contextmanager

@@ -1,12 +1,13 @@
 """TRL internals: SFT's chunked LM head (replaced by ours under `model.kernels`), SFTTrainer's dataset
 preparation (run for `validate`'s token counts), the reference adapter GRPO, DPO and KTO copy, the
-preference trainers' reference precompute, GRPO's logged completions, and the reference-free
+preference trainers' reference precompute, GRPO's logged completions and its importance-sampling correction (vLLM's only upstream), and the reference-free
 preference trainers of `trl.experimental` (ORPO, CPO / SimPO). Checked on TRL 1.16."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -68,6 +69,19 @@ GRPO_LOGS = declare(
     "(`_logs`), to write samples.jsonl",
     Target("trl.trainer.grpo_trainer", "GRPOTrainer"),
 )
+SAMPLER_CORRECTION = declare(
+    "trl.sampler_correction",
+    "trl",
+    CHECKED,
+    "applies GRPOTrainer's importance-sampling correction (`vllm_importance_sampling_*`) to rollouts of "
+    "the trainer's own `generate`, given our sampler log-probs: TRL computes it for vLLM rollouts only, "
+    "behind its `use_vllm` flag in `_generate_and_score_completions` and `_compute_loss`; the flag reads "
+    "true there (never while the trainer is built or `_generate` runs, where it would reach for vLLM)",
+    Target("trl.trainer.grpo_trainer", "GRPOTrainer._generate"),
+    Target("trl.trainer.grpo_trainer", "GRPOTrainer._generate_and_score_completions"),
+    Target("trl.trainer.grpo_trainer", "GRPOTrainer._compute_loss"),
+)
+_CORRECTION_GATE = "self.use_vllm and self.vllm_importance_sampling_correction"
 _ORPO = "trl.experimental.orpo"
 _CPO = "trl.experimental.cpo"
 ORPO = declare(
@@ -221,6 +235,39 @@ def logged(trainer: Any) -> dict[str, Any]:
     if not isinstance(logs, dict) or not {"prompt", "completion", "rewards"} <= set(logs):
         raise fail(GRPO_LOGS, "GRPOTrainer keeps no `_logs` with prompt, completion and rewards")
     return logs
+
+
+class SamplerCorrection:
+    """Put before `GRPOTrainer`: `use_vllm` reads `correct_sampling(trainer, on)`'s setting, except
+    while `_generate` runs (see `SAMPLER_CORRECTION`). vLLM itself is not used (refused at validate)."""
+
+    _correction = False
+    _generating = False
+
+    @property
+    def use_vllm(self) -> bool:
+        return self._correction and not self._generating
+
+    @use_vllm.setter
+    def use_vllm(self, value: bool) -> None:  # GRPOTrainer's constructor sets `args.use_vllm`
+        if value:
+            raise ValueError("use_vllm: finetune's GRPO stage generates with the model itself")
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._generating = True
+        try:
+            return super()._generate(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._generating = False
+
+
+def correct_sampling(trainer: SamplerCorrection, on: bool) -> None:
+    """TRL's importance-sampling correction runs on `trainer`'s rollouts (their sampler log-probs)."""
+    applying(SAMPLER_CORRECTION)
+    for target in SAMPLER_CORRECTION.targets[1:]:
+        if _CORRECTION_GATE not in inspect.getsource(resolve(SAMPLER_CORRECTION, target)):
+            raise fail(SAMPLER_CORRECTION, f"{target} no longer gates the correction on `use_vllm`")
+    trainer._correction = on
 
 
 def _experimental(patch: Patch, index: int) -> type:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,8 @@ from finetune.fast import blocks, linear4bit, lm_head, mode
 from finetune.fast.pieces import compiled, is_silu
 
 _RECOMPILE_LIMIT = 64
+# The settings each fused model was patched with, for `suspended` to patch it again.
+_applied: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _rms_norm_forward(self: family.RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -66,21 +69,33 @@ def apply(
     layer_regions: bool = True,
     recompute_in_graph: bool = True,
     chunked_head: bool = False,
+    head: bool = True,
+    temperature: float = 1.0,
 ) -> dict[str, int]:
     """Patch the fused kernels into `model`'s modules; returns how many of each kind were patched.
 
     `regions`: also compile each decoder layer as two regions (`finetune.fast.blocks`; attention,
     MLP and routed-experts modules outside such a layer each as one), and put `finetune.fast.lm_head`
-    in place of TRL's fused LM head (not where generation runs inside training, GRPO: its decode
-    steps change shape every token). The routers stay eager: their hooks (expert load, aux loss,
+    in place of TRL's fused LM head (`head`; its logits divided by `temperature`, as GRPO's head
+    computes them). The routers stay eager: their hooks (expert load, aux loss,
     routing replay) mutate Python state. `layer_regions=False`: every module its own region (the scheme
     before `blocks`, kept for benchmarks to compare). `recompute_in_graph`: `blocks`' in-graph
     recomputation instead of torch's checkpoint where every layer is all regions (False: torch's, for
     benchmarks to compare). `chunked_head`: the model carries TRL's chunked LM head (SFT), which `lm_head`
     must replace (an error if it is not found). Idempotent."""
     remove(model)
+    _applied[model] = {
+        "regions": regions,
+        "layer_regions": layer_regions,
+        "recompute_in_graph": recompute_in_graph,
+        "chunked_head": chunked_head,
+        "head": head,
+        "temperature": temperature,
+    }
     counts = {"rms_norm": 0, "mlp": 0, "experts": 0, "compiled_regions": 0, "linear4bit": 0, "layers": 0}
-    counts["lm_head"] = int(regions and lm_head.patch(model, required=chunked_head))
+    counts["lm_head"] = int(
+        regions and head and lm_head.patch(model, required=chunked_head, temperature=temperature)
+    )
     inside: set[int] = set()  # modules traced inside a layer's regions: not compiled on their own
     layers = {  # each layer's MoE region: where its experts trace whole
         m: isinstance(m.mlp, family.Moe) and _compiles_whole(m.mlp.experts)
@@ -129,6 +144,7 @@ def apply(
 
 def remove(model: nn.Module) -> None:
     """Back to the eager forwards."""
+    _applied.pop(model, None)
     lm_head.unpatch(model)
     for module in model.modules():
         blocks.unpatch(module)
@@ -142,12 +158,13 @@ def remove(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def fused(model: nn.Module, on: bool, *, regions: bool = True, chunked_head: bool = False) -> Iterator[None]:
-    """The fused kernels patched into `model` while inside (a training run), the eager forwards after."""
+def fused(model: nn.Module, on: bool, **settings: Any) -> Iterator[None]:
+    """The fused kernels patched into `model` while inside (a training run), the eager forwards after;
+    `settings`: `apply`'s."""
     if not on:
         yield
         return
-    apply(model, regions=regions, chunked_head=chunked_head)
+    apply(model, **settings)
     # Grad and no-grad calls (evaluation, GRPO's generation), inputs with and without requires_grad,
     # single-token steps: each a graph of its own, more than dynamo's default of 8 per function.
     try:
@@ -155,3 +172,19 @@ def fused(model: nn.Module, on: bool, *, regions: bool = True, chunked_head: boo
             yield
     finally:
         remove(model)
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """`model` eager inside (GRPO's generation inside a fused training run: the compiled decode step
+    traces the modules' own forwards), patched again as it was after; nothing where it is not fused.
+    The regions' compiled code is kept per process (`blocks`, `pieces`): patching again compiles nothing."""
+    settings = _applied.get(model)
+    if settings is None:
+        yield
+        return
+    remove(model)
+    try:
+        yield
+    finally:
+        apply(model, **settings)

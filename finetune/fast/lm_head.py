@@ -104,6 +104,9 @@ def _forward(
         )
     kwargs["use_cache"] = False
     hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    temperature = self.__dict__.get("_lm_head_temperature", 1.0)
+    if temperature != 1.0:  # logits / T, as GRPO's head computes them (TRL's `temperature`)
+        hidden = hidden / temperature
     labels = labels[:, 1:].to(hidden.device)
     mask = labels != -100
     log_prob, entropy, is_top1 = chunked_log_probs(hidden[mask], weight, labels[mask])
@@ -121,14 +124,15 @@ def _forward(
     )
 
 
-def patch(model: nn.Module, *, required: bool = False) -> bool:
+def patch(model: nn.Module, *, required: bool = False, temperature: float = 1.0) -> bool:
     """Put this head in place of TRL's chunked one (if `model` has it); returns whether it did.
-    `required` (SFT, whose trainer always adds TRL's head): not finding it is an error, as when TRL
-    renames its head."""
+    `required` (SFT, GRPO: their trainers always add TRL's head): not finding it is an error, as when
+    TRL renames its head. `temperature`: the logits are divided by it (GRPO's sampling temperature)."""
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if forward is not None and compat_trl.is_chunked_head(forward):
             module._trl_fused_forward = forward
+            module._lm_head_temperature = temperature
             module.forward = types.MethodType(_forward, module)
             return True
     if required:
@@ -140,3 +144,4 @@ def unpatch(model: nn.Module) -> None:
     for module in model.modules():
         if "_trl_fused_forward" in module.__dict__:
             module.forward = module.__dict__.pop("_trl_fused_forward")
+            module.__dict__.pop("_lm_head_temperature", None)

@@ -32,6 +32,7 @@ class Reference:
         self, model: torch.nn.Module, mode: Mode, disable_adapter: contextlib.AbstractContextManager
     ):
         self.mode: Mode = mode
+        self.in_use = False  # inside `active`: the model computes the reference now
         self._disable = disable_adapter  # the model's own (PEFT's, covering the routed-expert LoRA)
         self._frozen: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         if mode == "init":
@@ -45,6 +46,15 @@ class Reference:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """The model computes the reference policy inside."""
+        self.in_use = True
+        try:
+            with self._computing():
+                yield
+        finally:
+            self.in_use = False
+
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[None]:
         if self.mode == "base":
             with self._disable():  # type: ignore[operator]
                 yield

@@ -41,6 +41,8 @@ def fit(
     kernels: str = "off",
     compiled_regions: bool = True,
     chunked_head: bool = False,
+    loss_head: bool = True,
+    head_temperature: float = 1.0,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
@@ -48,8 +50,8 @@ def fit(
 
     `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
-    norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` (all
-    stages but GRPO, whose decode steps inside training would recompile them) its compiled modules.
+    norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` its
+    compiled modules and (`loss_head`) its LM head for TRL's chunked one (logits / `head_temperature`).
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
     the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
@@ -84,7 +86,14 @@ def fit(
         # The first steps compile (a minute or two on V2-Lite shapes): say so, or it looks like a hang.
         print("model.kernels: auto — the first training steps compile the fused kernels", file=sys.stderr)
     try:
-        with fusion.fused(trainer.model, fused, regions=compiled_regions, chunked_head=chunked_head):
+        with fusion.fused(
+            trainer.model,
+            fused,
+            regions=compiled_regions,
+            chunked_head=chunked_head,
+            head=loss_head,
+            temperature=head_temperature,
+        ):
             trained = train(trainer, out, resume_from)
     finally:
         for callback in trainer.callback_handler.callbacks:

@@ -10,18 +10,17 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 import rewards
 from finetune import data, rundir, stagetypes
-from finetune.compat import trl as compat_trl
 from finetune.context import StageContext
 from finetune.errors import UserError
 from finetune.fast import generation
-from finetune.model import replay, routing
+from finetune.model import replay, routing, sampler
 from finetune.schema import train_arguments
 from finetune.stages import common, reward_model
-from finetune.stages.moe_trainer import MoETrainerMixin
+from finetune.stages.grpo_trainer import Trainer
 from finetune.stagetypes import STAGE_TYPES, GRPOSchema
 
 TYPE = STAGE_TYPES["grpo"]
@@ -131,6 +130,12 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
     common.check_fsdp(name, stage.type, args, ctx)
+    if args.use_vllm or args.use_transformers_continuous_batching:
+        which = "use_vllm" if args.use_vllm else "use_transformers_continuous_batching"
+        raise UserError(
+            f"stages.{name}.train.{which}: finetune generates rollouts with the model itself (compiled "
+            "decode steps under model.kernels: auto, routing recorded for replay); remove it"
+        )
     if stage.init_from is not None:
         ctx.earlier_stage(
             name, stage.init_from, f"stages.{name}.init_from", stagetypes.types_with("policy_init")
@@ -194,25 +199,6 @@ def _measure(
     return rows.select(keep) if report.cut else rows
 
 
-class Trainer(MoETrainerMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with what a DeepSeek MoE needs around it (`MoETrainerMixin`: the expert-balance
-    loss of a trainable router in the GRPO loss, no copied "ref" adapter while `beta` > 0) and a few
-    sampled completions per log in samples.jsonl, with each reward's score."""
-
-    ref_copy_field = "beta"
-
-    def _sample_rows(self) -> list[dict[str, Any]]:
-        # The deques hold the latest generation batch's completions.
-        logs = compat_trl.logged(self)
-        rows = list(zip(logs["prompt"], logs["completion"], strict=False))[-self._samples_per_log :]
-        names = list(logs["rewards"])
-        per_reward = {n: list(logs["rewards"][n])[-len(rows) :] for n in names} if rows else {}
-        return [
-            {"prompt": prompt, "completion": completion, "rewards": {n: per_reward[n][i] for n in names}}
-            for i, (prompt, completion) in enumerate(rows)
-        ]
-
-
 def run(
     name: str,
     stage: Schema,
@@ -229,9 +215,20 @@ def run(
         model = ctx.policy_model(stage.init_from)
     eos = tokenizer.eos_token_id
     replayer = replay.RoutingReplay(
-        model, replay=stage.routing_replay, eos_token_ids=[eos] if eos is not None else []
+        model, mode=stage.routing_replay, eos_token_ids=[eos] if eos is not None else []
     )
-    monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef, also=[replayer.report])
+    args = inputs.args
+    mismatch = (
+        sampler.Mismatch(
+            args.vllm_importance_sampling_mode,
+            args.vllm_importance_sampling_clip_min,
+            args.vllm_importance_sampling_clip_max,
+        )
+        if args.vllm_importance_sampling_correction
+        else None
+    )
+    reports = [replayer.report] + ([mismatch.report] if mismatch is not None else [])
+    monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef, also=reports)
     samples = out / "samples.jsonl"
     if resume_from is None:
         samples.unlink(missing_ok=True)
@@ -247,9 +244,15 @@ def run(
                 monitor,
                 resume_from,
                 kernels=ctx.kernels,
-                compiled_regions=False,  # it generates inside training: decode steps would recompile them
+                # Training passes through the compiled regions and our LM head (eager while generating:
+                # `fusion.suspended` in the trainer), unless an entropy bonus needs the entropy's gradient.
+                chunked_head=True,
+                head_temperature=args.temperature,
+                loss_head=not (args.entropy_coef or args.use_adaptive_entropy),
                 reward_funcs=inputs.reward_funcs,
                 router_monitor=monitor,
+                replayer=replayer,
+                mismatch=mismatch,
                 samples=samples,
                 samples_per_log=stage.samples_per_log,
                 reference=reference_mode(stage, inputs.args.beta),
