@@ -20,12 +20,22 @@ from finetune.model import adapters, fsdp, routing
 from finetune.stagetypes import STAGE_TYPES
 
 
-def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
+def callbacks(out: Path, fields: rundir.RouterFields, resume_from: str | None) -> list[TrainerCallback]:
+    """Ours, after the trainer's own and its trackers'; `fields` itself goes first (`add_router_fields`)."""
     return [
-        rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
+        rundir.MetricsLogger(out / "metrics.jsonl", extra=lambda: fields.fields, resumed_from=resume_from),
         rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
         heap.FreezeHeapAfterFirstStep(),  # no full collections walking the model and kernel caches
+        rundir.HideRouterFields(
+            fields
+        ),  # before the console's progress callback, which the Trainer adds last
     ]
+
+
+def add_router_fields(trainer: Trainer, fields: rundir.RouterFields) -> None:
+    """`fields` first among the trainer's callbacks, before the `report_to` integrations read a log.
+    `Trainer.add_callback` appends; the handler's list is the public way to put one first."""
+    trainer.callback_handler.callbacks.insert(0, fields)
 
 
 def fit(
@@ -64,15 +74,17 @@ def fit(
             )
         distributed.own_fsdp()
         compat_transformers.mark_self_sharded(model)
+    fields = rundir.RouterFields(monitor.report)
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=callbacks(out, monitor, resume_from),
+        callbacks=callbacks(out, fields, resume_from),
         **trainer_kwargs,
     )
+    add_router_fields(trainer, fields)
     tokenizer = prepare(trainer, resume_from)
     if sharded:
         fsdp.shard(trainer.model)
