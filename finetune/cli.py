@@ -1,4 +1,4 @@
-"""`finetune run | validate RECIPE [key=value ...]`, `finetune --version`.
+"""`finetune run | validate RECIPE [key=value ...]`, `export`, `eval`, `predict`, `push`, `--version`.
 
 A user mistake prints one line and exits with 2; `--debug` shows the traceback instead.
 """
@@ -116,6 +116,20 @@ def _parser() -> argparse.ArgumentParser:
         help="an lm-evaluation-harness task run on the same model (the [eval] extra); repeat",
     )
     sub.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs")
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    text = "upload a finished stage's adapter (or its export) with a generated model card to the Hub"
+    sub = verbs.add_parser("push", help=text, description=text)
+    sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a stage folder of a finished run")
+    sub.add_argument("--repo", help="the Hub model repo, e.g. you/model-name (created if missing)")
+    sub.add_argument(
+        "--export", metavar="DIR", help="push this `finetune export` folder instead of the adapter"
+    )
+    sub.add_argument("--private", action="store_true", help="create the repo private")
+    sub.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        help="write the folder that would be uploaded (card included) here; no network",
+    )
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     text = "score rows with a trained classifier or reward model: one JSON row per input row, in order"
     sub = verbs.add_parser("predict", help=text, description=text)
@@ -288,6 +302,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from finetune.push import push
+
+    pushed = push(
+        args.stage_dir, args.repo, export_dir=args.export, private=args.private, dry_run=args.dry_run
+    )
+    what = f"{pushed.kind} of {args.stage_dir} ({len(pushed.files)} files, README.md card included)"
+    print(f"wrote {what} → {pushed.where}" if args.dry_run else f"pushed {what} → {pushed.where}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
     from finetune.distributed import is_primary
@@ -315,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": _export,
             "predict": _predict,
             "eval": _eval,
+            "push": _push,
         }
         return verbs[args.verb](args)
     except UserError as err:

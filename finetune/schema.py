@@ -8,7 +8,9 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from finetune import distributed
 from finetune.errors import UserError
@@ -152,6 +154,25 @@ class DataConfig(Strict):
     config: str | None = None  # Hub config name, e.g. `main` for openai/gsm8k: load_dataset(train, config)
     eval_config: str | None = None  # config of the eval and held-out data (default: `config`)
     max_samples: int | None = Field(None, gt=0)
+
+
+class PushConfig(Strict):
+    """`stages.<name>.push`: upload the stage's adapter (or its export) to the Hub once it finishes."""
+
+    repo: str  # the Hub model repo, e.g. you/model-name (created if missing)
+    private: bool = False
+    export: bool = False  # push `finetune export`'s merged checkpoint (base original) instead of the adapter
+
+    @field_validator("repo")
+    @classmethod
+    def _hub_repo(cls, repo: str) -> str:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as err:
+            raise ValueError(
+                f"{repo!r} is not a Hub repo id, e.g. you/model-name ({str(err).splitlines()[0]})"
+            ) from None
+        return repo
 
 
 class HeldoutConfig(Strict):
