@@ -168,9 +168,9 @@ class PushConfig(Strict):
     def _hub_repo(cls, repo: str) -> str:
         try:
             validate_repo_id(repo)
-        except HFValidationError as err:
+        except HFValidationError:
             raise ValueError(
-                f"{repo!r} is not a Hub repo id, e.g. you/model-name ({str(err).splitlines()[0]})"
+                "not a Hub repo id (name or namespace/name: letters, digits, '-', '_', '.'); e.g. you/model-name"
             ) from None
         return repo
 

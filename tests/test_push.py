@@ -84,7 +84,7 @@ def card_parts(folder: Path) -> tuple[dict, dict]:
 def summary_numbers(summary: dict) -> dict:
     """Every number of summary.json, dotted (what the card must show, nothing else)."""
     out = {}
-    for section in ("train", "heldout", "eval"):
+    for section in summary.keys() - {"stage", "type", "adapter"}:
         stack = [(section, summary[section])]
         while stack:
             key, value = stack.pop()
@@ -230,3 +230,85 @@ def test_upload_refused_offline_or_without_a_token(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
     assert main(["push", str(stage), "--repo", "me/x"]) == 2
     assert "no Hugging Face token" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the `push:` recipe key
+
+
+def push_recipe(tmp_path: Path, push: dict, stage_type_extra: dict | None = None) -> Path:
+    data = base_recipe(tmp_path)
+    data["stages"]["sft"].update({"push": push, **(stage_type_extra or {})})
+    return write_recipe(tmp_path / "r.yaml", data)
+
+
+@pytest.mark.parametrize(
+    ("push", "expected"),
+    [
+        ({"repo": "a/b/c"}, "`stages.sft.push.repo`: not a Hub repo id"),
+        ({"private": True}, "stages.sft.push.repo"),
+        ({"repo": "me/x", "exprot": True}, "stages.sft.push.exprot"),
+        ({"repo": "me/x"}, "stages.sft.push: HF_HUB_OFFLINE is set"),  # conftest's offline mode
+    ],
+)
+def test_push_key_is_checked_by_validate(tmp_path, capsys, push, expected):
+    line = fails(capsys, tmp_path, ["validate", str(push_recipe(tmp_path, push))])
+    assert expected in line, line
+
+
+def test_push_key_without_a_token_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    line = fails(capsys, tmp_path, ["run", str(push_recipe(tmp_path, {"repo": "me/x"}))])
+    assert "stages.sft.push: no Hugging Face token" in line
+
+
+@pytest.mark.long  # two training stages in a fresh process, one exported (~30 s)
+def test_push_key_uploads_each_stage_at_its_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = base_recipe(tmp_path)
+    data["stages"]["sft"]["push"] = {"repo": "me/run-adapter", "private": True}
+    data["stages"]["merged"] = {**data["stages"]["sft"], "push": {"repo": "me/run-export", "export": True}}
+    path = write_recipe(tmp_path / "r.yaml", data)
+    with local_hub() as hub:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": "hf_local_test_token",
+        }
+        env.pop("HF_HUB_OFFLINE")
+        done = subprocess.run(
+            [sys.executable, "-m", "finetune", "run", str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sent = len(hub.files["me/run-adapter"])
+    assert f"stage sft: pushed its adapter ({sent} files) → {hub.url}/me/run-adapter" in done.stdout
+    assert f"stage merged: pushed its export ({len(hub.files['me/run-export'])} files)" in done.stdout
+    assert (
+        hub.repos["me/run-adapter"]["visibility"] == "private"
+        and hub.repos["me/run-export"]["visibility"] == "public"
+    )
+    run = tmp_path / "run"
+    adapter = hub.files["me/run-adapter"]
+    assert (
+        adapter["adapter_model.safetensors"]
+        == (run / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()
+    )
+    export = hub.files["me/run-export"]
+    assert "config.json" in export and "model.safetensors" in export and "adapter_config.json" not in export
+    assert not list(run.glob(".push-export-*"))  # the temporary export is gone
+    for name, files in (("sft", adapter), ("merged", export)):
+        summary = json.loads((run / name / "summary.json").read_text())
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "README.md").write_bytes(files["README.md"])
+        assert card_parts(tmp_path / name)[1] == summary_numbers(summary), name
