@@ -29,6 +29,7 @@ from finetune import recipe as recipe_mod
 from finetune import rundir
 from finetune.errors import UserError, first_line
 from finetune.model.adapter_files import EXPERTS_FILE, HEAD_FILE, ROUTER_FILE
+from finetune.stagetypes import STAGE_TYPES
 
 CARD = "README.md"  # the Hub shows it; PEFT's own template card in the adapter folder is replaced
 NO_REPO = (
@@ -91,21 +92,6 @@ def _export_files(export_dir: Path) -> list[Path]:
     return [p for p in sorted(export_dir.iterdir()) if p.is_file() and p.name != CARD]
 
 
-def metrics(summary: dict[str, Any]) -> dict[str, int | float]:
-    """The summary's numbers, dotted keys in its order (e.g. `heldout.after.exact_match`): the card's table."""
-    out: dict[str, int | float] = {}
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = value
-
-    walk({k: v for k, v in summary.items() if k not in ("stage", "type", "adapter")}, "")
-    return out
-
-
 def _hub_id(path: str | None) -> str | None:
     """The recipe's model path when it names a Hub repo (not a local folder), for `base_model`."""
     if path is None or Path(path).expanduser().exists():
@@ -122,7 +108,7 @@ def card(stage_dir: Path, repo_id: str, kind: str, summary: dict[str, Any], r: A
     name = stage_dir.name
     stage = r.stages[name]
     head = json.loads((stage_dir / "adapter" / HEAD_FILE).read_text()) if HEAD_FILE in files else None
-    classifier = head is not None or stage.type in ("reward", "classify")
+    classifier = head is not None or STAGE_TYPES[stage.type].head == "seq_cls"
     base_id = _hub_id(r.model.path)
     base_text = r.model.path or f"the embedded `{r.model.preset}` preset (seed {r.model.seed})"
     data = ModelCardData(
@@ -159,7 +145,7 @@ def card(stage_dir: Path, repo_id: str, kind: str, summary: dict[str, Any], r: A
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {k} | {json.dumps(v)} |" for k, v in metrics(summary).items()),
+        *(f"| {k} | {json.dumps(v)} |" for k, v in rundir.summary_numbers(summary).items()),
         "",
         "## Load it",
         "",

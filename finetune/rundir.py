@@ -476,6 +476,21 @@ def save_figure(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
+def summary_numbers(summary: dict[str, Any]) -> dict[str, int | float]:
+    """Every number of a stage's summary, dotted keys in its order (e.g. `heldout.after.exact_match`)."""
+    out: dict[str, int | float] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif _scalar(value):
+            out[key] = value
+
+    walk({k: v for k, v in summary.items() if k not in ("stage", "type", "adapter")}, "")
+    return out
+
+
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_text(path, json.dumps(summary, indent=2) + "\n")
 

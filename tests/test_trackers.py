@@ -1,6 +1,7 @@
-"""`report_to`: tensorboard, trackio and W&B (offline) get the trainer's metrics and ours (routing), read
-back from the files each one wrote. The run is a real `python -m finetune run` (each tracker reads its
-environment once, at import) with nothing reachable: W&B offline, trackio's local database."""
+"""`report_to`: tensorboard, trackio and W&B (offline) get the trainer's metrics and ours (routing, the
+held-out figures computed after training), read back from the files each one wrote. The run is a real
+`python -m finetune run` (each tracker reads its environment once, at import) with nothing reachable:
+W&B offline, trackio's local database."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def test_every_tracker_gets_loss_learning_rate_routing_and_eval(tmp_path):
     )
     data["adapter"]["router"] = "trainable"  # the balance loss is logged too
     data["stages"]["sft"]["data"]["eval"] = str(write_jsonl(tmp_path / "data" / "eval.jsonl", chat_rows(4)))
+    # Computed after training: the held-out exact match before / after goes to the trackers too.
+    data["stages"]["sft"]["heldout"] = {"data": data["stages"]["sft"]["data"]["eval"], "max_new_tokens": 4}
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -102,7 +105,15 @@ def test_every_tracker_gets_loss_learning_rate_routing_and_eval(tmp_path):
     assert isinstance(metrics[0]["expert_load/layer1"], list)  # per-expert shares: metrics.jsonl only
 
     routing = "expert_load/layer1/max_over_mean"
-    wanted = {"train/loss", "train/learning_rate", f"train/{routing}", "train/router_aux_loss", "eval/loss"}
+    final = "eval/final/heldout/after/exact_match"
+    wanted = {
+        "train/loss",
+        "train/learning_rate",
+        f"train/{routing}",
+        "train/router_aux_loss",
+        "eval/loss",
+        final,
+    }
     assert wanted <= tensorboard_keys(tmp_path / "run" / "sft"), "tensorboard"
 
     rows = trackio_rows(tmp_path / "trackio" / "finetune-trackers.db")
@@ -110,6 +121,9 @@ def test_every_tracker_gets_loss_learning_rate_routing_and_eval(tmp_path):
     wandb = wandb_rows(tmp_path / "wandb")
     assert wanted <= set().union(*wandb), "wandb"
 
+    summary = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())
+    for name, logged in (("trackio", rows), ("wandb", wandb)):
+        assert [r[final] for r in logged if final in r] == [summary["heldout"]["after"]["exact_match"]], name
     # The values are the run's: the routing figure of step 1 in each tracker equals metrics.jsonl's.
     first = next(m for m in metrics if m["step"] == 1 and "loss" in m)
     for name, logged in (("trackio", rows), ("wandb", wandb)):

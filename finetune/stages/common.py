@@ -159,10 +159,34 @@ def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | Non
 
 
 def finish(trainer: Trainer, out: Path, title: str, summary: dict[str, Any]) -> None:
-    """The loss plot, then `summary.json` (last: a stage with a summary is finished), on rank 0."""
+    """The summary's figures to the trackers, the loss plot, then `summary.json` (last: a stage with a
+    summary is finished), on rank 0."""
     if trainer.is_world_process_zero():
+        report_summary(trainer, summary)
         rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", title)
         rundir.write_summary(out / "summary.json", summary)
+
+
+def report_summary(trainer: Trainer, summary: dict[str, Any]) -> None:
+    """What the stage computed after training (held-out exact match before / after, its eval section) to
+    the `report_to` trackers, as `eval_final/<section>/<key>` (trackers show `eval/final/...`); then each
+    is closed again as at the end of training. Straight to their callbacks: `Trainer.log` would add a
+    row to metrics.jsonl, whose rows are the training's logs."""
+    trackers = [
+        cb
+        for cb in trainer.callback_handler.callbacks
+        if isinstance(cb, compat_transformers.reporter_callbacks())
+    ]
+    figures = {
+        "eval_final/" + key.replace(".", "/"): value
+        for key, value in rundir.summary_numbers(summary).items()
+        if not key.startswith("train.")  # the trainer logged those itself
+    }
+    if not trackers or not figures:
+        return
+    for callback in trackers:
+        callback.on_log(trainer.args, trainer.state, trainer.control, logs=dict(figures), model=trainer.model)
+        callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
 
 
 # Tracking integrations of `report_to` → the package that provides each (transformers' callbacks).
