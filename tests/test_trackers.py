@@ -131,3 +131,28 @@ def test_every_tracker_gets_loss_learning_rate_routing_and_eval(tmp_path):
         assert step1[f"train/{routing}"] == first[routing], name
         assert step1["train/learning_rate"] == pytest.approx(first["learning_rate"]), name
         assert step1["train/loss"] == pytest.approx(first["loss"]), name
+
+
+def test_grpo_rewards_kl_and_routing_replay_reach_tensorboard(tmp_path):
+    """GRPO's own logs (rewards per function, KL) and ours (expert load, routing replay's mismatch) go
+    through the same trainer log: read back from tensorboard's event file."""
+    from test_grpo import _grpo
+
+    from finetune import pipeline, recipe
+
+    data = _grpo(
+        tmp_path,
+        routing_replay=True,
+        train={"max_steps": 2, "beta": 0.04, "report_to": ["tensorboard"], "save_strategy": "no"},
+    )
+    summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
+    keys = tensorboard_keys(tmp_path / "run" / "grpo")
+    wanted = {
+        "train/reward",
+        "train/kl",
+        "train/rewards/similarity/mean",
+        "train/expert_load/layer1/max_over_mean",
+    }
+    assert wanted <= keys, sorted(keys)
+    assert any(k.startswith("train/") and "mismatch" in k for k in keys), sorted(keys)  # routing replay
+    assert summary["routing"]["mismatch"] == 0.0
