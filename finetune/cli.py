@@ -193,6 +193,10 @@ def _validate(args: argparse.Namespace) -> int:
         report = getattr(checked.inputs[name], "report", ())
         if report:
             print(data.format_report(list(report)))
+        push = getattr(stage, "push", None)
+        if push is not None:
+            what = "its export (base original)" if push.export else "its adapter"
+            print(f"    then pushes {what} to {push.repo}{' (private)' if push.private else ''}")
     held = pipeline.held_run(r)
     if held is not None:
         print(f"  output_dir {r.output_dir} holds {held}: `run` needs --resume or --overwrite")

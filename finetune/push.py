@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import HfApi, ModelCardData, get_token, is_offline_mode
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token, is_offline_mode
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -224,8 +224,16 @@ def _how_to_load(
 
 
 def _write_folder(dest: Path, sources: list[Path], text: str) -> list[str]:
+    """`dest` holding the files: weights hard-linked where the file system allows (an export can be many
+    GB; nobody edits a safetensors file in place), the small files copied (editing one there must not
+    change the run's)."""
     for path in sources:
-        shutil.copy2(path, dest / path.name)
+        try:
+            if path.suffix != ".safetensors":
+                raise OSError
+            os.link(path, dest / path.name)
+        except OSError:
+            shutil.copy2(path, dest / path.name)
     (dest / CARD).write_text(text)
     return sorted(p.name for p in dest.iterdir())
 
@@ -265,18 +273,20 @@ def push(
     check_upload()
     # huggingface_hub reads HF_ENDPOINT once, at import; read here, a later setting counts too.
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
-        files = _write_folder(Path(tmp), sources, text)
-        try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                repo_type="model",
-                commit_message=f"finetune push: {r.name} / {stage_dir.name} ({kind})",
-            )
-        except (HfHubHTTPError, OSError) as err:
-            raise UserError(f"push {repo_id}: the upload failed ({first_line(err)})") from None
+    # One commit of the files where they are (no copy of a many-GB export) and the card from memory.
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sources]
+    operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=text.encode()))
+    files = sorted(op.path_in_repo for op in operations)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            repo_type="model",
+            commit_message=f"finetune push: {r.name} / {stage_dir.name} ({kind})",
+        )
+    except (HfHubHTTPError, OSError) as err:
+        raise UserError(f"push {repo_id}: the upload failed ({first_line(err)})") from None
     return Pushed(kind, files, str(url))
 
 

@@ -255,6 +255,15 @@ def test_push_key_is_checked_by_validate(tmp_path, capsys, push, expected):
     assert expected in line, line
 
 
+def test_validate_says_what_a_stage_will_push(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    path = push_recipe(tmp_path, {"repo": "me/x", "private": True, "export": True})
+    assert main(["validate", str(path)]) == 0
+    assert "then pushes its export (base original) to me/x (private)" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
 def test_push_key_without_a_token_is_refused_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
