@@ -285,9 +285,20 @@ def push(
             repo_type="model",
             commit_message=f"finetune push: {r.name} / {stage_dir.name} ({kind})",
         )
-    except (HfHubHTTPError, OSError) as err:
+    except Exception as err:
+        if not _network_error(err):
+            raise
         raise UserError(f"push {repo_id}: the upload failed ({first_line(err)})") from None
     return Pushed(kind, files, str(url))
+
+
+def _network_error(err: Exception) -> bool:
+    """The Hub's HTTP errors and its HTTP client's transport errors (connection refused, timeouts): the
+    client library is huggingface_hub's choice (httpx, `httpx2` in 2.x), so it is told by module."""
+    return isinstance(err, HfHubHTTPError | OSError) or type(err).__module__.split(".")[0] in (
+        "httpx",
+        "httpx2",
+    )
 
 
 def push_stage(
@@ -297,7 +308,12 @@ def push_stage(
     temporary folder of the run directory, deleted after the upload)."""
     key = f"stages.{stage_dir.name}.push"
     check_upload(key)
-    retry = f"push it with `finetune push {stage_dir} --repo {repo_id}`"
+    retry = (
+        f"export it with `finetune export {stage_dir} --out DIR`, then `finetune push {stage_dir} --repo {repo_id} "
+        "--export DIR`"
+        if export
+        else f"push it with `finetune push {stage_dir} --repo {repo_id}`"
+    )
     try:
         if not export:
             return push(stage_dir, repo_id, private=private)

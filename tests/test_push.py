@@ -12,7 +12,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import base_recipe, fails, write_recipe
+from conftest import base_recipe, fails, one_error_line, write_recipe
 from hub_server import local_hub
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -218,6 +218,19 @@ def test_upload_drives_the_hub_client_against_a_local_endpoint(tmp_path, capsys,
     assert hub.cards[0]["library_name"] == "peft"
     sent = hub.files["me/tiny-up"]
     assert sent == {p.name: p.read_bytes() for p in (tmp_path / "dry").iterdir()}
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path, capsys, monkeypatch):
+    stage = make_stage(tmp_path, MLA)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    with local_hub() as hub:
+        closed = hub.url  # nothing listens there once the block ends
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    capsys.readouterr()
+    assert main(["push", str(stage), "--repo", "me/x"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: push me/x: the upload failed ("), line
 
 
 def test_upload_refused_offline_or_without_a_token(tmp_path, capsys, monkeypatch):
