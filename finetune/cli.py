@@ -1,4 +1,4 @@
-"""`finetune run | validate RECIPE [key=value ...]`, `finetune --version`.
+"""`finetune run | validate RECIPE [key=value ...]`, `export`, `eval`, `predict`, `push`, `--version`.
 
 A user mistake prints one line and exits with 2; `--debug` shows the traceback instead.
 """
@@ -117,6 +117,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs")
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    text = "upload a finished stage's adapter (or its export) with a generated model card to the Hub"
+    sub = verbs.add_parser("push", help=text, description=text)
+    sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a stage folder of a finished run")
+    sub.add_argument("--repo", help="the Hub model repo, e.g. you/model-name (created if missing)")
+    sub.add_argument(
+        "--export", metavar="DIR", help="push this `finetune export` folder instead of the adapter"
+    )
+    sub.add_argument("--private", action="store_true", help="create the repo private")
+    sub.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        help="write the folder that would be uploaded (card included) here; no network",
+    )
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     text = "score rows with a trained classifier or reward model: one JSON row per input row, in order"
     sub = verbs.add_parser("predict", help=text, description=text)
     sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a finished classify or reward stage")
@@ -183,6 +197,10 @@ def _validate(args: argparse.Namespace) -> int:
         report = getattr(checked.inputs[name], "report", ())
         if report:
             print(data.format_report(list(report)))
+        push = getattr(stage, "push", None)
+        if push is not None:
+            what = "its export (base original)" if push.export else "its adapter"
+            print(f"    then pushes {what} to {push.repo}{' (private)' if push.private else ''}")
     held = pipeline.held_run(r)
     if held is not None:
         print(f"  output_dir {r.output_dir} holds {held}: `run` needs --resume or --overwrite")
@@ -292,6 +310,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from finetune.push import push
+
+    pushed = push(
+        args.stage_dir, args.repo, export_dir=args.export, private=args.private, dry_run=args.dry_run
+    )
+    what = f"{pushed.kind} of {args.stage_dir} ({len(pushed.files)} files, README.md card included)"
+    print(f"wrote {what} → {pushed.where}" if args.dry_run else f"pushed {what} → {pushed.where}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from finetune import pipeline, recipe
     from finetune.distributed import is_primary
@@ -319,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": _export,
             "predict": _predict,
             "eval": _eval,
+            "push": _push,
         }
         return verbs[args.verb](args)
     except UserError as err:

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from finetune import family, rundir
+from finetune import family, push, rundir
 from finetune import recipe as recipe_mod
 from finetune.context import StageContext
 from finetune.distributed import barrier, is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
+from finetune.model.export import export
 from finetune.model.load import model_skeleton, resolve_source
 from finetune.recipe import AdapterConfig, Recipe
 from finetune.stages import REGISTRY
@@ -42,6 +43,9 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         name: REGISTRY[stage.type].check(name, stage, ctx, fetch=fetch)
         for name, stage in recipe.stages.items()
     }
+    for name, stage in recipe.stages.items():
+        if getattr(stage, "push", None) is not None:  # what the upload will need, read locally
+            push.check_upload(f"stages.{name}.push")
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
         adapters.resolve_targets(skeleton, recipe.adapter.targets)
@@ -157,8 +161,22 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
                 checked.context,
                 resume_from=str(checkpoint) if checkpoint else None,
             )
+            if primary and getattr(stage, "push", None) is not None:
+                _push(stage_dir, stage.push)
             barrier()  # the next stage may read what rank 0 wrote (an adapter to continue or evaluate)
     return summaries
+
+
+def _push(stage_dir: Path, config: Any) -> None:
+    """A stage's `push:`: its adapter, or its export (base original), to the Hub with a model card."""
+    pushed = push.push_stage(
+        stage_dir,
+        config.repo,
+        private=config.private,
+        export=config.export,
+        export_fn=lambda stage, out: export(stage, out, lambda resolved: recipe_mod.load(resolved).model),
+    )
+    print(f"stage {stage_dir.name}: pushed its {pushed.kind} ({len(pushed.files)} files) → {pushed.where}")
 
 
 def held_run(recipe: Recipe) -> str | None:

@@ -310,6 +310,43 @@ def write_recipe(recipe: Recipe, output_dir: Path, *, resumed: Recipe | None = N
         raise _cannot_write(output_dir / "recipe.yaml", err) from None
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class RouterFields(TrainerCallback):
+    """Our fields of each log (expert load, balance loss, routing replay), computed once per log.
+
+    Placed before the trainer's tracking integrations (`report_to`), it puts the scalar ones into the
+    log they read, so tensorboard, trackio and W&B get them as they get the loss: trackers only see
+    what goes through `Trainer.log`. `HideRouterFields`, placed after them, takes them out again so the
+    console's log line stays the trainer's own; `MetricsLogger` writes all of them, per-expert lists too.
+    """
+
+    def __init__(self, report: Callable[[], dict[str, Any]]):
+        self.report = report
+        self.fields: dict[str, Any] = {}
+        self.added: list[str] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Every rank computes them (they are sums over ranks); the integrations log on rank 0.
+        self.fields = self.report() if logs else {}
+        self.added = [k for k, v in self.fields.items() if _scalar(v) and k not in (logs or {})]
+        for key in self.added:
+            logs[key] = self.fields[key]
+
+
+class HideRouterFields(TrainerCallback):
+    """Takes `RouterFields`' scalars back out of the log once the trackers and metrics.jsonl have it."""
+
+    def __init__(self, fields: RouterFields):
+        self.router_fields = fields
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.router_fields.added:
+            (logs or {}).pop(key, None)
+
+
 class MetricsLogger(TrainerCallback):
     """Appends every trainer log (one JSON object per logging step) to metrics.jsonl.
 
@@ -437,6 +474,21 @@ def save_figure(fig: Any, path: Path) -> None:
         raise _cannot_write(path, err) from None
     finally:
         plt.close(fig)
+
+
+def summary_numbers(summary: dict[str, Any]) -> dict[str, int | float]:
+    """Every number of a stage's summary, dotted keys in its order (e.g. `heldout.after.exact_match`)."""
+    out: dict[str, int | float] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif _scalar(value):
+            out[key] = value
+
+    walk({k: v for k, v in summary.items() if k not in ("stage", "type", "adapter")}, "")
+    return out
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

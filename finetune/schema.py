@@ -8,7 +8,9 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from finetune import distributed
 from finetune.errors import UserError
@@ -190,6 +192,25 @@ class DataConfig(Strict):
             key = "format" if self.format != "auto" else "columns"
             raise ValueError(f"`{key}` applies to a train or eval given as one path; set it on each source")
         return self
+
+
+class PushConfig(Strict):
+    """`stages.<name>.push`: upload the stage's adapter (or its export) to the Hub once it finishes."""
+
+    repo: str  # the Hub model repo, e.g. you/model-name (created if missing)
+    private: bool = False
+    export: bool = False  # push `finetune export`'s merged checkpoint (base original) instead of the adapter
+
+    @field_validator("repo")
+    @classmethod
+    def _hub_repo(cls, repo: str) -> str:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError:
+            raise ValueError(
+                "not a Hub repo id (name or namespace/name: letters, digits, '-', '_', '.'); e.g. you/model-name"
+            ) from None
+        return repo
 
 
 class HeldoutConfig(Strict):

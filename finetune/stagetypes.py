@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 from finetune.compat import trl as compat_trl
-from finetune.schema import DataConfig, Float, HeldoutConfig, Int, Strict
+from finetune.schema import DataConfig, Float, HeldoutConfig, Int, PushConfig, Strict
 
 # ------------------------------------------------------------------------------------------- schemas
 
@@ -30,6 +30,7 @@ class SFTSchema(Strict):
     type: Literal["sft"]
     data: DataConfig
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
     heldout: HeldoutConfig | None = None
 
 
@@ -39,6 +40,7 @@ class RewardSchema(Strict):
     type: Literal["reward"]
     data: DataConfig
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 
 
 class ClassifySchema(Strict):
@@ -53,6 +55,7 @@ class ClassifySchema(Strict):
     class_weights: Literal["balanced"] | dict[str, Float] | None = None
     max_length: Int = Field(512, gt=0)  # tokens kept from the start of each text
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 
 
 class GRPOSchema(Strict):
@@ -73,6 +76,7 @@ class GRPOSchema(Strict):
     max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
     samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 
     @field_validator("routing_replay", mode="before")
     @classmethod
@@ -90,6 +94,7 @@ class _PreferenceSchema(Strict):
     # or the base model whatever the start.
     reference: Literal["init", "base"] = "init"
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 
 
 class DPOSchema(_PreferenceSchema):
@@ -113,6 +118,7 @@ class _ReferenceFreeSchema(Strict):
     # the stage's own one-line error (`preference.check`), not a bare unknown key.
     reference: Literal["init", "base"] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
+    push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 
 
 class ORPOSchema(_ReferenceFreeSchema):

@@ -81,7 +81,8 @@ REPORTERS = declare(
     "transformers.reporters",
     "transformers",
     CHECKED,
-    "reads the Trainer's table of `report_to` integrations to refuse an unknown one before training",
+    "reads the Trainer's table of `report_to` integrations to refuse an unknown one before training, and "
+    "to find their callbacks, which get the figures a stage computes after training",
     Target("transformers.integrations.integration_utils", "INTEGRATION_TO_CALLBACK"),
 )
 LAST_PROCESSORS = declare(
@@ -228,6 +229,12 @@ def reporters() -> list[str]:
     """The `report_to` integrations the installed transformers knows."""
     applying(REPORTERS)
     return sorted(resolve(REPORTERS, REPORTERS.targets[0]))
+
+
+def reporter_callbacks() -> tuple[type, ...]:
+    """The callback classes of the `report_to` integrations (TensorBoardCallback, WandbCallback, ...)."""
+    applying(REPORTERS)
+    return tuple(set(resolve(REPORTERS, REPORTERS.targets[0]).values()))
 
 
 def reporter_installed(check: str) -> bool | None:

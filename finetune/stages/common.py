@@ -20,12 +20,22 @@ from finetune.model import adapters, fsdp, routing
 from finetune.stagetypes import STAGE_TYPES
 
 
-def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
+def callbacks(out: Path, fields: rundir.RouterFields, resume_from: str | None) -> list[TrainerCallback]:
+    """Ours, after the trainer's own and its trackers'; `fields` itself goes first (`add_router_fields`)."""
     return [
-        rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
+        rundir.MetricsLogger(out / "metrics.jsonl", extra=lambda: fields.fields, resumed_from=resume_from),
         rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
         heap.FreezeHeapAfterFirstStep(),  # no full collections walking the model and kernel caches
+        rundir.HideRouterFields(
+            fields
+        ),  # before the console's progress callback, which the Trainer adds last
     ]
+
+
+def add_router_fields(trainer: Trainer, fields: rundir.RouterFields) -> None:
+    """`fields` first among the trainer's callbacks, before the `report_to` integrations read a log.
+    `Trainer.add_callback` appends; the handler's list is the public way to put one first."""
+    trainer.callback_handler.callbacks.insert(0, fields)
 
 
 def fit(
@@ -66,15 +76,17 @@ def fit(
             )
         distributed.own_fsdp()
         compat_transformers.mark_self_sharded(model)
+    fields = rundir.RouterFields(monitor.report)
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=callbacks(out, monitor, resume_from),
+        callbacks=callbacks(out, fields, resume_from),
         **trainer_kwargs,
     )
+    add_router_fields(trainer, fields)
     tokenizer = prepare(trainer, resume_from)
     if sharded:
         fsdp.shard(trainer.model)
@@ -156,10 +168,34 @@ def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | Non
 
 
 def finish(trainer: Trainer, out: Path, title: str, summary: dict[str, Any]) -> None:
-    """The loss plot, then `summary.json` (last: a stage with a summary is finished), on rank 0."""
+    """The summary's figures to the trackers, the loss plot, then `summary.json` (last: a stage with a
+    summary is finished), on rank 0."""
     if trainer.is_world_process_zero():
+        report_summary(trainer, summary)
         rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", title)
         rundir.write_summary(out / "summary.json", summary)
+
+
+def report_summary(trainer: Trainer, summary: dict[str, Any]) -> None:
+    """What the stage computed after training (held-out exact match before / after, its eval section) to
+    the `report_to` trackers, as `eval_final/<section>/<key>` (trackers show `eval/final/...`); then each
+    is closed again as at the end of training. Straight to their callbacks: `Trainer.log` would add a
+    row to metrics.jsonl, whose rows are the training's logs."""
+    trackers = [
+        cb
+        for cb in trainer.callback_handler.callbacks
+        if isinstance(cb, compat_transformers.reporter_callbacks())
+    ]
+    figures = {
+        "eval_final/" + key.replace(".", "/"): value
+        for key, value in rundir.summary_numbers(summary).items()
+        if not key.startswith("train.")  # the trainer logged those itself
+    }
+    if not trackers or not figures:
+        return
+    for callback in trackers:
+        callback.on_log(trainer.args, trainer.state, trainer.control, logs=dict(figures), model=trainer.model)
+        callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
 
 
 # Tracking integrations of `report_to` → the package that provides each (transformers' callbacks).
