@@ -249,9 +249,14 @@ def test_mixin_writes_the_samples_read_before_the_log(tmp_path):
 def test_grpo_trainer_is_the_mixin_on_trl():
     from trl import GRPOTrainer
 
+    from finetune.compat import trl as compat_trl
     from finetune.stages import grpo
 
-    assert grpo.Trainer.__mro__[1:3] == (moe_trainer.MoETrainerMixin, GRPOTrainer)
+    assert grpo.Trainer.__mro__[1:4] == (
+        compat_trl.SamplerCorrection,
+        moe_trainer.MoETrainerMixin,
+        GRPOTrainer,
+    )
     assert grpo.Trainer.ref_copy_field == "beta"
 
 
