@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from finetune import distributed
 from finetune.errors import UserError
+from finetune.health import Thresholds
 
 # ------------------------------------------------------------------------------- values typed by schema
 
@@ -142,6 +143,18 @@ class AdapterConfig(Strict):
     # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
     router: Literal["frozen", "trainable"] = "frozen"
     router_aux_loss_coef: Float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
+
+
+_ROUTING = Thresholds()  # the defaults live with the alarms (finetune/health.py)
+
+
+class RoutingConfig(Strict):
+    """Routing-health alarms of every training stage (docs/recipes.md, Routing health)."""
+
+    min_entropy: Float = Field(_ROUTING.min_entropy, ge=0, le=1)  # 0: never warns
+    max_share: Float = Field(_ROUTING.max_share, gt=0, le=1)  # 1: never warns
+    dead_after_steps: Int = Field(_ROUTING.dead_after_steps, gt=0)
+    max_sampler_kl: Float = Field(_ROUTING.max_sampler_kl, gt=0)
 
 
 class DataConfig(Strict):

@@ -37,6 +37,7 @@ def test_tiny_grpo_recipe_raises_the_reward(tmp_path):
     ):
         assert key in logged, key
     assert logged["routing/mismatch"] == 0.0 and logged["routing/replayed_tokens"] > 0
+    assert 0 < logged["routing/entropy"] <= 1 and (stage / "routing.png").stat().st_size > 0
     samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * len([m for m in metrics if "loss" in m])
     assert set(samples[0]) == {"step", "prompt", "completion", "rewards"}

@@ -77,6 +77,15 @@ CHECKPOINT_LOADER = declare(
     "the Trainer's restores PEFT's weights only, ours the routed-expert LoRA and the router too",
     Target("transformers.trainer", "Trainer._load_from_checkpoint"),
 )
+FIRST_CALLBACK = declare(
+    "transformers.first_callback",
+    "transformers",
+    CHECKED,
+    "puts a callback first in the Trainer's `CallbackHandler.callbacks` list (the Trainer only appends): "
+    "the routing statistics it adds to `logs` in `on_log` then reach the `report_to` integrations, "
+    "which the Trainer registers before any callback of ours",
+    Target("transformers.trainer_callback", "CallbackHandler.call_event"),
+)
 REPORTERS = declare(
     "transformers.reporters",
     "transformers",
@@ -195,6 +204,15 @@ def use_checkpoint_loader(trainer: Any, load: Callable[[str], None]) -> None:
     """The trainer restores weights from a checkpoint folder with `load(folder)`."""
     applying(CHECKPOINT_LOADER)
     trainer._load_from_checkpoint = lambda checkpoint, model=None: load(checkpoint)
+
+
+def first_callback(trainer: Any, callback: Any) -> None:
+    """`callback`'s events run before every other callback of `trainer` (its integrations included)."""
+    applying(FIRST_CALLBACK)
+    callbacks = getattr(trainer.callback_handler, "callbacks", None)
+    if not isinstance(callbacks, list):
+        raise fail(FIRST_CALLBACK, "CallbackHandler.callbacks is not a list")
+    callbacks.insert(0, callback)
 
 
 def reporters() -> list[str]:

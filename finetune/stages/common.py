@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, heap, rundir, stagetypes
+from finetune import data, distributed, health, heap, rundir, stagetypes
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError
 from finetune.fast import fusion, generation
@@ -20,9 +20,12 @@ from finetune.model import adapters, fsdp, routing
 from finetune.stagetypes import STAGE_TYPES
 
 
-def callbacks(out: Path, monitor: routing.RouterMonitor, resume_from: str | None) -> list[TrainerCallback]:
+def callbacks(
+    out: Path, routing_health: health.RoutingHealth, resume_from: str | None
+) -> list[TrainerCallback]:
+    """The stage's callbacks after the trainer's own (`routing_health` is put before those by `fit`)."""
     return [
-        rundir.MetricsLogger(out / "metrics.jsonl", extra=monitor.report, resumed_from=resume_from),
+        rundir.MetricsLogger(out / "metrics.jsonl", extra=routing_health.report, resumed_from=resume_from),
         rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
         heap.FreezeHeapAfterFirstStep(),  # no full collections walking the model and kernel caches
     ]
@@ -41,6 +44,7 @@ def fit(
     kernels: str = "off",
     compiled_regions: bool = True,
     chunked_head: bool = False,
+    thresholds: health.Thresholds | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
@@ -50,6 +54,8 @@ def fit(
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
     norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` (all
     stages but GRPO, whose decode steps inside training would recompile them) its compiled modules.
+    `thresholds`: the recipe's `routing:` alarms (`ctx.routing`; None: their defaults), checked by the
+    `health.RoutingHealth` callback, which runs first so the trainer's integrations see its statistics.
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
     the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
@@ -64,15 +70,17 @@ def fit(
             )
         distributed.own_fsdp()
         compat_transformers.mark_self_sharded(model)
+    routing_health = health.RoutingHealth(monitor, out.name, thresholds or health.Thresholds())
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=callbacks(out, monitor, resume_from),
+        callbacks=callbacks(out, routing_health, resume_from),
         **trainer_kwargs,
     )
+    compat_transformers.first_callback(trainer, routing_health)  # its means reach `report_to`
     tokenizer = prepare(trainer, resume_from)
     if sharded:
         fsdp.shard(trainer.model)
@@ -147,9 +155,14 @@ def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | Non
 
 
 def finish(trainer: Trainer, out: Path, title: str, summary: dict[str, Any]) -> None:
-    """The loss plot, then `summary.json` (last: a stage with a summary is finished), on rank 0."""
+    """The loss and routing plots, then `summary.json` (last: a stage with a summary is finished), on
+    rank 0."""
     if trainer.is_world_process_zero():
-        rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", title)
+        metrics = rundir.read_metrics(out / "metrics.jsonl")
+        rundir.plot_loss(metrics, out / "loss.png", title)
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, health.RoutingHealth)]
+        thresholds = found[0].thresholds if found else health.Thresholds()
+        health.plot_routing(metrics, out / "routing.png", f"{title}: routing", thresholds)
         rundir.write_summary(out / "summary.json", summary)
 
 

@@ -246,6 +246,7 @@ def run(
                 out,
                 monitor,
                 resume_from,
+                thresholds=ctx.routing,
                 kernels=ctx.kernels,
                 compiled_regions=False,  # it generates inside training: decode steps would recompile them
                 reward_funcs=inputs.reward_funcs,
