@@ -111,10 +111,12 @@ class RoutingHealth(TrainerCallback):
 
 
 def layer_series(metrics: list[dict[str, Any]], stat: str) -> dict[int, list[tuple[int, float]]]:
-    """Layer → (step, value) of `routing/<stat>/layer<i>` over a run's metrics rows."""
+    """Layer → (step, value) of `routing/<stat>/layer<i>` over a run's training log rows."""
     series: dict[int, list[tuple[int, float]]] = {}
     prefix = f"routing/{stat}{_LAYER}"
     for row in metrics:
+        if any(key.startswith("eval_") for key in row):
+            continue  # an evaluation's routing: in metrics.jsonl, not on the training curve
         for key, value in row.items():
             if key.startswith(prefix) and "step" in row:
                 series.setdefault(int(key.removeprefix(prefix)), []).append((row["step"], value))
@@ -148,7 +150,8 @@ def plot_routing(metrics: list[dict[str, Any]], path: Path, title: str, threshol
         if heat and series:
             steps = sorted({s for points in series.values() for s, _ in points})
             grid = [[dict(points).get(s, math.nan) for s in steps] for points in series.values()]
-            edges = [*steps, steps[-1] + 1]
+            # A column spans the window its log covers: from the previous logged step to its own.
+            edges = [steps[0] - (steps[1] - steps[0] if len(steps) > 1 else 1), *steps]
             mesh = ax.pcolormesh(edges, range(len(series) + 1), grid, shading="flat", cmap="viridis")
             if limits:
                 mesh.set_clim(*limits)
@@ -163,6 +166,9 @@ def plot_routing(metrics: list[dict[str, Any]], path: Path, title: str, threshol
                 ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label="alarm")
             if limits:
                 ax.set_ylim(limits[0], limits[1] * 1.05)
+            else:  # a count of experts
+                ax.set_ylim(bottom=0, top=max([v for p in series.values() for _, v in p] + [1]) * 1.1)
+                ax.yaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if stat == "entropy":
