@@ -92,6 +92,10 @@ def test_routing_replay_trains_on_the_rollout_experts(tmp_path, replay):
     )
     routing = pipeline.run(r)["grpo"]["routing"]
     assert routing["router_mismatch"] > 0.05, routing  # 0.32 measured either way
+    stage = tmp_path / "run" / "grpo"
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["routing/entropy/layer2"] <= 1 for row in rows if "loss" in row)
+    assert (stage / "routing.png").stat().st_size > 0
     if replay:
         assert routing["mismatch"] == 0.0
     else:
