@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.errors import UserError, first_line
+from finetune.health import Thresholds
 from finetune.model import adapters
 from finetune.model.load import Source, load_model, load_tokenizer
 
@@ -25,6 +26,7 @@ class StageContext:
     aux_loss_coef: float = 0.0  # expert-balance loss weight (only with a trainable router)
     kernels: str = "auto"  # model.kernels: fast generation where it applies (finetune.fast.generation)
     stages: dict[str, str] = field(default_factory=dict)  # every stage of the recipe, in order: name → type
+    routing: Thresholds = field(default_factory=Thresholds)  # the recipe's `routing:` alarms
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
 
     @property

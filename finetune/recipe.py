@@ -24,6 +24,7 @@ from pydantic import (
 
 from finetune.context import StageContext
 from finetune.errors import UserError
+from finetune.health import Thresholds
 from finetune.model.load import Source
 from finetune.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
     OWNED_TRAIN_KEYS,
@@ -35,6 +36,7 @@ from finetune.schema import (  # noqa: F401  (re-exported: the recipe's sections
     HeldoutConfig,
     Int,
     ModelConfig,
+    RoutingConfig,
     Spelled,
     Strict,
     _plain_str,
@@ -76,6 +78,7 @@ class Recipe(Strict):
     seed: Int = 42
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)  # routing-health alarms
     stages: dict[str, Stage] = Field(min_length=1)
     # Written by `finetune run` into <output_dir>/recipe.yaml (library versions); ignored when read.
     provenance: dict[str, Any] | None = None
@@ -114,6 +117,7 @@ def stage_context(recipe: Recipe, source: Source | None) -> StageContext:
         aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
         kernels=m.kernels,
         stages={name: stage.type for name, stage in recipe.stages.items()},
+        routing=Thresholds(**recipe.routing.model_dump()),
         adapter_kwargs=dict(
             r=a.r,
             alpha=a.alpha,

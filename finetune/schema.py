@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from finetune import distributed
 from finetune.errors import UserError
+from finetune.health import Thresholds
 
 # ------------------------------------------------------------------------------- values typed by schema
 
@@ -162,6 +163,18 @@ class SourceConfig(Strict):
     weight: Float | None = Field(None, gt=0)
     columns: dict[str, str] = Field(default_factory=dict)  # {ours: theirs}: the source's columns renamed
     format: SourceFormat = "auto"
+
+
+_ROUTING = Thresholds()  # the defaults live with the alarms (finetune/health.py)
+
+
+class RoutingConfig(Strict):
+    """Routing-health alarms of every training stage (docs/recipes.md, Routing health)."""
+
+    min_entropy: Float = Field(_ROUTING.min_entropy, ge=0, le=1)  # 0: never warns
+    max_share: Float = Field(_ROUTING.max_share, gt=0, le=1)  # 1: never warns
+    dead_after_steps: Int = Field(_ROUTING.dead_after_steps, gt=0)
+    max_sampler_kl: Float = Field(_ROUTING.max_sampler_kl, gt=0)
 
 
 class DataConfig(Strict):

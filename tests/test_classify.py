@@ -42,7 +42,7 @@ def test_tiny_classify_recipe_learns_the_classes(tmp_path):
     assert any(".score." in n for n in moved) and any("lora_B" in n for n in moved)
     stage = tmp_path / "run" / "classify"
     assert json.loads((stage / "summary.json").read_text())["eval"] == e
-    assert (stage / "confusion_matrix.png").stat().st_size > 0
+    assert (stage / "confusion_matrix.png").stat().st_size > 0 and (stage / "routing.png").stat().st_size > 0
     head = json.loads((stage / "adapter" / "head.json").read_text())
     assert head == {
         "type": "classify",

@@ -37,6 +37,7 @@ def test_tiny_grpo_recipe_raises_the_reward(tmp_path):
     ):
         assert key in logged, key
     assert logged["routing/mismatch"] == 0.0 and logged["routing/replayed_tokens"] > 0
+    assert 0 < logged["routing/entropy"] <= 1 and (stage / "routing.png").stat().st_size > 0
     samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * len([m for m in metrics if "loss" in m])
     assert set(samples[0]) == {"step", "prompt", "completion", "rewards"}
@@ -100,6 +101,10 @@ def test_routing_replay_trains_on_the_recorded_experts(tmp_path, mode):
     routing = pipeline.run(r)["grpo"]["routing"]
     assert routing["replay"] == mode
     assert routing["router_mismatch"] > 0.05, routing  # 0.32 measured either way
+    stage = tmp_path / "run" / "grpo"
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["routing/entropy/layer2"] <= 1 for row in rows if "loss" in row)
+    assert (stage / "routing.png").stat().st_size > 0
     if mode == "off":
         assert routing["mismatch"] == routing["router_mismatch"]
     else:

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "run support",
         (
             "finetune.heap",
+            "finetune.health",
             "finetune.data",
             "finetune.formats",
             "finetune.mixture",

@@ -159,7 +159,7 @@ def test_tiny_dpo_recipe_learns_a_preference_sft_lacks(tmp_path):
     moved = {n for n, v in start.items() if not torch.equal(now[n].detach(), v)}
     assert any("lora_down_B" in n for n in moved) and any("kv_b_proj.lora_B" in n for n in moved)
     stage = tmp_path / "run" / "dpo"
-    for plot in ("logps.png", "rewards.png", "loss.png"):
+    for plot in ("logps.png", "rewards.png", "loss.png", "routing.png"):
         assert (stage / plot).stat().st_size > 0
     # The saved adapter reloads to the trained policy.
     reloaded = adapters.load_adapter(ctx.base_model(), stage / "adapter").eval()

@@ -82,7 +82,7 @@ def test_trains_the_starting_policy_with_no_reference_pass(sft_run, tmp_path, st
     else:  # SimPO: CPO's loss with no behaviour-cloning term
         assert inputs.args.loss_type == "simpo" and inputs.args.cpo_alpha == 0.0
         assert all(m["nll_loss"] == 0.0 for m in train)
-    for plot in ("logps.png", "rewards.png", "loss.png"):
+    for plot in ("logps.png", "rewards.png", "loss.png", "routing.png"):
         assert (stage / plot).stat().st_size > 0
     reloaded = adapters.load_adapter(ctx.base_model(), stage / "adapter").eval()
     model.eval()

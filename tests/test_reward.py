@@ -33,6 +33,7 @@ def test_tiny_reward_recipe_learns_the_preferences(tmp_path):
     assert any(".score." in n for n in moved) and any("lora_B" in n for n in moved)
     stage = tmp_path / "run" / "reward"
     assert json.loads((stage / "summary.json").read_text())["eval"] == summary["eval"]
+    assert (stage / "routing.png").stat().st_size > 0
     assert (stage / "reward_margins.png").stat().st_size > 0 and (
         stage / "adapter" / "adapter_config.json"
     ).is_file()

@@ -72,6 +72,8 @@ def test_run_directory_files(trained):
     assert saved["train"]["steps"] == 2 and saved == json.loads(json.dumps(summary))
     assert set(saved["heldout"]) == {"metric", "before", "after"} and saved["heldout"]["before"]["n"] == 4
     assert (stage_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (stage_dir / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(0 < row["routing/entropy/layer1"] <= 1 and "routing/max_share" in row for row in losses)
 
 
 def test_pipeline_run_writes_resolved_recipe(tmp_path):

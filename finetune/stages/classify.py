@@ -170,6 +170,7 @@ def run(
         out,
         monitor,
         resume_from,
+        thresholds=ctx.routing,
         head=head,
         kernels=ctx.kernels,
         compute_loss_func=loss_function(weights, multi),

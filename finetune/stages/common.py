@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, heap, mixture, rundir, stagetypes
+from finetune import data, distributed, health, heap, mixture, rundir, stagetypes
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError
 from finetune.fast import fusion, generation
@@ -20,9 +20,12 @@ from finetune.model import adapters, fsdp, routing
 from finetune.stagetypes import STAGE_TYPES
 
 
-def callbacks(out: Path, fields: rundir.RouterFields, resume_from: str | None) -> list[TrainerCallback]:
+def callbacks(
+    out: Path, fields: rundir.RouterFields, routing_health: health.RoutingHealth, resume_from: str | None
+) -> list[TrainerCallback]:
     """Ours, after the trainer's own and its trackers'; `fields` itself goes first (`add_router_fields`)."""
     return [
+        routing_health,  # checks what `fields` computed for this log (warnings), counts steps
         rundir.MetricsLogger(out / "metrics.jsonl", extra=lambda: fields.fields, resumed_from=resume_from),
         rundir.CompleteCheckpoints(),  # routed-expert LoRA + router into each checkpoint, then its marker
         heap.FreezeHeapAfterFirstStep(),  # no full collections walking the model and kernel caches
@@ -53,6 +56,7 @@ def fit(
     chunked_head: bool = False,
     loss_head: bool = True,
     head_temperature: float = 1.0,
+    thresholds: health.Thresholds | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
@@ -62,6 +66,8 @@ def fit(
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
     norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` its
     compiled modules and (`loss_head`) its LM head for TRL's chunked one (logits / `head_temperature`).
+    `thresholds`: the recipe's `routing:` alarms (`ctx.routing`; None: their defaults), checked by the
+    `health.RoutingHealth` callback on the routing statistics of each log.
 
     Under an FSDP launch (`distributed.fsdp_launch`) the model is sharded here with `fsdp.shard`, after
     the trainer has set its dtypes and before it builds the optimizer; the trainer is told the model
@@ -76,14 +82,16 @@ def fit(
             )
         distributed.own_fsdp()
         compat_transformers.mark_self_sharded(model)
-    fields = rundir.RouterFields(monitor.report)
+    thresholds = thresholds or health.Thresholds()
+    fields = rundir.RouterFields(lambda: monitor.report(dead_after=thresholds.dead_after_steps))
+    routing_health = health.RoutingHealth(monitor, out.name, thresholds, fields)
     trainer = trainer_cls(
         model=model,
         args=inputs.args,
         train_dataset=inputs.train,
         eval_dataset=inputs.eval,
         processing_class=tokenizer,
-        callbacks=callbacks(out, fields, resume_from),
+        callbacks=callbacks(out, fields, routing_health, resume_from),
         **trainer_kwargs,
     )
     add_router_fields(trainer, fields)
@@ -168,11 +176,15 @@ def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | Non
 
 
 def finish(trainer: Trainer, out: Path, title: str, summary: dict[str, Any]) -> None:
-    """The summary's figures to the trackers, the loss plot, then `summary.json` (last: a stage with a
-    summary is finished), on rank 0."""
+    """The summary's figures to the trackers, the loss and routing plots, then `summary.json` (last: a
+    stage with a summary is finished), on rank 0."""
     if trainer.is_world_process_zero():
         report_summary(trainer, summary)
-        rundir.plot_loss(rundir.read_metrics(out / "metrics.jsonl"), out / "loss.png", title)
+        metrics = rundir.read_metrics(out / "metrics.jsonl")
+        rundir.plot_loss(metrics, out / "loss.png", title)
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, health.RoutingHealth)]
+        thresholds = found[0].thresholds if found else health.Thresholds()
+        health.plot_routing(metrics, out / "routing.png", f"{title}: routing", thresholds)
         rundir.write_summary(out / "summary.json", summary)
 
 

@@ -243,6 +243,7 @@ def run(
                 out,
                 monitor,
                 resume_from,
+                thresholds=ctx.routing,
                 kernels=ctx.kernels,
                 # Training passes through the compiled regions and our LM head (eager while generating:
                 # `fusion.suspended` in the trainer), unless an entropy bonus needs the entropy's gradient.

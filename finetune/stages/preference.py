@@ -252,6 +252,7 @@ def run(
             out,
             monitor,
             resume_from,
+            thresholds=ctx.routing,
             kernels=ctx.kernels,
             # TRL's chunked head stays: these trainers read outputs ours does not compute (mean logits).
             chunked_head=False,

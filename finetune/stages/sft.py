@@ -202,6 +202,7 @@ def run(
         out,
         monitor,
         resume_from,
+        thresholds=ctx.routing,
         kernels=ctx.kernels,
         chunked_head=True,  # SFTTrainer always puts TRL's chunked head on: ours replaces it (an error if not found)
     )
