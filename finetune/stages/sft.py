@@ -9,10 +9,9 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from finetune import data, heldout
+from finetune import data
 from finetune.context import StageContext
-from finetune.distributed import is_primary
-from finetune.model import fsdp, routing
+from finetune.model import routing
 from finetune.schema import train_arguments
 from finetune.stages import common
 from finetune.stagetypes import STAGE_TYPES, SFTSchema
@@ -82,29 +81,19 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     evaluation = (
         data.sft_format(evaluation, key=f"{key}.eval", source=d.eval) if evaluation is not None else None
     )
-    h = stage.heldout
-    hkey = f"stages.{name}.heldout.data"
-    held = load("heldout", h.data, hkey, h.max_samples) if h is not None else None
-    pairs = data.prompt_target_pairs(held, key=hkey, source=h.data) if held is not None else None
+    held_report, pairs = common.read_heldout(name, stage, ctx, args, fetch=fetch)
+    if held_report is not None:
+        reports.append(held_report)
 
-    measured = [r for r in reports if r.rows is not None]
+    measured = [r for r in reports if r.rows is not None and r.split != "heldout"]
     if measured and ctx.source.kind == "hub" and not fetch:
         for r in measured:
             r.note = f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
     elif measured:
         tokenizer = data.stage_template(ctx.tokenizer(), args)
-        sources = {
-            "train": (f"{key}.train", d.train),
-            "eval": (f"{key}.eval", d.eval),
-            "heldout": (hkey, h.data if h is not None else None),
-        }
+        sources = {"train": (f"{key}.train", d.train), "eval": (f"{key}.eval", d.eval)}
         for r in measured:
             split_key, source = sources[r.split]
-            if r.split == "heldout":
-                assert pairs is not None and h is not None
-                data.check_roles(pairs[0], tokenizer, key=split_key, source=source)
-                data.measure_prompts(r, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
-                continue
             rows = train if r.split == "train" else evaluation
             assert rows is not None
             if "prompt" in rows.column_names:
@@ -140,26 +129,7 @@ def run(
     tokenizer = ctx.tokenizer()
     model = model if model is not None else ctx.adapted_model()
 
-    def check_heldout(when: str) -> dict | None:
-        # One process generates and the others go on, unless the model is FSDP-sharded (after training
-        # under an FSDP launch): then every rank generates the same prompts in step, as each forward
-        # all-gathers the layers, and rank 0 reports.
-        sharded = fsdp.is_sharded(model)
-        if inputs.heldout is None or not (is_primary() or sharded):
-            return None
-        h = stage.heldout
-        return heldout.exact_match(
-            model,
-            tokenizer,
-            *inputs.heldout,
-            max_new_tokens=h.max_new_tokens,
-            batch_size=h.batch_size,
-            desc=f"held-out check ({when})",
-            kernels=ctx.kernels,
-            synced=sharded,
-        )
-
-    before = check_heldout("before")
+    before = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "before")
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     trainer, tokenizer, trained, adapter = common.fit(
         SFTTrainer,
@@ -174,7 +144,7 @@ def run(
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
-    after = check_heldout("after")
+    after = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "after")
 
     summary: dict[str, Any] = {
         "stage": name,
