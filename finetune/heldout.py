@@ -7,7 +7,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from finetune import data
+from finetune.distributed import is_primary
 from finetune.fast import generation
+from finetune.model import fsdp
 
 
 @torch.no_grad()
@@ -61,3 +63,32 @@ def exact_match(
     hits = [out.strip() == ref.strip() for out, ref in zip(outputs, targets, strict=True)]
     examples = [{"target": ref, "output": out} for out, ref in list(zip(outputs, targets, strict=True))[:5]]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "examples": examples}
+
+
+def check(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: tuple[list, list[str]] | None,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    kernels: str,
+    when: str,
+) -> dict | None:
+    """A stage's check `when` (before / after training), or None without held-out pairs or off the
+    primary process. One process generates and the others go on, unless the model is FSDP-sharded (after
+    training under an FSDP launch): then every rank generates the same prompts in step, as each forward
+    all-gathers the layers, and rank 0 reports."""
+    sharded = fsdp.is_sharded(model)
+    if pairs is None or not (is_primary() or sharded):
+        return None
+    return exact_match(
+        model,
+        tokenizer,
+        *pairs,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        desc=f"held-out check ({when})",
+        kernels=kernels,
+        synced=sharded,
+    )

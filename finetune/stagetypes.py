@@ -75,6 +75,7 @@ class GRPOSchema(Strict):
     system_prompt: str | None = None
     max_prompt_length: Int | None = Field(None, gt=0)  # longer prompts are dropped (validate counts them)
     samples_per_log: Int = Field(4, ge=0)  # completions written to samples.jsonl per logging step
+    heldout: HeldoutConfig | None = None  # greedy exact match before / after, as SFT's
     train: dict[str, Any] = Field(default_factory=dict)
     push: PushConfig | None = None  # upload the adapter (or its export) when the stage finishes
 

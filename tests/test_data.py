@@ -361,6 +361,7 @@ def test_system_user_assistant_trains(capsys, tmp_path):
     path = write_jsonl(tmp_path / "sys.jsonl", rows)
     d = base_recipe(tmp_path, max_steps=1)
     d["stages"]["sft"]["data"]["train"] = str(path)
+    d["routing"] = {"max_share": 1.0, "min_entropy": 0.0}  # the tiny random router's load is no data warning
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", d))]) == 0
     assert "warning" not in capsys.readouterr().err
     assert (tmp_path / "run" / "sft" / "summary.json").is_file()

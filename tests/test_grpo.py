@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 from conftest import REPO, one_error_line, write_jsonl, write_recipe
+from trl import GRPOConfig
 
 from finetune import pipeline, recipe
 from finetune.cli import main
 from finetune.model import adapters
 from finetune.model.experts import NF4Experts
+from finetune.stages.common import documented_values
 
 REVERSE = REPO / "recipes" / "data" / "reverse"
 
@@ -22,9 +24,12 @@ REVERSE = REPO / "recipes" / "data" / "reverse"
 def test_tiny_grpo_recipe_raises_the_reward(tmp_path):
     r = recipe.load(REPO / "recipes" / "tiny" / "grpo.yaml", [f"output_dir={tmp_path / 'run'}"])
     summaries = pipeline.run(r)
+    # The held-out check before GRPO measures the SFT adapter it continues, as the SFT stage did after.
+    # (Issue 24's bar, GRPO 10 points above it on seeds 42, 1 and 7, is not met yet: docs/benchmarks.md.)
+    held = summaries["grpo"]["heldout"]
+    assert held["before"]["exact_match"] == summaries["sft"]["heldout"]["after"]["exact_match"]
+    assert held["before"]["n"] == held["after"]["n"] == 100
     windows = summaries["grpo"]["rewards"]
-    # Mean reward of the first and last 3 logging steps, measured here (AMD EPYC) for seeds 42 / 1 / 7:
-    # 0.61 → 0.84, 0.52 → 0.57, 0.48 → 0.54; the bar leaves room for other CPUs' rounding.
     assert windows["last"] > windows["first"] + 0.03, windows
     stage = tmp_path / "run" / "grpo"
     metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
@@ -203,6 +208,92 @@ def test_generation_uses_the_expert_lora_and_the_reference_does_not(tmp_path):
     assert False in seen["no_grad"]  # the reference log-probs (beta > 0) ran with it disabled
 
 
+# TRL's loss types (its GRPOConfig documents them), and GSPO: sequence-level importance ratios with the
+# per-sequence `grpo` loss (TRL warns that the token-summing losses reweight it by length); LUSPO is
+# sequence-level by definition.
+LOSSES = [(t, "sequence" if t == "luspo" else "token") for t in documented_values(GRPOConfig, "loss_type")]
+LOSSES.append(("grpo", "sequence"))
+# The default suite runs the four the issue names and GSPO (a few seconds each); the others run in the long job.
+_DEFAULT_SUITE = {
+    ("grpo", "token"),
+    ("dr_grpo", "token"),
+    ("dapo", "token"),
+    ("bnpo", "token"),
+    ("grpo", "sequence"),
+}
+_LOSS_CASES = [
+    pytest.param(t, lv, id=f"{t}-{lv}", marks=() if (t, lv) in _DEFAULT_SUITE else pytest.mark.long)
+    for t, lv in LOSSES
+]
+# The metric each family logs: the clipped losses their clip ratios, CISPO its clipped weights, VESPO its
+# sequence weights; SAPO's soft gate none of them.
+_LOSS_METRIC = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": None}
+
+
+def test_the_loss_types_include_grpo_dr_grpo_dapo_and_bnpo():
+    assert {"grpo", "dr_grpo", "dapo", "bnpo"} <= {t for t, _ in LOSSES}
+
+
+@pytest.mark.parametrize(("loss_type", "level"), _LOSS_CASES)
+def test_each_loss_type_trains_the_adapter(tmp_path, loss_type, level):
+    """Three steps of each loss (2 prompts x 2 generations, 4 new tokens) reach TRL's trainer and move
+    the adapter; the metrics name the loss that ran."""
+    r = recipe.Recipe.model_validate(
+        _grpo(
+            tmp_path,
+            train={
+                "loss_type": loss_type,
+                "importance_sampling_level": level,
+                "per_device_train_batch_size": 4,
+                "num_generations": 2,
+                "max_completion_length": 4,
+                "learning_rate": 1e-2,
+                "save_strategy": "no",
+            },
+        )
+    )
+    plan = pipeline.plan(r)
+    args = plan.inputs["grpo"].args
+    assert (args.loss_type, args.importance_sampling_level) == (loss_type, level)
+    model = plan.context.adapted_model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (tmp_path / "run").mkdir()
+    from finetune.stages import grpo
+
+    summary = grpo.run("grpo", r.stages["grpo"], plan.inputs["grpo"], plan.context, model=model)
+    assert summary["train"]["steps"] == 3
+    now = dict(model.named_parameters())
+    assert any(not torch.equal(now[n].detach(), v) for n, v in start.items())
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = set().union(*(m.keys() for m in metrics if "loss" in m))
+    family = {"cispo_clip_ratio", "vespo/phi_seq_mean", "clip_ratio/region_mean"}
+    expected = _LOSS_METRIC.get(loss_type, "clip_ratio/region_mean")
+    assert logged & family == ({expected} if expected else set()), sorted(logged & family)
+
+
+def test_heldout_check_before_and_after_grpo(tmp_path, capsys):
+    """`heldout:` on a GRPO stage: validate counts its prompts; the summary and the run's table hold the
+    greedy check of the starting policy and of the trained one, which a step at a high rate changed."""
+    heldout = {"data": str(REVERSE / "test.jsonl"), "max_samples": 4, "max_new_tokens": 4}
+    data = _grpo(
+        tmp_path, heldout=heldout, train={"max_steps": 1, "learning_rate": 3e-2, "save_strategy": "no"}
+    )
+    path = write_recipe(tmp_path / "r.yaml", data)
+    assert main(["validate", str(path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert next(r for r in rows if r[:1] == ["heldout"])[:3] == ["heldout", "4", "4"]
+    assert main(["run", str(path)]) == 0
+    assert any(line.split()[:2] == ["grpo", "exact_match"] for line in capsys.readouterr().out.splitlines())
+    summary = json.loads((tmp_path / "run" / "grpo" / "summary.json").read_text())
+    held = summary["heldout"]
+    assert held["metric"] == "exact_match" and held["before"]["n"] == held["after"]["n"] == 4
+    assert [e["output"] for e in held["before"]["examples"]] != [
+        e["output"] for e in held["after"]["examples"]
+    ]
+
+
 def test_disable_adapter_covers_the_expert_lora():
     from finetune.model.load import load_model, resolve_source
 
@@ -321,6 +412,16 @@ def _two_stages(tmp_path, first_type: str, **grpo_stage) -> dict:
             "stages.grpo.train.reward_weights: 2 weights for 1 rewards",
         ),
         (lambda t: _grpo(t, max_prompt_length=2), "stages.grpo.max_prompt_length: 2 drops every prompt"),
+        (
+            lambda t: _grpo(t, train={"loss_type": "gspo"}),
+            "stages.grpo.train.loss_type: 'gspo' is not a loss of TRL's GRPOConfig (it has: grpo, dr_grpo, "
+            "dapo, bnpo,",
+        ),
+        (
+            lambda t: _grpo(t, train={"importance_sampling_level": "seq"}),
+            "stages.grpo.train.importance_sampling_level: 'seq' is not a level of TRL's GRPOConfig (it has: "
+            "token, sequence)",
+        ),
     ],
 )
 def test_bad_grpo_stages_are_one_line_and_write_nothing(tmp_path, capsys, make, message):

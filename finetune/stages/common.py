@@ -5,6 +5,7 @@ rank-0 save of adapter + tokenizer, and the plot and summary written last."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, health, heap, mixture, rundir, stagetypes
+from finetune import data, distributed, formats, health, heap, heldout, mixture, rundir, stagetypes
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError
 from finetune.fast import fusion, generation
@@ -317,6 +318,37 @@ def check_trainer(name: str, args: Any, has_eval: bool) -> None:
             )
 
 
+def documented_values(config_cls: type, field: str) -> list[str]:
+    """The values the installed TRL documents for a config field: its `choices`, else the quoted names
+    its help lists after "values are", else every backquoted quoted name of its help. TRL checks most of
+    them only mid-training."""
+    spec = getattr(config_cls, "__dataclass_fields__", {}).get(field)
+    if spec is None:
+        return []
+    if spec.metadata.get("choices"):
+        return list(spec.metadata["choices"])
+    text = spec.metadata.get("help", "")
+    listed = re.search(r"values are:?\s(.*?)\.(\s|$)", text)
+    names = (
+        re.findall(r"'([a-z0-9_]+)'", listed.group(1)) if listed else re.findall(r"`'([a-z0-9_]+)'`", text)
+    )
+    return list(dict.fromkeys(names))
+
+
+def check_documented(name: str, args: Any, config_cls: type, field: str, what: str) -> None:
+    """`stages.<name>.train.<field>` (a value or a list of them) is one of `documented_values`; `what`
+    names such a value in the message ("a loss")."""
+    known = documented_values(config_cls, field)
+    value = getattr(args, field, None)
+    given = value if isinstance(value, list) else [value]
+    unknown = [v for v in given if v not in known]
+    if known and unknown:
+        raise UserError(
+            f"stages.{name}.train.{field}: {unknown[0]!r} is not {what} of TRL's {config_cls.__name__} "
+            f"(it has: {', '.join(known)})"
+        )
+
+
 def sources(d: Any, which: str, key: str) -> list[mixture.Source]:
     """The `train` or `eval` sources of a stage's `data` section as plain arguments: one path (with the
     section's `format` / `columns`) or a mixture's list, each source's split and config defaulting to
@@ -402,6 +434,66 @@ def read_splits(
         if got is not None:
             out.append((got[0], None if got[1] is None else got[1].rows))
     return out
+
+
+def read_heldout(
+    name: str, stage: Any, ctx: Any, args: Any, *, fetch: bool
+) -> tuple[data.SplitReport | None, tuple[list, list[str]] | None]:
+    """The `heldout:` section's rows (from the eval split and config of `stages.<name>.data`, the first
+    `max_samples`) as (prompts, reference answers), measured in tokens as the trainer's template renders
+    them; (None, None) without one, and no pairs for a Hub dataset `validate` (fetch=False) does not load."""
+    h = stage.heldout
+    if h is None:
+        return None, None
+    d, key = stage.data, f"stages.{name}.data"
+    hkey = f"stages.{name}.heldout.data"
+    report = data.SplitReport("heldout", data.shown(h.data))
+    if not fetch and not data.is_local(h.data):
+        report.note = "Hub dataset: loaded when a run starts"
+        return report, None
+    config, config_key = (
+        (d.config, f"{key}.config") if d.eval_config is None else (d.eval_config, f"{key}.eval_config")
+    )
+    rows = data.load_rows(
+        h.data,
+        key=hkey,
+        split=d.eval_split,
+        config=config,
+        split_key=f"{key}.eval_split",
+        config_key=config_key,
+    )
+    if h.max_samples is not None and h.max_samples < len(rows):
+        report.total, rows = len(rows), rows.select(range(h.max_samples))
+    report.rows = len(rows)
+    # Alpaca and ShareGPT held-out rows are read as conversations, as training rows are.
+    rows = formats.convert(
+        rows, formats.detect(rows.column_names), rows.column_names, key=hkey, source=h.data
+    )
+    pairs = data.prompt_target_pairs(rows, key=hkey, source=h.data)
+    skipped = tokenizer_unfetched(ctx, fetch)
+    if skipped:
+        report.note = skipped
+    else:
+        tokenizer = data.stage_template(ctx.tokenizer(), args)
+        data.check_roles(pairs[0], tokenizer, key=hkey, source=h.data)
+        data.measure_prompts(report, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
+    return report, pairs
+
+
+def check_heldout(model: Any, tokenizer: Any, pairs: Any, stage: Any, ctx: Any, when: str) -> dict | None:
+    """`heldout.check` with the stage's `heldout:` settings."""
+    h = stage.heldout
+    if h is None:
+        return None
+    return heldout.check(
+        model,
+        tokenizer,
+        pairs,
+        max_new_tokens=h.max_new_tokens,
+        batch_size=h.batch_size,
+        kernels=ctx.kernels,
+        when=when,
+    )
 
 
 def tokenizer_unfetched(ctx: Any, fetch: bool) -> str | None:

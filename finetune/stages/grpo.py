@@ -35,6 +35,7 @@ class GRPOInputs:
     eval: Dataset | None
     reward_funcs: list = field(default_factory=list)
     report: list = field(default_factory=list)
+    heldout: tuple[list, list[str]] | None = None  # (prompts, answers) of `heldout:`
 
 
 def _rewards(name: str, stage: Schema, ctx: StageContext) -> tuple[list, list[tuple[str, list[str]]]]:
@@ -136,6 +137,8 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
             f"stages.{name}.train.{which}: finetune generates rollouts with the model itself (compiled "
             "decode steps under model.kernels: auto, routing recorded for replay); remove it"
         )
+    common.check_documented(name, args, GRPOConfig, "loss_type", "a loss")
+    common.check_documented(name, args, GRPOConfig, "importance_sampling_level", "a level")
     if stage.init_from is not None:
         ctx.earlier_stage(
             name, stage.init_from, f"stages.{name}.init_from", stagetypes.types_with("policy_init")
@@ -169,7 +172,9 @@ def check(name: str, stage: Schema, ctx: StageContext, *, fetch: bool = True) ->
         else:
             rows = _measure(report, rows, ctx.tokenizer(), stage, name, args.max_completion_length)
         loaded[which] = rows
-    return GRPOInputs(args, loaded.get("train"), loaded.get("eval"), funcs, [r for r, _ in splits])
+    held_report, pairs = common.read_heldout(name, stage, ctx, args, fetch=fetch)
+    reports = [r for r, _ in splits] + ([held_report] if held_report is not None else [])
+    return GRPOInputs(args, loaded.get("train"), loaded.get("eval"), funcs, reports, pairs)
 
 
 def _measure(
@@ -208,11 +213,13 @@ def run(
     resume_from: str | None = None,
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Train the policy; the summary holds the mean reward of the first and last logging windows."""
+    """Train the policy; the summary holds the mean reward of the first and last logging windows, and
+    with `heldout:` the greedy exact match before and after."""
     out = ctx.stage_dir(name)
     tokenizer = ctx.tokenizer()
     if model is None:
         model = ctx.policy_model(stage.init_from)
+    before = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "before")
     eos = tokenizer.eos_token_id
     replayer = replay.RoutingReplay(
         model, mode=stage.routing_replay, eos_token_ids=[eos] if eos is not None else []
@@ -261,8 +268,11 @@ def run(
     finally:
         monitor.remove()
         replayer.remove()
+    after = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "after")
     metrics = rundir.read_metrics(out / "metrics.jsonl")
     summary: dict[str, Any] = {"stage": name, "type": "grpo", "train": trained, "adapter": str(adapter)}
+    if before is not None:
+        summary["heldout"] = {"metric": "exact_match", "before": before, "after": after}
     summary["rewards"] = _reward_windows(metrics)
     mismatch = [m["routing/mismatch"] for m in metrics if "routing/mismatch" in m]
     if mismatch:

@@ -15,7 +15,6 @@ starting policy's (the `init_from` adapter, or the base), measured as it is afte
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +87,7 @@ def check(
     d, key = stage.data, f"stages.{name}.data"
     common.check_trainer(name, args, has_eval=d.eval is not None)
     common.check_fsdp(name, stage.type, args, ctx)
-    _check_loss_types(name, args, config_cls)
+    common.check_documented(name, args, config_cls, "loss_type", "a loss")
     if getattr(args, "sync_ref_model", False):
         raise UserError(
             f"stages.{name}.train.sync_ref_model: TRL does not sync a reference with an adapter; the "
@@ -113,23 +112,6 @@ def check(
             )
         loaded[report.split] = rows
     return PreferenceInputs(args, loaded.get("train"), loaded.get("eval"), [r for r, _ in splits])
-
-
-def _check_loss_types(name: str, args: Any, config_cls: type) -> None:
-    """`loss_type` names the installed TRL documents on its config (its `choices`, or the names its help
-    lists); TRL itself checks them only mid-training."""
-    spec = getattr(config_cls, "__dataclass_fields__", {}).get("loss_type")
-    if spec is None:  # one loss (ORPO)
-        return
-    metadata = spec.metadata
-    known = metadata.get("choices") or re.findall(r"`'([a-z0-9_]+)'`", metadata.get("help", ""))
-    given = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
-    unknown = [t for t in given if t not in known]
-    if known and unknown:
-        raise UserError(
-            f"stages.{name}.train.loss_type: {unknown[0]!r} is not a loss of TRL's {config_cls.__name__} "
-            f"(it has: {', '.join(known)})"
-        )
 
 
 def _measure(

@@ -9,11 +9,10 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
-from finetune import data, formats, heldout
+from finetune import data
 from finetune.context import StageContext
-from finetune.distributed import is_primary
 from finetune.errors import UserError
-from finetune.model import fsdp, routing
+from finetune.model import routing
 from finetune.schema import train_arguments
 from finetune.stages import common
 from finetune.stagetypes import STAGE_TYPES, SFTSchema
@@ -49,33 +48,7 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
     common.check_trainer(name, args, has_eval=d.eval is not None)
     common.check_fsdp(name, stage.type, args, ctx)
     key = f"stages.{name}.data"
-    # `config` names the Hub config of the train data, and of eval/held-out data unless `eval_config` does.
-    eval_config, eval_config_key = (
-        (d.config, f"{key}.config") if d.eval_config is None else (d.eval_config, f"{key}.eval_config")
-    )
     reports: list[data.SplitReport] = []
-
-    def load_heldout(spec: str, spec_key: str, max_samples: int | None) -> Dataset | None:
-        report = data.SplitReport("heldout", data.shown(spec))
-        reports.append(report)
-        if not fetch and not data.is_local(spec):
-            report.note = "Hub dataset: loaded when a run starts"
-            return None
-        rows = data.load_rows(
-            spec,
-            key=spec_key,
-            split=d.eval_split,
-            config=eval_config,
-            split_key=f"{key}.eval_split",
-            config_key=eval_config_key,
-        )
-        if max_samples is not None and max_samples < len(rows):
-            report.total, rows = len(rows), rows.select(range(max_samples))
-        report.rows = len(rows)
-        # Alpaca and ShareGPT held-out rows are read as conversations, as training rows are.
-        fmt = formats.detect(rows.column_names)
-        return formats.convert(rows, fmt, rows.column_names, key=spec_key, source=spec)
-
     if d.streaming and args.max_steps <= 0:
         raise UserError(
             f"stages.{name}.train.max_steps: streamed data ({key}.streaming) has no length to count epochs "
@@ -101,12 +74,11 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
             rows = read.rows if read.sample is None else _stream_shape(read.rows, read.sample.column_names)
             splits[which] = (rows, read.rows if read.sample is None else read.sample)
     train, evaluation = (splits[w][0] if w in splits else None for w in ("train", "eval"))
-    h = stage.heldout
-    hkey = f"stages.{name}.heldout.data"
-    held = load_heldout(h.data, hkey, h.max_samples) if h is not None else None
-    pairs = data.prompt_target_pairs(held, key=hkey, source=h.data) if held is not None else None
+    held_report, pairs = common.read_heldout(name, stage, ctx, args, fetch=fetch)
+    if held_report is not None:
+        reports.append(held_report)
 
-    measured = [r for r in reports if r.rows is not None]
+    measured = [r for r in reports if r.rows is not None and r.split != "heldout"]
     if measured and ctx.source.kind == "hub" and not fetch:
         for r in measured:
             r.note = f"token counts skipped: the tokenizer of Hub model {ctx.source.ref} is fetched by a run"
@@ -115,15 +87,9 @@ def check(name: str, stage: SFTStage, ctx: StageContext, *, fetch: bool = True) 
         sources = {
             "train": (f"{key}.train", d.train if isinstance(d.train, str) else None),
             "eval": (f"{key}.eval", d.eval if isinstance(d.eval, str) else None),
-            "heldout": (hkey, h.data if h is not None else None),
         }
         for r in measured:
             split_key, source = sources[r.split]
-            if r.split == "heldout":
-                assert pairs is not None and h is not None
-                data.check_roles(pairs[0], tokenizer, key=split_key, source=source)
-                data.measure_prompts(r, pairs[0], tokenizer=tokenizer, max_new_tokens=h.max_new_tokens)
-                continue
             rows = splits[r.split][1]
             if "prompt" in rows.column_names:
                 conversations = zip(rows["prompt"], rows["completion"], strict=True)
@@ -173,26 +139,7 @@ def run(
     tokenizer = ctx.tokenizer()
     model = model if model is not None else ctx.adapted_model()
 
-    def check_heldout(when: str) -> dict | None:
-        # One process generates and the others go on, unless the model is FSDP-sharded (after training
-        # under an FSDP launch): then every rank generates the same prompts in step, as each forward
-        # all-gathers the layers, and rank 0 reports.
-        sharded = fsdp.is_sharded(model)
-        if inputs.heldout is None or not (is_primary() or sharded):
-            return None
-        h = stage.heldout
-        return heldout.exact_match(
-            model,
-            tokenizer,
-            *inputs.heldout,
-            max_new_tokens=h.max_new_tokens,
-            batch_size=h.batch_size,
-            desc=f"held-out check ({when})",
-            kernels=ctx.kernels,
-            synced=sharded,
-        )
-
-    before = check_heldout("before")
+    before = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "before")
     monitor = routing.RouterMonitor(model, aux_loss_coef=ctx.aux_loss_coef)
     trainer, tokenizer, trained, adapter = common.fit(
         SFTTrainer,
@@ -208,7 +155,7 @@ def run(
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
     monitor.remove()
-    after = check_heldout("after")
+    after = common.check_heldout(model, tokenizer, inputs.heldout, stage, ctx, "after")
 
     summary: dict[str, Any] = {
         "stage": name,
