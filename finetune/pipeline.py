@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from finetune import family, rundir
+from finetune import esft, family, rundir
 from finetune import recipe as recipe_mod
 from finetune.context import StageContext
 from finetune.distributed import barrier, is_primary
 from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model.load import model_skeleton, resolve_source
-from finetune.recipe import AdapterConfig, Recipe
+from finetune.recipe import AdapterConfig, ESFTConfig, Recipe
 from finetune.stages import REGISTRY
 
 
@@ -42,10 +42,12 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         name: REGISTRY[stage.type].check(name, stage, ctx, fetch=fetch)
         for name, stage in recipe.stages.items()
     }
+    if ctx.esft is not None:
+        esft.check(ctx.stages)
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
-        adapters.resolve_targets(skeleton, recipe.adapter.targets)
         check_experts(skeleton, recipe.adapter)
+        adapters.resolve_targets(skeleton, recipe.adapter.targets)
     return Plan(recipe, ctx, inputs)
 
 
@@ -71,6 +73,13 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
     if adapter.experts == "all":
         return
     layers = routing.by_layer(skeleton, family.Experts)
+    if isinstance(adapter.experts, ESFTConfig):
+        if not layers:
+            raise UserError(
+                "adapter.experts: `select: esft` scores routed experts and this model has none; "
+                "drop `experts` or use a mixture-of-experts model"
+            )
+        return
     for index, ids in adapter.experts.items():
         if index not in layers:
             raise UserError(

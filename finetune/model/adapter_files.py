@@ -22,6 +22,8 @@ from finetune.model.experts import LORA_STATE_KEYS
 from finetune.model.shards import BadFile, Entry, Reader, read_header
 
 EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
+# ESFT `train: full`: the trained experts' whole weights, per layer `layers.<i>.{gate_up,down,experts}`.
+FULL_EXPERTS_FILE = "expert_weights.safetensors"
 ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
 # A classifier's or reward model's head: stage type, label names in id order, multi-label, max_length.
 HEAD_FILE = "head.json"

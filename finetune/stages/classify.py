@@ -172,6 +172,7 @@ def run(
         resume_from,
         head=head,
         kernels=ctx.kernels,
+        esft=ctx.esft,
         compute_loss_func=loss_function(weights, multi),
     )
     monitor.remove()

@@ -247,6 +247,7 @@ def run(
                 monitor,
                 resume_from,
                 kernels=ctx.kernels,
+                esft=ctx.esft,
                 compiled_regions=False,  # it generates inside training: decode steps would recompile them
                 reward_funcs=inputs.reward_funcs,
                 router_monitor=monitor,

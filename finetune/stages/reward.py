@@ -126,7 +126,16 @@ def run(
     max_length = inputs.args.max_length
     head = {"type": "reward", "max_length": max_length}
     trainer, tokenizer, trained, adapter = common.fit(
-        RewardTrainer, model, inputs, tokenizer, out, monitor, resume_from, head=head, kernels=ctx.kernels
+        RewardTrainer,
+        model,
+        inputs,
+        tokenizer,
+        out,
+        monitor,
+        resume_from,
+        head=head,
+        kernels=ctx.kernels,
+        esft=ctx.esft,
     )
     monitor.remove()
     summary: dict[str, Any] = {"stage": name, "type": "reward", "train": trained, "adapter": str(adapter)}

@@ -170,6 +170,7 @@ def run(
         monitor,
         resume_from,
         kernels=ctx.kernels,
+        esft=ctx.esft,
         chunked_head=True,  # SFTTrainer always puts TRL's chunked head on: ours replaces it (an error if not found)
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
