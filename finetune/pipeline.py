@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -89,6 +90,31 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
         bad = [e for e in ids if not 0 <= e < n] if isinstance(ids, list) else []
         if bad:
             raise UserError(f"adapter.experts: layer {index}: no expert {bad[0]} (0..{n - 1})")
+
+
+def score_experts(recipe: Recipe, stage: str | None, out: Path) -> tuple[str, dict[str, Any]]:
+    """`finetune experts`: the ESFT scores and selection of one stage (default: the first that trains),
+    written to `out/<stage>/` (expert_scores.json, .png); the stage is run up to its trainer and stops
+    there. Returns (stage name, the selection record)."""
+    checked = plan(recipe, fetch=True)
+    ctx = checked.context
+    if ctx.esft is None:
+        raise UserError(
+            "adapter.experts: `finetune experts` scores experts for ESFT; set `adapter.experts: {select: esft}`"
+        )
+    names = [n for n, s in recipe.stages.items() if s.type in esft.TYPES]
+    name = stage or (names[0] if names else None)
+    if name not in names:
+        raise UserError(f"--stage: {stage!r} is not a training stage of this recipe ({', '.join(names)})")
+    ctx = dataclasses.replace(ctx, output_dir=out, esft={**ctx.esft, "scores_only": True})
+    inputs = checked.inputs[name]
+    if dataclasses.is_dataclass(inputs) and "heldout" in {f.name for f in dataclasses.fields(inputs)}:
+        inputs = dataclasses.replace(inputs, heldout=None)  # no generation before a stage that stops
+    try:
+        REGISTRY[recipe.stages[name].type].run(name, recipe.stages[name], inputs, ctx)
+    except esft.ScoredOnly as done:
+        return name, done.record
+    raise AssertionError("the stage trained instead of stopping after the scores")
 
 
 # The stage context of a recipe (built by the recipe module; kept here under its earlier name).
