@@ -153,6 +153,14 @@ def apply(
     plot(measured[score], selection, out / HEATMAP_FILE, f"{stage}: {score} score (selected: boxed)")
     if scores_only:
         raise ScoredOnly(record)
+    inherited = {i: _trained_ids(layer) for i, layer in layers.items() if layer.has_full or layer.has_lora}
+    if inherited:
+        # `init_from` an ESFT stage: its experts were loaded trainable and go on training; a second set
+        # chosen here would mix two selections on one layer.
+        record["selection"] = {str(i): ids for i, ids in inherited.items()}
+        record["inherited"] = True
+        record.update(scores_mod.summary(inherited, per_expert, first.num_experts))
+        return record
     for index, ids in selection.items():
         layer: NF4Experts = layers[index]
         if train == "lora":
@@ -164,6 +172,11 @@ def apply(
         else:
             layer.add_full(ids)
     return record
+
+
+def _trained_ids(layer: NF4Experts) -> list[int]:
+    ids = layer.full_experts if layer.has_full else layer.lora_experts
+    return [int(i) for i in ids.tolist()]
 
 
 def save_record(record: dict[str, Any], adapter: Path) -> None:

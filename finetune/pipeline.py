@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -108,8 +109,11 @@ def score_experts(recipe: Recipe, stage: str | None, out: Path) -> tuple[str, di
         raise UserError(f"--stage: {stage!r} is not a training stage of this recipe ({', '.join(names)})")
     ctx = dataclasses.replace(ctx, output_dir=out, esft={**ctx.esft, "scores_only": True})
     inputs = checked.inputs[name]
-    if dataclasses.is_dataclass(inputs) and "heldout" in {f.name for f in dataclasses.fields(inputs)}:
-        inputs = dataclasses.replace(inputs, heldout=None)  # no generation before a stage that stops
+    args = copy.copy(inputs.args)
+    args.output_dir = str(out / name / "checkpoints")  # the trainer makes it: not in the run's folder
+    fields = {f.name for f in dataclasses.fields(inputs)}
+    # no generation before a stage that stops
+    inputs = dataclasses.replace(inputs, args=args, **({"heldout": None} if "heldout" in fields else {}))
     try:
         REGISTRY[recipe.stages[name].type].run(name, recipe.stages[name], inputs, ctx)
     except esft.ScoredOnly as done:

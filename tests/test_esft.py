@@ -255,3 +255,81 @@ def test_a_scoring_sample_without_loss_tokens():
         "stages.sft: the ESFT scoring sample (the first 32 training rows) has no token the loss counts; "
         "raise adapter.experts.samples or check the rows' completions"
     )
+
+
+def test_trained_experts_in_the_decode_path_equal_the_grouped_forward():
+    from finetune.fast import decode
+
+    model = load_model(Source("preset", "tiny"), quantization="nf4", dtype="float32")
+    layer = adapters.expert_layers(model)[1]
+    layer.add_full([2, 5])
+    with torch.no_grad():
+        layer.full_gate_up.add_(0.05 * torch.randn_like(layer.full_gate_up))
+        layer.full_down.add_(0.05 * torch.randn_like(layer.full_down))
+    hidden = torch.randn(6, layer.hidden_dim)
+    picks = torch.tensor([[2, 0], [5, 2], [1, 3], [5, 7], [4, 2], [6, 1]])
+    weights = torch.rand(6, 2)
+    with torch.no_grad():
+        grouped = layer(hidden, picks, weights)
+        pairs = decode.few_token_forward(layer, hidden, picks, weights)
+        layer.lora_enabled = False  # the adapter off (a reference pass): the NF4 experts
+        off = layer(hidden, picks, weights)
+        layer.lora_enabled = True
+        layer.remove_full()
+        plain = layer(hidden, picks, weights)
+    torch.testing.assert_close(pairs, grouped, rtol=1e-5, atol=1e-6)
+    assert torch.equal(off, plain)
+    changed = (grouped - plain).abs().amax(dim=1) > 1e-6
+    assert changed.tolist() == [True, True, False, True, True, False]  # rows that routed to 2 or 5
+
+
+def _stage_with_esft(tmp_path: Path, kind: str) -> tuple[recipe.Recipe, str]:
+    from conftest import REPO
+
+    esft_keys = [
+        "adapter.targets=[mla, routed_experts]",
+        "adapter.experts={select: esft, train: lora, p: 0.5}",
+    ]
+    if kind == "grpo":
+        from test_grpo import _grpo
+
+        data = _grpo(tmp_path, train={"max_steps": 2})
+        return recipe.load(write_recipe(tmp_path / "r.yaml", data), esft_keys), "grpo"
+    path = REPO / "recipes" / "tiny" / f"{kind}.yaml"
+    overrides = [f"output_dir={tmp_path / 'run'}", f"stages.{kind}.train.max_steps=2", *esft_keys]
+    return recipe.load(path, overrides), kind
+
+
+@pytest.mark.long  # trains a stage of each type
+@pytest.mark.parametrize("kind", ["reward", "classify", "grpo"])
+def test_esft_selects_and_trains_in_every_stage_type(tmp_path, kind):
+    r, name = _stage_with_esft(tmp_path, kind)
+    pipeline.run(r)
+    stage = tmp_path / "run" / name
+    scores = json.loads((stage / esft.SCORES_FILE).read_text())
+    assert scores["tokens"] > 0 and (stage / esft.HEATMAP_FILE).stat().st_size > 0
+    want = scoring.select({int(k): v for k, v in scores["scores"]["token"].items()}, 0.5)
+    record = json.loads((stage / "adapter" / esft.SELECTION_FILE).read_text())
+    assert {int(k): v for k, v in record["selection"].items()} == want
+    saved = load_file(str(stage / "adapter" / adapters.EXPERTS_FILE))
+    for layer, ids in want.items():
+        assert saved[f"layers.{layer}.lora_experts"].tolist() == ids
+    assert any(saved[f"layers.{i}.lora_down_B"].abs().max() > 0 for i in want)
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["train"]["esft"]["experts"] == sum(len(v) for v in want.values())
+
+
+@pytest.mark.long  # scores a stage through the CLI
+def test_finetune_experts_prints_the_selection_and_trains_nothing(tmp_path, capsys):
+    from finetune.cli import main
+
+    r = _esft_recipe(tmp_path, "full", score="token", p=0.5)
+    path = tmp_path / "r.yaml"
+    assert main(["experts", str(path), "--out", str(tmp_path / "scores")]) == 0
+    out = capsys.readouterr().out
+    scores = json.loads((tmp_path / "scores" / "sft" / esft.SCORES_FILE).read_text())
+    want = scoring.select({int(k): v for k, v in scores["scores"]["token"].items()}, 0.5)
+    for layer, ids in want.items():
+        assert f"  layer {layer}: {len(ids)} experts {ids}" in out
+    assert "stage sft: token score over 80 loss tokens of 16 rows, p 0.5" in out
+    assert not Path(r.output_dir).exists() and not (tmp_path / "scores" / "sft" / "adapter").exists()
