@@ -65,7 +65,7 @@ def batches(trainer: Any, samples: int, max_length: int) -> list[tuple[torch.Ten
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        if "input_ids" not in chunk[0]:  # GRPO: raw prompts
+        if "prompt" in chunk[0] and not any(k.endswith("input_ids") for k in chunk[0]):  # GRPO: raw prompts
             tokenizer = trainer.processing_class
             ids = [_prompt_ids(tokenizer, r["prompt"], max_length) for r in chunk]
             width = max(len(i) for i in ids)
@@ -74,7 +74,7 @@ def batches(trainer: Any, samples: int, max_length: int) -> list[tuple[torch.Ten
             attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
             out.append((input_ids, attention, attention.bool()))
             continue
-        batch = trainer.data_collator(chunk)
+        batch = trainer.data_collator(chunk)  # reward: chosen and rejected rows stacked
         input_ids = batch["input_ids"][:, :max_length]
         attention = batch.get("attention_mask")
         attention = attention[:, :max_length] if attention is not None else torch.ones_like(input_ids)

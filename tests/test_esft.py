@@ -333,3 +333,19 @@ def test_finetune_experts_prints_the_selection_and_trains_nothing(tmp_path, caps
         assert f"  layer {layer}: {len(ids)} experts {ids}" in out
     assert "stage sft: token score over 80 loss tokens of 16 rows, p 0.5" in out
     assert not Path(r.output_dir).exists() and not (tmp_path / "scores" / "sft" / "adapter").exists()
+
+
+def test_esft_needs_the_routed_experts_target_and_a_supported_stage(capsys, tmp_path):
+    data = base_recipe(tmp_path)
+    data["adapter"].update(targets=["mla"], experts={"select": "esft"})
+    line = fails(capsys, tmp_path, ["validate", str(write_recipe(tmp_path / "r.yaml", data))])
+    assert line == (
+        "error: adapter.targets: `experts: {select: esft}` trains routed experts; add `routed_experts` to targets"
+    )
+    esft.check({"sft": "sft", "eval": "eval", "grpo": "grpo"})
+    with pytest.raises(UserError) as err:
+        esft.check({"sft": "sft", "pref": "dpo"})
+    assert str(err.value) == (
+        "stages.pref: `adapter.experts: {select: esft}` works with sft, reward, classify, grpo stages, "
+        "not dpo; train this stage in a recipe without it"
+    )

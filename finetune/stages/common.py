@@ -76,8 +76,8 @@ def fit(
         callbacks=callbacks(out, monitor, resume_from),
         **trainer_kwargs,
     )
-    record = _esft(trainer, out, monitor, esft) if esft is not None else None
     tokenizer = prepare(trainer, resume_from)
+    record = _esft(trainer, out, monitor, esft) if esft is not None else None
     if sharded:
         fsdp.shard(trainer.model)
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
