@@ -1,4 +1,5 @@
-"""`finetune run | validate RECIPE [key=value ...]`, `export`, `eval`, `predict`, `push`, `--version`.
+"""`finetune run | validate | inspect | experts RECIPE [key=value ...]`, `export`, `eval`, `predict`,
+`push`, `finetune --version`.
 
 A user mistake prints one line and exits with 2; `--debug` shows the traceback instead.
 """
@@ -53,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
         )
+    text = "ESFT: score the routed experts on a stage's data and show the experts `select: esft` trains"
+    sub = verbs.add_parser("experts", help=text, description=text)
+    sub.add_argument("recipe", help="recipe YAML file with adapter.experts: {select: esft, ...}")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. adapter.experts.p=0.3")
+    sub.add_argument(
+        "--stage", help="the stage whose training rows are scored (default: the first that trains)"
+    )
+    sub.add_argument(
+        "--out", help="folder for <stage>/expert_scores.json and .png (default: <output_dir>.experts)"
+    )
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     text = "merge a stage's adapter into the base checkpoint, streamed: a plain transformers checkpoint"
     sub = verbs.add_parser("export", help=text, description=text)
     sub.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a stage folder of a finished run")
@@ -201,6 +213,14 @@ def _validate(args: argparse.Namespace) -> int:
         if push is not None:
             what = "its export (base original)" if push.export else "its adapter"
             print(f"    then pushes {what} to {push.repo}{' (private)' if push.private else ''}")
+    e = checked.context.esft
+    if e is not None:
+        bounds = "".join(f", {k} {e[k]}" for k in ("min_experts", "max_experts") if e[k] is not None)
+        print(
+            f"  adapter.experts: ESFT — {e['score']} score, p {e['p']}{bounds}, train {e['train']}; each stage "
+            f"chooses its experts from its first {e['samples']} training rows when it runs "
+            "(`finetune experts RECIPE` scores and lists them now)"
+        )
     held = pipeline.held_run(r)
     if held is not None:
         print(f"  output_dir {r.output_dir} holds {held}: `run` needs --resume or --overwrite")
@@ -217,6 +237,30 @@ def _inspect(args: argparse.Namespace) -> int:
     ctx = pipeline.plan(r).context
     rows = report(ctx.adapted_model())
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if ctx.esft is not None and not args.json:
+        print(
+            "routed_experts: ESFT adds its trainable experts once a stage has scored them "
+            "(`finetune experts RECIPE` lists them with their parameter count)"
+        )
+    return 0
+
+
+def _experts(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finetune import pipeline, recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path(f"{str(r.output_dir).rstrip('/')}.experts")
+    name, record = pipeline.score_experts(r, args.stage, out)
+    print(
+        f"stage {name}: {record['score']} score over {record['tokens']} loss tokens of {record['rows']} rows, "
+        f"p {record['p']} → {record['experts']} of {record['of']} experts ({record['share']:.1%}), "
+        f"{record['expert_parameters']:,} expert parameters to train ({record['train']})"
+    )
+    for layer, ids in record["selection"].items():
+        print(f"  layer {layer}: {len(ids)} experts {ids}")
+    print(f"scores: {out / name / 'expert_scores.json'}, heatmap: {out / name / 'expert_scores.png'}")
     return 0
 
 
@@ -346,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "validate": _validate,
             "inspect": _inspect,
             "export": _export,
+            "experts": _experts,
             "predict": _predict,
             "eval": _eval,
             "push": _push,

@@ -25,6 +25,8 @@ class StageContext:
     adapter_kwargs: dict[str, Any]  # plain arguments of finetune.model.adapters.attach
     aux_loss_coef: float = 0.0  # expert-balance loss weight (only with a trainable router)
     kernels: str = "auto"  # model.kernels: fast generation where it applies (finetune.fast.generation)
+    # adapter.experts: {select: esft}: plain arguments of `finetune.esft.apply`, run by `stages.common.fit`
+    esft: dict[str, Any] | None = None
     stages: dict[str, str] = field(default_factory=dict)  # every stage of the recipe, in order: name → type
     routing: Thresholds = field(default_factory=Thresholds)  # the recipe's `routing:` alarms
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)

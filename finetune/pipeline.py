@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from finetune import family, push, rundir
+from finetune import esft, family, push, rundir
 from finetune import recipe as recipe_mod
 from finetune.context import StageContext
 from finetune.distributed import barrier, is_primary
@@ -19,7 +21,7 @@ from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model.export import export
 from finetune.model.load import model_skeleton, resolve_source
-from finetune.recipe import AdapterConfig, Recipe
+from finetune.recipe import AdapterConfig, ESFTConfig, Recipe
 from finetune.stages import REGISTRY
 
 
@@ -46,10 +48,12 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     for name, stage in recipe.stages.items():
         if getattr(stage, "push", None) is not None:  # what the upload will need, read locally
             push.check_upload(f"stages.{name}.push")
+    if ctx.esft is not None:
+        esft.check(ctx.stages)
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
-        adapters.resolve_targets(skeleton, recipe.adapter.targets)
         check_experts(skeleton, recipe.adapter)
+        adapters.resolve_targets(skeleton, recipe.adapter.targets)
     return Plan(recipe, ctx, inputs)
 
 
@@ -75,6 +79,13 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
     if adapter.experts == "all":
         return
     layers = routing.by_layer(skeleton, family.Experts)
+    if isinstance(adapter.experts, ESFTConfig):
+        if not layers:
+            raise UserError(
+                "adapter.experts: `select: esft` scores routed experts and this model has none; "
+                "drop `experts` or use a mixture-of-experts model"
+            )
+        return
     for index, ids in adapter.experts.items():
         if index not in layers:
             raise UserError(
@@ -84,6 +95,34 @@ def check_experts(skeleton: torch.nn.Module, adapter: AdapterConfig) -> None:
         bad = [e for e in ids if not 0 <= e < n] if isinstance(ids, list) else []
         if bad:
             raise UserError(f"adapter.experts: layer {index}: no expert {bad[0]} (0..{n - 1})")
+
+
+def score_experts(recipe: Recipe, stage: str | None, out: Path) -> tuple[str, dict[str, Any]]:
+    """`finetune experts`: the ESFT scores and selection of one stage (default: the first that trains),
+    written to `out/<stage>/` (expert_scores.json, .png); the stage is run up to its trainer and stops
+    there. Returns (stage name, the selection record)."""
+    checked = plan(recipe, fetch=True)
+    ctx = checked.context
+    if ctx.esft is None:
+        raise UserError(
+            "adapter.experts: `finetune experts` scores experts for ESFT; set `adapter.experts: {select: esft}`"
+        )
+    names = [n for n, s in recipe.stages.items() if s.type in esft.TYPES]
+    name = stage or (names[0] if names else None)
+    if name not in names:
+        raise UserError(f"--stage: {stage!r} is not a training stage of this recipe ({', '.join(names)})")
+    ctx = dataclasses.replace(ctx, output_dir=out, esft={**ctx.esft, "scores_only": True})
+    inputs = checked.inputs[name]
+    args = copy.copy(inputs.args)
+    args.output_dir = str(out / name / "checkpoints")  # the trainer makes it: not in the run's folder
+    fields = {f.name for f in dataclasses.fields(inputs)}
+    # no generation before a stage that stops
+    inputs = dataclasses.replace(inputs, args=args, **({"heldout": None} if "heldout" in fields else {}))
+    try:
+        REGISTRY[recipe.stages[name].type].run(name, recipe.stages[name], inputs, ctx)
+    except esft.ScoredOnly as done:
+        return name, done.record
+    raise AssertionError("the stage trained instead of stopping after the scores")
 
 
 # The stage context of a recipe (built by the recipe module; kept here under its earlier name).

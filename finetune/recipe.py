@@ -32,6 +32,7 @@ from finetune.schema import (  # noqa: F401  (re-exported: the recipe's sections
     TRAIN_DEFAULTS,
     AdapterConfig,
     DataConfig,
+    ESFTConfig,
     Float,
     HeldoutConfig,
     Int,
@@ -116,6 +117,7 @@ def stage_context(recipe: Recipe, source: Source | None) -> StageContext:
         ),
         aux_loss_coef=a.router_aux_loss_coef if a.router == "trainable" else 0.0,
         kernels=m.kernels,
+        esft=_esft_arguments(a) if isinstance(a.experts, ESFTConfig) else None,
         stages={name: stage.type for name, stage in recipe.stages.items()},
         routing=Thresholds(**recipe.routing.model_dump()),
         adapter_kwargs=dict(
@@ -129,8 +131,29 @@ def stage_context(recipe: Recipe, source: Source | None) -> StageContext:
             trainable_modules=a.trainable_modules,
             experts=None
             if a.experts == "all"
+            # ESFT: no expert LoRA at attach; the stage adds what the scores choose (`finetune.esft`)
+            else {}
+            if isinstance(a.experts, ESFTConfig)
             else {k: None if v == "all" else v for k, v in a.experts.items()},
         ),
+    )
+
+
+def _esft_arguments(a: AdapterConfig) -> dict[str, Any]:
+    """`adapter.experts: {select: esft}` as the plain arguments of `finetune.esft.apply`."""
+    e = a.experts
+    assert isinstance(e, ESFTConfig)
+    return dict(
+        score=e.score,
+        p=e.threshold,
+        min_experts=e.min_experts,
+        max_experts=e.max_experts,
+        train=e.train,
+        samples=e.samples,
+        max_length=e.max_length,
+        lora_r=a.expert_r or a.r,
+        lora_alpha=a.expert_alpha or a.alpha,
+        dropout=a.dropout,
     )
 
 

@@ -578,6 +578,9 @@ class CompleteCheckpoints(TrainerCallback):
                 save_file(experts, str(folder / adapters.EXPERTS_FILE))
             if routers:
                 save_file(routers, str(folder / adapters.ROUTER_FILE))
+            full = adapters.full_expert_tensors(model)
+            if full:
+                save_file(full, str(folder / adapters.FULL_EXPERTS_FILE))
         except WRITE_ERRORS as err:
             raise _cannot_write(folder, err) from None
         write_text(folder / CHECKPOINT_DONE, json.dumps({"global_step": state.global_step}) + "\n")

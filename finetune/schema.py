@@ -10,7 +10,16 @@ from typing import Annotated, Any, Literal
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from finetune import distributed
 from finetune.errors import UserError
@@ -131,6 +140,36 @@ class ModelConfig(Strict):
         return self
 
 
+def _experts_kind(value: Any) -> str:
+    """Which form `adapter.experts` takes (tags in brackets: error paths leave them out)."""
+    if isinstance(value, ESFTConfig) or (isinstance(value, dict) and "select" in value):
+        return "[esft]"
+    return "[ids]" if isinstance(value, dict) else "[all]"
+
+
+class ESFTConfig(Strict):
+    """`adapter.experts: {select: esft, ...}`: train the routed experts a stage's data uses (docs/recipes.md, ESFT)."""
+
+    select: Literal["esft"]
+    score: Literal["gate", "token"] = "token"
+    p: Float | None = Field(None, gt=0, le=1)  # cumulative score per layer; None: 0.1 (gate) / 0.2 (token)
+    min_experts: Int | None = Field(None, ge=1)
+    max_experts: Int | None = Field(None, ge=1)
+    train: Literal["full", "lora"] = "full"
+    samples: Int = Field(32, gt=0)  # training rows scored, from the start of the stage's train split
+    max_length: Int = Field(4096, gt=0)  # tokens per scored row
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ESFTConfig:
+        if self.min_experts and self.max_experts and self.min_experts > self.max_experts:
+            raise ValueError(f"min_experts {self.min_experts} is above max_experts {self.max_experts}")
+        return self
+
+    @property
+    def threshold(self) -> float:
+        return self.p if self.p is not None else {"gate": 0.1, "token": 0.2}[self.score]
+
+
 class AdapterConfig(Strict):
     r: Int = Field(16, gt=0)
     alpha: Float = Field(32.0, gt=0)
@@ -139,12 +178,37 @@ class AdapterConfig(Strict):
     # Routed-expert LoRA (target `routed_experts`): its own rank/alpha, on all experts or {layer: [ids]}.
     expert_r: Int | None = Field(None, gt=0)
     expert_alpha: Float | None = Field(None, gt=0)
-    experts: Literal["all"] | dict[Int, list[Int] | Literal["all"]] = "all"
+    # or {select: esft, ...}: the experts chosen by their scores on each stage's data (`ESFTConfig`).
+    experts: Annotated[
+        Annotated[Literal["all"], Tag("[all]")]
+        | Annotated[ESFTConfig, Tag("[esft]")]
+        | Annotated[dict[Int, list[Int] | Literal["all"]], Tag("[ids]")],
+        Discriminator(_experts_kind),
+    ] = "all"
     # Whole modules trained beside the LoRA (saved in the adapter folder): embeddings and/or lm_head.
     trainable_modules: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
     # The MoE router: frozen, or its full fp32 weight trained with DeepSeek's expert-balance loss.
     router: Literal["frozen", "trainable"] = "frozen"
     router_aux_loss_coef: Float = Field(0.001, ge=0)  # DeepSeek-V2's aux_loss_alpha
+
+    @model_validator(mode="before")
+    @classmethod
+    def _esft_alone(cls, data: Any) -> Any:
+        experts = data.get("experts") if isinstance(data, dict) else None
+        if isinstance(experts, dict) and "select" in experts and any(not isinstance(k, str) for k in experts):
+            raise UserError(
+                "adapter.experts: `select: esft` chooses the experts itself; drop the {layer: [ids]} entries "
+                "or the `select` key"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _esft_targets(self) -> AdapterConfig:
+        if isinstance(self.experts, ESFTConfig) and "routed_experts" not in self.targets:
+            raise UserError(
+                "adapter.targets: `experts: {select: esft}` trains routed experts; add `routed_experts` to targets"
+            )
+        return self
 
 
 # How a source's rows are read (docs/recipes.md, Data sources): `auto` detects the format by its columns.

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "finetune.rundir",
             "finetune.context",
             "finetune.toy",
+            "finetune.esft",
         ),
     ),
     ("declarative", ("finetune.schema", "finetune.recipe", "finetune.stagetypes")),

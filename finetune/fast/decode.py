@@ -108,6 +108,10 @@ def _pairs_forward(
             out = kernel_pair_products(module, name, inputs, ids)
         else:
             out = pair_products(inputs, expert_weights(module, name, ids))
+        if getattr(module, "has_full", False) and module.lora_enabled:  # ESFT's trained 16-bit experts
+            slots = module.full_slot[ids]
+            w = getattr(module, f"full_{name}")[slots.clamp(min=0)].to(inputs.dtype)
+            out = torch.where((slots >= 0).unsqueeze(1), pair_products(inputs, w).to(out.dtype), out)
         if module.has_lora and module.lora_enabled:
             a, b = getattr(module, f"lora_{name}_A"), getattr(module, f"lora_{name}_B")
             out = out + lora_pairs(

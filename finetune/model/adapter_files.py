@@ -3,7 +3,8 @@
 PEFT's `adapter_config.json` + `adapter_model.safetensors` (LoRA keys
 `base_model.model.<module>.lora_{A,B}.weight`, full `modules_to_save` copies `base_model.model.<name>`),
 `routed_experts.safetensors` (per MoE layer `layers.<i>.lora_{gate_up,down}_{A,B}`, `lora_experts`,
-`lora_alpha`, as `NF4Experts.lora_state_dict` writes them) and `router.safetensors` (`layers.<i>.weight`).
+`lora_alpha`, as `NF4Experts.lora_state_dict` writes them) `router.safetensors` (`layers.<i>.weight`) and ESFT's `expert_weights.safetensors` (per MoE layer
+`layers.<i>.{gate_up,down}`, the trained experts' whole weights, and `layers.<i>.experts`, their ids).
 Only headers and the few small tensors that say which experts are adapted are read here; the factors
 stay on disk until the export needs them.
 """
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from finetune.compat import peft as compat_peft
 from finetune.errors import UserError, first_line
-from finetune.model.experts import LORA_STATE_KEYS
+from finetune.model.experts import FULL_STATE_KEYS, LORA_STATE_KEYS
 from finetune.model.shards import BadFile, Entry, Reader, read_header
 
 EXPERTS_FILE = "routed_experts.safetensors"  # per-expert LoRA factors, beside PEFT's adapter files
+# ESFT `train: full`: the trained experts' whole weights, per layer `layers.<i>.{gate_up,down,experts}`.
+FULL_EXPERTS_FILE = "expert_weights.safetensors"
 ROUTER_FILE = "router.safetensors"  # full router weights, when adapter.router is trainable
 # A classifier's or reward model's head: stage type, label names in id order, multi-label, max_length.
 HEAD_FILE = "head.json"
@@ -46,6 +49,15 @@ class ExpertLoRA:
 
 
 @dataclass
+class FullExperts:
+    """One MoE layer's ESFT-trained experts: their ids and whole weights ([n, 2I, H], [n, H, I])."""
+
+    experts: list[int]
+    gate_up: Entry
+    down: Entry
+
+
+@dataclass
 class Adapter:
     """What an adapter folder changes, keyed by checkpoint tensor name; tensors are read lazily."""
 
@@ -53,6 +65,7 @@ class Adapter:
     linear: dict[str, tuple[Entry, Entry, float]] = field(default_factory=dict)  # key → (A, B, scale)
     full: dict[str, Entry] = field(default_factory=dict)  # key → trained tensor replacing it
     experts: dict[int, ExpertLoRA] = field(default_factory=dict)  # MoE layer → expert LoRA
+    full_experts: dict[int, FullExperts] = field(default_factory=dict)  # MoE layer → trained experts
 
 
 def header(path: Path) -> dict[str, Entry]:
@@ -128,6 +141,23 @@ def read_adapter(folder: Path) -> Adapter:
                 adapter.experts[layer] = ExpertLoRA(parts, [int(i) for i in ids], alpha_e / rank)
         except BadFile as err:
             raise UserError(f"{experts_path}: {first_line(err)}") from None
+        finally:
+            reader.close()
+    full_path = folder / FULL_EXPERTS_FILE
+    if full_path.is_file():
+        reader = Reader()
+        try:
+            entries = header(full_path)
+            layers = sorted({int(k.split(".")[1]) for k in entries if re.fullmatch(r"layers\.\d+\..+", k)})
+            for layer in layers:
+                parts = {p: entries.get(f"layers.{layer}.{p}") for p in FULL_STATE_KEYS}
+                missing = [p for p, e in parts.items() if e is None]
+                if missing:
+                    raise UserError(f"{full_path}: layer {layer} has no {missing[0]}")
+                ids = [int(i) for i in reader.tensor(parts["experts"]).tolist()]
+                adapter.full_experts[layer] = FullExperts(ids, parts["gate_up"], parts["down"])
+        except BadFile as err:
+            raise UserError(f"{full_path}: {first_line(err)}") from None
         finally:
             reader.close()
     router_path = folder / ROUTER_FILE

@@ -23,7 +23,13 @@ from finetune.errors import UserError, first_line
 from finetune.model import routing
 
 # The adapter folder's file names, also asked of this module by the stages and the run folder.
-from finetune.model.adapter_files import EXPERTS_FILE, HEAD_FILE, ROUTER_FILE, header  # noqa: F401
+from finetune.model.adapter_files import (  # noqa: F401
+    EXPERTS_FILE,
+    FULL_EXPERTS_FILE,
+    HEAD_FILE,
+    ROUTER_FILE,
+    header,
+)
 from finetune.model.experts import NF4Experts, unquantized_experts_to_plain
 from finetune.model.shards import DTYPES
 
@@ -215,6 +221,21 @@ def extra_tensors(
     return experts, routers
 
 
+def full_expert_tensors(
+    model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """ESFT's trained 16-bit experts (`FULL_EXPERTS_FILE`), keyed `layers.<i>.{gate_up,down,experts}`;
+    `state` as in `extra_tensors`."""
+    names = {id(m): n for n, m in model.named_modules()} if state is not None else {}
+    out = {}
+    for index, layer in expert_layers(model).items():
+        for key, value in layer.full_state_dict().items():
+            if state is not None and key != "experts":
+                value = state.get(f"{names[id(layer)]}.full_{key}", value)
+            out[f"layers.{index}.{key}"] = value.detach().contiguous().cpu()
+    return out
+
+
 def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable: bool | None = None) -> None:
     """Restore `extra_tensors` from `folder` in place; `trainable` (when given) sets their requires_grad."""
     path = Path(folder) / EXPERTS_FILE
@@ -228,6 +249,17 @@ def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable:
                 # The LoRA factors only: the NF4 base weights are frozen (integer) parameters.
                 for name, p in layer.named_parameters() if trainable is not None else ():
                     if name.startswith("lora_"):
+                        p.requires_grad_(trainable)
+    path = Path(folder) / FULL_EXPERTS_FILE
+    if path.is_file():
+        tensors = load_file(str(path))
+        for index, layer in expert_layers(model).items():
+            prefix = f"layers.{index}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if own:
+                layer.load_full_state_dict(own)
+                for name, p in layer.named_parameters() if trainable is not None else ():
+                    if name.startswith("full_"):
                         p.requires_grad_(trainable)
     path = Path(folder) / ROUTER_FILE
     if path.is_file():
@@ -251,11 +283,14 @@ def save_adapter(model: PeftModel, folder: str | Path, state: dict[str, torch.Te
         save_file(experts, str(Path(folder) / EXPERTS_FILE))
     if routers:
         save_file(routers, str(Path(folder) / ROUTER_FILE))
+    full = full_expert_tensors(model, state)
+    if full:
+        save_file(full, str(Path(folder) / FULL_EXPERTS_FILE))
 
 
 def load_adapter(model: torch.nn.Module, folder: str | Path, *, trainable: bool = False) -> PeftModel:
     """Put a saved adapter on a freshly loaded base model, routed-expert LoRA included."""
-    if (Path(folder) / EXPERTS_FILE).is_file():
+    if (Path(folder) / EXPERTS_FILE).is_file() or (Path(folder) / FULL_EXPERTS_FILE).is_file():
         unquantized_experts_to_plain(model)
     with exact_targets():
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
@@ -318,6 +353,7 @@ def applied(model: torch.nn.Module, folder: str | Path | None) -> Iterator[torch
     finally:
         for layer in expert_layers(peft_model).values():
             layer.remove_lora()
+            layer.remove_full()
         base = peft_model.unload()
         with torch.no_grad():
             for i, gate in routing.routers(base).items():

@@ -30,6 +30,8 @@ _SHARDED_PARTS = ("packed", "absmax", "code", "absmax2", "code2")
 _LORA_PARTS = ("A", "B")
 # Keys of `NF4Experts.lora_state_dict()`, as saved per layer in `routed_experts.safetensors`.
 LORA_STATE_KEYS = (*(f"lora_{w}_{p}" for w in _WEIGHTS for p in _LORA_PARTS), "lora_experts", "lora_alpha")
+# Keys of `NF4Experts.full_state_dict()` (ESFT `train: full`), as saved per layer in `expert_weights.safetensors`.
+FULL_STATE_KEYS = ("gate_up", "down", "experts")
 
 
 # bitsandbytes' 4-bit kernels index elements with 32-bit integers: DeepSeek-V2's fused gate_up
@@ -338,6 +340,78 @@ class NF4Experts(nn.Module):
             rows.append((f"{w}_proj", math.prod(self._shapes[w]), nbytes, "nf4"))
         return rows
 
+    # ------------------------------------------------------------------- trained 16-bit experts
+    @property
+    def has_full(self) -> bool:
+        return hasattr(self, "full_gate_up")
+
+    def add_full(self, experts: list[int], dtype: torch.dtype | None = None) -> None:
+        """Trainable 16-bit copies of `experts` (ESFT `train: full`), dequantized from the stored weights;
+        every other expert stays as stored and frozen. The copies replace their experts' rows in
+        `forward` (and in `decode`), so the model computes exactly as before until they train."""
+        if self.has_full:
+            raise ValueError("trained experts already added to this experts module")
+        ids = sorted(set(experts))
+        if not ids or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(
+                f"experts must be a non-empty subset of 0..{self.num_experts - 1}, got {experts}"
+            )
+        device = next(iter(self.parameters())).device
+        slot = torch.full((self.num_experts,), -1, dtype=torch.long)
+        slot[ids] = torch.arange(len(ids))
+        self.register_buffer("full_slot", slot.to(device), persistent=False)
+        self.register_buffer(
+            "full_experts", torch.tensor(ids, dtype=torch.long, device=device), persistent=False
+        )
+        index = self.full_experts
+        for w in _WEIGHTS:
+            with torch.no_grad():
+                weight = self.dequantize(w, dtype or self.compute_dtype)[index].clone()
+            setattr(self, f"full_{w}", nn.Parameter(weight))
+
+    def remove_full(self) -> None:
+        for name in ("full_gate_up", "full_down"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for name in ("full_slot", "full_experts"):
+            self._buffers.pop(name, None)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained experts' weights ([n, 2I, H] and [n, H, I]) and their ids, detached copies."""
+        if not self.has_full:
+            return {}
+        return {
+            "gate_up": self.full_gate_up.detach().clone(),
+            "down": self.full_down.detach().clone(),
+            "experts": self.full_experts.detach().cpu().clone(),
+        }
+
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Restore `full_state_dict()` output, creating the copies first if this module has none."""
+        experts = [int(e) for e in sd["experts"].tolist()]
+        if not self.has_full:
+            self.add_full(experts, sd["gate_up"].dtype)
+        elif experts != self.full_experts.tolist():
+            raise ValueError(f"trained experts differ: saved {experts}, module {self.full_experts.tolist()}")
+        with torch.no_grad():
+            for w in _WEIGHTS:
+                param = getattr(self, f"full_{w}")
+                if sd[w].shape != param.shape:
+                    raise ValueError(f"full_{w}: saved {tuple(sd[w].shape)}, module {tuple(param.shape)}")
+                param.data = sd[w].to(param.device).clone()
+
+    def _full_rows(
+        self, name: str, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor:
+        """`base` with the rows of trained experts recomputed from their 16-bit copies."""
+        rows = (self.full_slot[sorted_ids] >= 0).nonzero().squeeze(1)
+        x, counts = x[rows], counts[self.full_experts]
+        w = getattr(self, f"full_{name}").to(x.dtype)
+        offsets = counts.cumsum(0).to(torch.int32)
+        grouped = self._grouped(x, tuple(w.shape[1:]))
+        out = _grouped_linear(x, w, offsets, None if grouped else counts.tolist())
+        return base.index_copy(0, rows, out.to(base.dtype))
+
     # ----------------------------------------------------------------------------------- LoRA
     @property
     def has_lora(self) -> bool:
@@ -471,6 +545,8 @@ class NF4Experts(nn.Module):
         LoRA on some experts only)."""
         if not self._grouped(x, (self.hidden_dim, self.intermediate_dim)):
             return False
+        if self.has_full and self.lora_enabled:
+            return False  # the trained experts' rows: a data-dependent shape
         if not (self.has_lora and self.lora_enabled):
             return True
         all_experts = self.lora_experts.numel() == self.num_experts
@@ -511,6 +587,9 @@ class NF4Experts(nn.Module):
         keep = self.mode.fused and self.mode.checkpointed() and torch.is_grad_enabled()
         gate_up = self._base_product("gate_up", x, offsets, host, keep)
         lora = self.has_lora and self.lora_enabled
+        full = self.has_full and self.lora_enabled
+        if full:
+            gate_up = self._full_rows("gate_up", x, sorted_ids, counts, gate_up)
         if lora:
             gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
         if self.mode.fused:
@@ -519,6 +598,8 @@ class NF4Experts(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
         y = self._base_product("down", h, offsets, host, keep)
+        if full:
+            y = self._full_rows("down", h, sorted_ids, counts, y)
         if lora:
             y = self._lora_delta("down", h, sorted_ids, counts, y)
 
@@ -531,6 +612,7 @@ class NF4Experts(nn.Module):
 
     def extra_repr(self) -> str:
         lora = f", lora_r={self.lora_r}, lora_experts={self.lora_experts.numel()}" if self.has_lora else ""
+        lora += f", trained_experts={self.full_experts.numel()}" if self.has_full else ""
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
             f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}{lora}"

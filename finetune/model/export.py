@@ -5,7 +5,8 @@ read directly: PEFT LoRA (`adapter_model.safetensors`: delta `B @ A * alpha/r`, 
 rsLoRA, `rank_pattern` / `alpha_pattern` honoured) and full trained copies (`modules_to_save`:
 embeddings, lm_head), per-expert LoRA (`routed_experts.safetensors`: delta of expert e is
 `B[slot] @ A[slot] * alpha/r`, gate_up fused [2I, H] with the gate rows first) and trained routers
-(`router.safetensors`). Then every shard of the checkpoint is read in order, tensor by tensor, under its
+(`router.safetensors`), and ESFT's trained experts (`expert_weights.safetensors`: their whole weights
+replace theirs, written in the tensor's dtype). Then every shard of the checkpoint is read in order, tensor by tensor, under its
 own key (per-expert `mlp.experts.{j}.{gate,up,down}_proj.weight` or the fused `mlp.experts.gate_up_proj`
 / `down_proj`): the delta is added in fp32 and the result written in the tensor's dtype (or `--dtype`);
 a tensor without delta is copied byte for byte. Output shards are at most `max_shard_bytes`.
@@ -51,7 +52,7 @@ from finetune.compat import bitsandbytes as compat_bnb
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError, first_line
 from finetune.model.adapter_files import Adapter, header, read_adapter
-from finetune.model.adapters import EXPERTS_FILE, HEAD_FILE
+from finetune.model.adapters import EXPERTS_FILE, FULL_EXPERTS_FILE, HEAD_FILE
 from finetune.model.experts import NF4Experts
 from finetune.model.load import embedded_checkpoint, resolve_source
 from finetune.model.shards import CODES, DTYPES, BadFile, Entry, Reader, Writer
@@ -161,6 +162,7 @@ class _Merger:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._layer_cache: dict[str, list] = {}  # prefix → [gate_up, down, keys left]
         self._lora_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._full_cache: tuple[tuple[int, str], torch.Tensor] | None = None
         self._check()
 
     def _check(self) -> None:
@@ -198,6 +200,17 @@ class _Merger:
                 raise UserError(
                     f"{where}: layer {layer}: expert LoRA does not fit {n_experts} experts of {two_i // 2}x{hidden}"
                 )
+        for layer, full in a.full_experts.items():
+            where = a.folder / FULL_EXPERTS_FILE
+            if layer not in self.layers:
+                raise UserError(f"{where}: layer {layer} has no routed experts in the base checkpoint")
+            n_experts, two_i, hidden = self._expert_shape(self.layers[layer])
+            n = len(full.experts)
+            fits = full.gate_up.shape == (n, two_i, hidden) and full.down.shape == (n, hidden, two_i // 2)
+            if not fits or len(set(full.experts)) != n or not all(0 <= e < n_experts for e in full.experts):
+                raise UserError(
+                    f"{where}: layer {layer}: trained experts do not fit {n_experts} experts of {two_i // 2}x{hidden}"
+                )
         if self.quantized:
             for prefix in self.expert_keys:
                 self._expert_shape(prefix)
@@ -229,18 +242,42 @@ class _Merger:
         """Whether the tensor may differ from the checkpoint's (else it is copied through)."""
         a, expert = self.adapter, _expert_key(e.key)
         lora = e.key in a.linear or (expert is not None and expert[1] in a.experts)
-        return lora or e.key in a.full or self._is_quantized(e.key)
+        return lora or e.key in a.full or self._trained(e) is not None or self._is_quantized(e.key)
+
+    def _trained(self, e: Entry) -> list[tuple[int | None, torch.Tensor]] | None:
+        """ESFT's trained experts in tensor `e`, as (index in a fused tensor or None, weight in fp32)."""
+        found = _expert_key(e.key)
+        if found is None or found[1] not in self.adapter.full_experts:
+            return None
+        _, layer, expert, proj = found
+        full = self.adapter.full_experts[layer]
+        if expert is not None and expert not in full.experts:
+            return None
+        which = "down" if proj == "down" else "gate_up"
+        if self._full_cache is None or self._full_cache[0] != (layer, which):
+            self._full_cache = None  # one layer's one weight at a time
+            self._full_cache = ((layer, which), self.reader.tensor(getattr(full, which)).float())
+        weights = self._full_cache[1]
+        if expert is None:  # fused [E, N, K]
+            return list(zip(full.experts, weights, strict=True))
+        w = weights[full.experts.index(expert)]
+        return [(None, w if proj in ("down", "gate_up") else w.chunk(2)[0 if proj == "gate" else 1])]
 
     def value(self, e: Entry) -> torch.Tensor | None:
         """The merged tensor in fp32, or None when it equals the checkpoint's (no delta, or B = 0)."""
         if e.key in self.adapter.full:
             return self.reader.tensor(self.adapter.full[e.key]).float()
+        trained = self._trained(e)
+        if trained is not None and trained[0][0] is None:  # one expert's tensor: the trained weight itself
+            return trained[0][1].contiguous()
         quantized, factors = self._is_quantized(e.key), self._factors(e)
-        if not quantized and not factors:
+        if not quantized and not factors and trained is None:
             return None
         value = self._quantized(e) if quantized else self.reader.tensor(e).float()
         for expert, b, a, scale in factors:  # value (+)= scale * B @ A, in place, in fp32
             (value if expert is None else value[expert]).addmm_(b, a, alpha=scale)
+        for expert, weight in trained or ():  # ESFT's trained experts replace theirs whole
+            value[expert] = weight
         return value
 
     def _factors(self, e: Entry) -> list[tuple[int | None, torch.Tensor, torch.Tensor, float]]:

@@ -94,7 +94,7 @@ def report(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         row = rows[kind_of(name)]
         if is_param and tensor.requires_grad:
             row["trainable_params"] += tensor.numel()
-        own_lora = is_param and name.split(".")[-1].startswith("lora_")
+        own_lora = is_param and name.split(".")[-1].startswith(("lora_", "full_"))  # LoRA, ESFT copies
         if not own_lora and any(name.startswith(prefix) for prefix in custom):
             continue  # packed weights (frozen parameters, buffers), counted by the module's storage()
         if is_param or tensor.dtype == torch.uint8:

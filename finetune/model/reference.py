@@ -38,6 +38,11 @@ class Reference:
         if mode == "init":
             self._frozen = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
 
+    def include(self, params: list[torch.nn.Parameter]) -> None:
+        """Trainable tensors added after `install` (ESFT's selected experts) start from the reference too."""
+        if self.mode == "init":
+            self._frozen += [(p, p.detach().clone()) for p in params]
+
     @property
     def frozen_bytes(self) -> int:
         """Memory held by the frozen copy."""

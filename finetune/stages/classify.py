@@ -173,6 +173,7 @@ def run(
         thresholds=ctx.routing,
         head=head,
         kernels=ctx.kernels,
+        esft=ctx.esft,
         compute_loss_func=loss_function(weights, multi),
     )
     monitor.remove()

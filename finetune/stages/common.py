@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from finetune import data, distributed, formats, health, heap, heldout, mixture, rundir, stagetypes
+from finetune import data, distributed, esft, formats, health, heap, heldout, mixture, rundir, stagetypes
 from finetune.compat import transformers as compat_transformers
 from finetune.errors import UserError
 from finetune.fast import fusion, generation
@@ -58,11 +58,14 @@ def fit(
     loss_head: bool = True,
     head_temperature: float = 1.0,
     thresholds: health.Thresholds | None = None,
+    esft: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, Any, dict[str, Any], Path]:
     """Build the stage's trainer on `inputs` (args, train, eval), train it (from `resume_from`) and
     save the adapter: (trainer, its tokenizer, the summary's `train` section, the adapter folder).
 
+    `esft`: `finetune.esft.apply`'s arguments (`adapter.experts: {select: esft}`): once the trainer has
+    tokenized the rows, the experts are scored on them and the chosen ones made trainable.
     `head`: what a classifier or reward model's users need to read its outputs (`adapters.HEAD_FILE`).
     `kernels`: `model.kernels`; where it resolves on (CUDA, not sharded) training runs with the fused
     norms, SwiGLU and expert combine of `finetune.fast.fusion`, and with `compiled_regions` its
@@ -97,6 +100,7 @@ def fit(
     )
     add_router_fields(trainer, fields)
     tokenizer = prepare(trainer, resume_from)
+    record = _esft(trainer, out, monitor, esft) if esft is not None else None
     if sharded:
         fsdp.shard(trainer.model)
         # The Trainer's own no_sync for a self-sharded model reads transformers' `DistributedConfig`,
@@ -120,7 +124,22 @@ def fit(
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, heap.FreezeHeapAfterFirstStep):
                 callback.thaw()
-    return trainer, tokenizer, trained, save(trainer, out, tokenizer, head)
+    if record is not None:
+        trained["esft"] = {
+            k: record[k] for k in ("score", "p", "train", "experts", "of", "expert_parameters")
+        }
+    return trainer, tokenizer, trained, save(trainer, out, tokenizer, head, record)
+
+
+def _esft(trainer: Trainer, out: Path, monitor: routing.RouterMonitor, arguments: dict[str, Any]) -> dict:
+    """Score and select the experts on the trainer's rows and make the chosen ones trainable."""
+    before = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    record = esft.apply(trainer, out, stage=out.name, **arguments)
+    monitor.counts = {}  # the scoring forwards are not training's expert load
+    reference = getattr(trainer, "reference", None)
+    if reference is not None:  # GRPO's `init` reference: the new trainable tensors start from it too
+        reference.include([p for p in trainer.model.parameters() if p.requires_grad and id(p) not in before])
+    return record
 
 
 def prepare(trainer: Trainer, resume_from: str | None) -> Any:
@@ -161,7 +180,13 @@ def train(trainer: Trainer, out: Path, resume_from: str | None) -> dict[str, Any
     return section
 
 
-def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | None = None) -> Path:
+def save(
+    trainer: Trainer,
+    out: Path,
+    tokenizer: Any,
+    head: dict[str, Any] | None = None,
+    esft_record: dict[str, Any] | None = None,
+) -> Path:
     """`<stage>/adapter/` on rank 0, never half-written, with the tokenizer and chat template trained with
     (and the head's description, when given). An FSDP-sharded model's trainable parameters are gathered
     whole first, on every rank (a collective), and rank 0 writes them."""
@@ -173,6 +198,8 @@ def save(trainer: Trainer, out: Path, tokenizer: Any, head: dict[str, Any] | Non
             tokenizer.save_pretrained(str(tmp))
             if head is not None:
                 (tmp / adapters.HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n")
+            if esft_record is not None:
+                esft.save_record(esft_record, tmp)
     return folder
 
 

@@ -257,6 +257,7 @@ def run(
                 chunked_head=True,
                 head_temperature=args.temperature,
                 loss_head=not (args.entropy_coef or args.use_adaptive_entropy),
+                esft=ctx.esft,
                 reward_funcs=inputs.reward_funcs,
                 router_monitor=monitor,
                 replayer=replayer,

@@ -138,6 +138,7 @@ def run(
         head=head,
         kernels=ctx.kernels,
         thresholds=ctx.routing,
+        esft=ctx.esft,
     )
     monitor.remove()
     summary: dict[str, Any] = {"stage": name, "type": "reward", "train": trained, "adapter": str(adapter)}

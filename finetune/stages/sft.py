@@ -151,6 +151,7 @@ def run(
         resume_from,
         thresholds=ctx.routing,
         kernels=ctx.kernels,
+        esft=ctx.esft,
         chunked_head=True,  # SFTTrainer always puts TRL's chunked head on: ours replaces it (an error if not found)
     )
     final_eval = trainer.evaluate() if inputs.eval is not None else {}
