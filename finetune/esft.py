@@ -23,8 +23,6 @@ from finetune.model import adapters
 from finetune.model import esft as scores_mod
 from finetune.model.experts import NF4Experts
 
-# Stage types that train with ESFT (eval stages train nothing and are left alone).
-TYPES = ("sft", "reward", "classify", "grpo")
 SCORES_FILE = "expert_scores.json"
 HEATMAP_FILE = "expert_scores.png"
 SELECTION_FILE = "esft.json"  # in the adapter folder: what was chosen and how
@@ -38,12 +36,13 @@ class ScoredOnly(Exception):
         self.record = record
 
 
-def check(stages: dict[str, str]) -> None:
-    """Every training stage of the recipe is of a type ESFT supports."""
+def check(stages: dict[str, str], types: tuple[str, ...]) -> None:
+    """Every training stage of the recipe is of a type ESFT supports (`types`; eval stages train
+    nothing and are left alone)."""
     for name, kind in stages.items():
-        if kind not in (*TYPES, "eval"):
+        if kind not in (*types, "eval"):
             raise UserError(
-                f"stages.{name}: `adapter.experts: {{select: esft}}` works with {', '.join(TYPES)} stages, "
+                f"stages.{name}: `adapter.experts: {{select: esft}}` works with {', '.join(types)} stages, "
                 f"not {kind}; train this stage in a recipe without it"
             )
 

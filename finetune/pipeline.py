@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from finetune import esft, family, push, rundir
+from finetune import esft, family, push, rundir, stagetypes
 from finetune import recipe as recipe_mod
 from finetune.context import StageContext
 from finetune.distributed import barrier, is_primary
@@ -49,7 +49,7 @@ def plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         if getattr(stage, "push", None) is not None:  # what the upload will need, read locally
             push.check_upload(f"stages.{name}.push")
     if ctx.esft is not None:
-        esft.check(ctx.stages)
+        esft.check(ctx.stages, stagetypes.types_with("esft"))
     skeleton = model_skeleton(source, seed=m.seed)
     if skeleton is not None:  # a Hub id is only checked when a run downloads it
         check_experts(skeleton, recipe.adapter)
@@ -107,7 +107,7 @@ def score_experts(recipe: Recipe, stage: str | None, out: Path) -> tuple[str, di
         raise UserError(
             "adapter.experts: `finetune experts` scores experts for ESFT; set `adapter.experts: {select: esft}`"
         )
-    names = [n for n, s in recipe.stages.items() if s.type in esft.TYPES]
+    names = [n for n, s in recipe.stages.items() if s.type in stagetypes.types_with("esft")]
     name = stage or (names[0] if names else None)
     if name not in names:
         raise UserError(f"--stage: {stage!r} is not a training stage of this recipe ({', '.join(names)})")

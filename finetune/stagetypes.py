@@ -165,6 +165,7 @@ class StageType:
     predict: bool = False  # `finetune predict` / `Predictor` load it (a trained head's outputs)
     reward_model: bool = False  # its model scores completions as a reward (GRPO's `reward_model`, `stage:`)
     reference_free: bool = False  # no reference policy in its loss: no reference pass, `reference:` refused
+    esft: bool = False  # trains with `adapter.experts: {select: esft}` (scored from its own data)
 
     @property
     def trainer_config(self) -> type | None:
@@ -179,9 +180,11 @@ class StageType:
 
 
 STAGE_TYPES: dict[str, StageType] = {
-    "sft": StageType(SFTSchema, SFTConfig, "causal_lm", fsdp=True, policy_init=True),
-    "reward": StageType(RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True, reward_model=True),
-    "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True),
+    "sft": StageType(SFTSchema, SFTConfig, "causal_lm", fsdp=True, policy_init=True, esft=True),
+    "reward": StageType(
+        RewardSchema, RewardConfig, "seq_cls", fsdp=True, predict=True, reward_model=True, esft=True
+    ),
+    "classify": StageType(ClassifySchema, TrainingArguments, "seq_cls", fsdp=True, predict=True, esft=True),
     "dpo": StageType(DPOSchema, DPOConfig, "causal_lm", policy_init=True),
     "kto": StageType(KTOSchema, KTOConfig, "causal_lm", policy_init=True),
     # Reference-free; their config classes are TRL's experimental ones, imported on first use.
@@ -189,7 +192,7 @@ STAGE_TYPES: dict[str, StageType] = {
     "simpo": StageType(
         SimPOSchema, compat_trl.cpo_config, "causal_lm", policy_init=True, reference_free=True
     ),
-    "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True),
+    "grpo": StageType(GRPOSchema, GRPOConfig, "causal_lm", policy_init=True, esft=True),
     "eval": StageType(EvalSchema, None, None),
 }
 

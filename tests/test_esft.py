@@ -15,7 +15,7 @@ from hub_layout import write_hub_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM
 
-from finetune import esft, pipeline, recipe
+from finetune import esft, pipeline, recipe, stagetypes
 from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model import esft as scoring
@@ -342,9 +342,11 @@ def test_esft_needs_the_routed_experts_target_and_a_supported_stage(capsys, tmp_
     assert line == (
         "error: adapter.targets: `experts: {select: esft}` trains routed experts; add `routed_experts` to targets"
     )
-    esft.check({"sft": "sft", "eval": "eval", "grpo": "grpo"})
+    types = stagetypes.types_with("esft")
+    assert types == ("sft", "reward", "classify", "grpo")
+    esft.check({"sft": "sft", "eval": "eval", "grpo": "grpo"}, types)
     with pytest.raises(UserError) as err:
-        esft.check({"sft": "sft", "pref": "dpo"})
+        esft.check({"sft": "sft", "pref": "dpo"}, types)
     assert str(err.value) == (
         "stages.pref: `adapter.experts: {select: esft}` works with sft, reward, classify, grpo stages, "
         "not dpo; train this stage in a recipe without it"

@@ -316,7 +316,8 @@ def test_grpo_generates_through_graphs_and_records_the_rollout_experts_exactly(t
         data["model"]["kernels"] = kernels
         summary = pipeline.run(recipe.Recipe.model_validate(data))["grpo"]
         metrics = rundir.read_metrics(folder / "run" / "grpo" / "metrics.jsonl")
-        return summary["routing"], sum(m.get("routing/compared_tokens", 0) for m in metrics)
+        counted = ("routing/compared_tokens", "routing/replayed_tokens")  # replay off / on
+        return summary["routing"], sum(m.get(k, 0) for m in metrics for k in counted)
 
     plain = run(tmp_path / "plain", "off")
     fast_generate = generation.fast_generate
