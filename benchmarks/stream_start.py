@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,6 +78,7 @@ def recipe(folder: Path, data: Path, streaming: bool, steps: int) -> Path:
 def measure(recipe_path: Path, run_dir: Path) -> dict:
     """Launch `finetune run`; seconds to the first logged step, peak RSS (MiB) of the process tree."""
     metrics = run_dir / "sft" / "metrics.jsonl"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's metrics.jsonl would read as this one's
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
     proc = subprocess.Popen(
