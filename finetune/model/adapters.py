@@ -236,31 +236,31 @@ def full_expert_tensors(
     return out
 
 
+def _load_per_layer(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], load: str, trained: str, trainable: bool | None
+) -> None:
+    """`layers.<i>.<key>` tensors into each expert layer's `load` method; with `trainable`, the
+    parameters named `trained*` get that requires_grad (the NF4 base weights are frozen integers)."""
+    for index, layer in expert_layers(model).items():
+        prefix = f"layers.{index}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if own:
+            getattr(layer, load)(own)
+            for name, p in layer.named_parameters() if trainable is not None else ():
+                if name.startswith(trained):
+                    p.requires_grad_(trainable)
+
+
 def load_extra_tensors(model: torch.nn.Module, folder: str | Path, *, trainable: bool | None = None) -> None:
     """Restore `extra_tensors` from `folder` in place; `trainable` (when given) sets their requires_grad."""
-    path = Path(folder) / EXPERTS_FILE
-    if path.is_file():
-        tensors = load_file(str(path))
-        for index, layer in expert_layers(model).items():
-            prefix = f"layers.{index}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if own:
-                layer.load_lora_state_dict(own)
-                # The LoRA factors only: the NF4 base weights are frozen (integer) parameters.
-                for name, p in layer.named_parameters() if trainable is not None else ():
-                    if name.startswith("lora_"):
-                        p.requires_grad_(trainable)
-    path = Path(folder) / FULL_EXPERTS_FILE
-    if path.is_file():
-        tensors = load_file(str(path))
-        for index, layer in expert_layers(model).items():
-            prefix = f"layers.{index}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if own:
-                layer.load_full_state_dict(own)
-                for name, p in layer.named_parameters() if trainable is not None else ():
-                    if name.startswith("full_"):
-                        p.requires_grad_(trainable)
+    # Expert LoRA, then ESFT's trained copies: each file per layer, each with its own trainable prefix.
+    for name, load, trained in (
+        (EXPERTS_FILE, "load_lora_state_dict", "lora_"),
+        (FULL_EXPERTS_FILE, "load_full_state_dict", "full_"),
+    ):
+        path = Path(folder) / name
+        if path.is_file():
+            _load_per_layer(model, load_file(str(path)), load, trained, trainable)
     path = Path(folder) / ROUTER_FILE
     if path.is_file():
         tensors = load_file(str(path))
