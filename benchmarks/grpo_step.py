@@ -186,6 +186,7 @@ def main() -> None:
             total = now - mark.t
             phases["other"] = total - sum(phases.values())
             per_step.append({"step": state.global_step, "total": total, **phases})
+            print(json.dumps(per_step[-1]), flush=True)  # a run cut off by a time limit still reports
             timer.seconds.clear()
             mark.t = now
 
