@@ -169,7 +169,9 @@ def apply(
                 if name.startswith("lora_"):
                     param.data = param.data.to(dtype)
         else:
-            layer.add_full(ids)
+            # One trainable dtype per layer, as FSDP2 requires of a unit: beside bf16 LoRA the copies are
+            # bf16 too (the 16-bit copies a bf16 model gets anyway); alone they keep the compute dtype.
+            layer.add_full(ids, dtype=_new_dtype(model, layer.compute_dtype))
     return record
 
 

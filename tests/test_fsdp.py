@@ -156,7 +156,7 @@ def _two_and_one(sharded: list[str], single: list[str], sharded_env: dict, env: 
     assert out.count("run directory:") == 1
 
 
-def _sft_recipe(tmp: Path, out: Path) -> Path:
+def _sft_recipe(tmp: Path, out: Path, adapter: dict | None = None) -> Path:
     """Tiny NF4 SFT, LoRA on MLA and the routed experts; 4 steps of a 16-row global batch, an eval split
     and a held-out check (both run on every rank under FSDP)."""
     data = REPO / "recipes" / "data" / "reverse"
@@ -167,7 +167,7 @@ def _sft_recipe(tmp: Path, out: Path) -> Path:
         "output_dir": str(out),
         "seed": 3,
         "model": {"preset": "tiny", "quantization": "nf4", "dtype": "float32"},
-        "adapter": {"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"]},
+        "adapter": adapter or {"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"]},
         "stages": {
             "sft": {
                 "type": "sft",
@@ -256,6 +256,45 @@ def test_sft_trains_under_fsdp_as_one_process_does(tmp_path):
     assert experts.keys() == saved.keys()
     for key, value in saved.items():
         torch.testing.assert_close(experts[key].to(value.dtype), value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", ["full", "lora"])
+def test_esft_trains_under_fsdp_as_one_process_does(tmp_path, train):
+    """ESFT under `FINETUNE_FSDP=1 torchrun` (2 gloo processes), MLA LoRA beside it: every rank scores the
+    same rows and picks the same experts, and the trained experts (16-bit copies or their LoRA) and the
+    MLA LoRA agree with a 1-process run's; only the chosen experts are saved."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    experts = {"select": "esft", "score": "token", "train": train}
+    adapter = {"r": 8, "alpha": 16, "targets": ["mla", "routed_experts"], "experts": experts}
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _two_and_one(
+        [*launch, "-m", "finetune", "run", str(_sft_recipe(tmp_path, two, adapter))],
+        [sys.executable, "-m", "finetune", "run", str(_sft_recipe(tmp_path, one, adapter))],
+        {**env, "FINETUNE_FSDP": "1"},
+        env,
+    )
+    choices = [json.loads((d / "sft" / "adapter" / "esft.json").read_text()) for d in (one, two)]
+    assert choices[0]["selection"] == choices[1]["selection"] and choices[0]["experts"] >= 2
+    chosen = {(int(layer), e) for layer, ids in choices[0]["selection"].items() for e in ids}
+    experts_file, ids = (
+        ("expert_weights.safetensors", "experts")
+        if train == "full"
+        else ("routed_experts.safetensors", "lora_experts")
+    )
+    for name in ("adapter_model.safetensors", experts_file):
+        a, b = load_file(str(one / "sft" / "adapter" / name)), load_file(str(two / "sft" / "adapter" / name))
+        assert a.keys() == b.keys() and a, name
+        if name == experts_file:  # only the chosen experts are stored
+            stored = {
+                (int(k.split(".")[1]), e) for k, v in a.items() if k.endswith(f".{ids}") for e in v.tolist()
+            }
+            assert stored == chosen, (stored, chosen)
+        for key in a:  # bf16 rounding of gradients summed in another order (see the SFT test above)
+            diff = (a[key].float() - b[key].float()).abs().max()
+            assert diff <= 5e-3 * max(1.0, float(a[key].abs().max())), (key, float(diff))
 
 
 @pytest.mark.parametrize("kind", ["reward", "classify"])
