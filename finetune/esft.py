@@ -123,8 +123,9 @@ def apply(
         measured = scores_mod.score(model, batches(trainer, samples, max_length))
     except scores_mod.NoLossTokens:
         raise UserError(
-            f"stages.{stage}: the ESFT scoring sample (the first {samples} training rows) has no token the "
-            "loss counts; raise adapter.experts.samples or check the rows' completions"
+            f"stages.{stage}: the ESFT scoring sample (the first {samples} training rows, up to "
+            f"adapter.experts.max_length {max_length} tokens each) has no token the loss counts; raise "
+            "adapter.experts.max_length or samples, or check the rows' completions"
         ) from None
     selection = scores_mod.select(measured[score], p, min_experts, max_experts)
     first = next(iter(layers.values()))

@@ -442,11 +442,17 @@ def _check_override_key(keys: list[str], data: dict[str, Any], text: str) -> Non
             if i + 2 != len(keys):
                 raise UserError(f"override `{text}`: `{arg}` has no sub-keys")
             return
-        annotation = node.model_fields[key].annotation
-        models = [a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type)]
-        models = [a for a in models if issubclass(a, BaseModel)]
+        models = _models_in(node.model_fields[key].annotation)
         node = models[0] if models else None
         i += 1
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The schema classes a field's type can hold, through `Annotated` and unions at any depth (so
+    `adapter.experts`, a tagged union, leads to `ESFTConfig`'s keys)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def apply_override(data: dict[str, Any], text: str) -> None:

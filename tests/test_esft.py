@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import base_recipe, fails, write_recipe
+from conftest import base_recipe, fails, one_error_line, write_recipe
 from hub_layout import write_hub_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM
@@ -252,8 +252,9 @@ def test_a_scoring_sample_without_loss_tokens():
             **arguments,
         )
     assert str(err.value) == (
-        "stages.sft: the ESFT scoring sample (the first 32 training rows) has no token the loss counts; "
-        "raise adapter.experts.samples or check the rows' completions"
+        "stages.sft: the ESFT scoring sample (the first 32 training rows, up to adapter.experts.max_length "
+        "64 tokens each) has no token the loss counts; raise adapter.experts.max_length or samples, or "
+        "check the rows' completions"
     )
 
 
@@ -350,4 +351,21 @@ def test_esft_needs_the_routed_experts_target_and_a_supported_stage(capsys, tmp_
     assert str(err.value) == (
         "stages.pref: `adapter.experts: {select: esft}` works with sft, reward, classify, grpo stages, "
         "not dpo; train this stage in a recipe without it"
+    )
+
+
+@pytest.mark.long  # a whole `finetune run` up to the scoring pass
+def test_a_run_whose_scoring_sample_has_no_loss_token_stops_in_one_line(tmp_path, capsys):
+    """The scored rows cut to 4 tokens keep the prompt only: `finetune run` exits 2 naming the key
+    (the scoring runs with the stage, so its run folder, logs included, stays)."""
+    from finetune.cli import main
+
+    _esft_recipe(tmp_path, "full", max_length=4)
+    code = main(["run", str(tmp_path / "r.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert one_error_line(err) == (
+        "error: stages.sft: the ESFT scoring sample (the first 32 training rows, up to "
+        "adapter.experts.max_length 4 tokens each) has no token the loss counts; raise "
+        "adapter.experts.max_length or samples, or check the rows' completions"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import base_recipe, write_recipe
+from conftest import REPO, base_recipe, write_recipe
 
 from finetune import recipe
 from finetune.errors import UserError
@@ -144,10 +144,18 @@ def test_overrides_are_typed(tmp_path):
         ("modle.path=x", "no key `modle` in the recipe (did you mean `model`?)"),
         ("adapter.r.x=1", "`adapter.r` has no sub-keys"),
         ("adapter.r", "expected key=value"),
+        ("adapter.experts.scor=gate", "no key `scor` in adapter.experts (did you mean `score`?)"),
     ],
 )
 def test_bad_override(tmp_path, override, expected):
     assert expected in _error(tmp_path, base_recipe(tmp_path), override)
+
+
+def test_override_into_a_tagged_union():
+    """`adapter.experts` is a union (all, ESFT, ids): a dotted override reaches ESFT's keys, as the tiny
+    ESFT recipe's header tells users to do."""
+    r = recipe.load(REPO / "recipes" / "tiny" / "esft.yaml", ["adapter.experts.score=gate"])
+    assert r.adapter.experts.score == "gate" and r.adapter.experts.threshold == pytest.approx(0.1)
 
 
 def test_override_type_error(tmp_path):
