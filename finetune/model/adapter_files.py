@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune.compat import peft as compat_peft
 from finetune.errors import UserError, first_line
@@ -124,42 +125,12 @@ def read_adapter(folder: Path) -> Adapter:
             )
         scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         adapter.linear[f"{module}.weight"] = (entry, b, scale)
-    experts_path = folder / EXPERTS_FILE
-    if experts_path.is_file():
-        reader = Reader()
-        try:
-            entries = header(experts_path)
-            layers = sorted({int(k.split(".")[1]) for k in entries if re.fullmatch(r"layers\.\d+\..+", k)})
-            for layer in layers:
-                parts = {p: entries.get(f"layers.{layer}.{p}") for p in LORA_STATE_KEYS}
-                missing = [p for p, e in parts.items() if e is None]
-                if missing:
-                    raise UserError(f"{experts_path}: layer {layer} has no {missing[0]}")
-                ids = reader.tensor(parts.pop("lora_experts")).tolist()
-                alpha_e = float(reader.tensor(parts.pop("lora_alpha")))
-                rank = parts["lora_gate_up_A"].shape[1]
-                adapter.experts[layer] = ExpertLoRA(parts, [int(i) for i in ids], alpha_e / rank)
-        except BadFile as err:
-            raise UserError(f"{experts_path}: {first_line(err)}") from None
-        finally:
-            reader.close()
-    full_path = folder / FULL_EXPERTS_FILE
-    if full_path.is_file():
-        reader = Reader()
-        try:
-            entries = header(full_path)
-            layers = sorted({int(k.split(".")[1]) for k in entries if re.fullmatch(r"layers\.\d+\..+", k)})
-            for layer in layers:
-                parts = {p: entries.get(f"layers.{layer}.{p}") for p in FULL_STATE_KEYS}
-                missing = [p for p, e in parts.items() if e is None]
-                if missing:
-                    raise UserError(f"{full_path}: layer {layer} has no {missing[0]}")
-                ids = [int(i) for i in reader.tensor(parts["experts"]).tolist()]
-                adapter.full_experts[layer] = FullExperts(ids, parts["gate_up"], parts["down"])
-        except BadFile as err:
-            raise UserError(f"{full_path}: {first_line(err)}") from None
-        finally:
-            reader.close()
+    for layer, parts, ids in _layer_parts(folder / EXPERTS_FILE, LORA_STATE_KEYS, "lora_experts"):
+        alpha_e = float(parts.pop("lora_alpha"))
+        rank = parts["lora_gate_up_A"].shape[1]
+        adapter.experts[layer] = ExpertLoRA(parts, ids, alpha_e / rank)
+    for layer, parts, ids in _layer_parts(folder / FULL_EXPERTS_FILE, FULL_STATE_KEYS, "experts"):
+        adapter.full_experts[layer] = FullExperts(ids, parts["gate_up"], parts["down"])
     router_path = folder / ROUTER_FILE
     if router_path.is_file():
         for key, entry in header(router_path).items():
@@ -168,3 +139,31 @@ def read_adapter(folder: Path) -> Adapter:
                 raise UserError(f"{router_path}: unexpected key {key!r}")
             adapter.full[f"model.layers.{found[1]}.mlp.gate.weight"] = entry
     return adapter
+
+
+def _layer_parts(
+    path: Path, keys: tuple[str, ...], ids_key: str
+) -> list[tuple[int, dict[str, Any], list[int]]]:
+    """(layer, parts, expert ids) per MoE layer of a per-layer experts file (`layers.<i>.<key>`); the
+    ids are read, and so is a scalar `lora_alpha`; the weights stay lazy entries. [] when absent."""
+    if not path.is_file():
+        return []
+    reader = Reader()
+    out = []
+    try:
+        entries = header(path)
+        layers = sorted({int(k.split(".")[1]) for k in entries if re.fullmatch(r"layers\.\d+\..+", k)})
+        for layer in layers:
+            parts: dict[str, Any] = {p: entries.get(f"layers.{layer}.{p}") for p in keys}
+            missing = [p for p, e in parts.items() if e is None]
+            if missing:
+                raise UserError(f"{path}: layer {layer} has no {missing[0]}")
+            ids = [int(i) for i in reader.tensor(parts.pop(ids_key)).tolist()]
+            if "lora_alpha" in parts:
+                parts["lora_alpha"] = reader.tensor(parts["lora_alpha"])
+            out.append((layer, parts, ids))
+    except BadFile as err:
+        raise UserError(f"{path}: {first_line(err)}") from None
+    finally:
+        reader.close()
+    return out
