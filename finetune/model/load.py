@@ -230,6 +230,9 @@ def load_model(
         )
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    # transformers 5.25 turned Hub kernels on by default (5.24: off): they would be downloaded at load and
+    # swap the norms' and MLPs' forwards under our fused regions and numeric tests; we bring our own.
+    kwargs["use_kernels"] = False
     if torch.cuda.is_available():
         # One full replica per process: data parallelism through accelerate, not a split model.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
