@@ -25,12 +25,14 @@ def test_tiny_grpo_recipe_raises_the_reward(tmp_path):
     r = recipe.load(REPO / "recipes" / "tiny" / "grpo.yaml", [f"output_dir={tmp_path / 'run'}"])
     summaries = pipeline.run(r)
     # The held-out check before GRPO measures the SFT adapter it continues, as the SFT stage did after.
-    # (Issue 24's bar, GRPO 10 points above it on seeds 42, 1 and 7, is not met yet: docs/benchmarks.md.)
     held = summaries["grpo"]["heldout"]
     assert held["before"]["exact_match"] == summaries["sft"]["heldout"]["after"]["exact_match"]
     assert held["before"]["n"] == held["after"]["n"] == 100
+    # Measured on seed 42: 41 % → 57 %, reward windows 1.109 → 1.325 (seeds 1 and 7 do not gain: issue
+    # 24's bar of +10 on each is not met, docs/benchmarks.md says why).
+    assert held["after"]["exact_match"] >= held["before"]["exact_match"] + 0.08, held
     windows = summaries["grpo"]["rewards"]
-    assert windows["last"] > windows["first"] + 0.03, windows
+    assert windows["last"] > windows["first"] + 0.1, windows
     stage = tmp_path / "run" / "grpo"
     metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     logged = metrics[0]
