@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--temperature", type=float, default=0.4)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     a = parser.parse_args()
 
@@ -66,7 +67,7 @@ def main() -> None:
     for k in a.samples:
         torch.manual_seed(0)
         sampled = answers_of(
-            do_sample=True, temperature=a.temperature, top_k=0, top_p=a.top_p, num_return_sequences=k
+            do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, num_return_sequences=k
         )
         hits = [[sampled[i * k + j] == answers[i] for j in range(k)] for i in range(len(rows))]
         result["by_samples"][k] = {
