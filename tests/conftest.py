@@ -97,3 +97,17 @@ def fails(capsys, tmp_path: Path, argv: list[str]) -> str:
     line = one_error_line(err)
     assert not (tmp_path / "run").exists(), "a failed run must not leave a run directory"
     return line
+
+
+def train_sft_keeping_before(r, tmp: Path):
+    """Plan `r`, snapshot every parameter and buffer of its adapted model, train its `sft` stage in place:
+    (plan, trained model, snapshot) for tests that compare what changed."""
+    from finetune import pipeline
+    from finetune.stages import sft
+
+    plan = pipeline.plan(r)
+    model = plan.context.adapted_model()
+    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    (tmp / "run").mkdir()
+    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
+    return plan, model, before

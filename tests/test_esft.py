@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import base_recipe, fails, one_error_line, write_recipe
+from conftest import base_recipe, fails, one_error_line, train_sft_keeping_before, write_recipe
 from hub_layout import write_hub_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM
@@ -20,7 +20,6 @@ from finetune.errors import UserError
 from finetune.model import adapters, routing
 from finetune.model import esft as scoring
 from finetune.model.load import Source, embedded_checkpoint, load_model
-from finetune.stages import sft
 
 pytestmark = pytest.mark.compat
 
@@ -91,13 +90,7 @@ def _esft_recipe(tmp: Path, train: str, **extra) -> recipe.Recipe:
 
 
 def _train(tmp: Path, train: str, **extra):
-    r = _esft_recipe(tmp, train, **extra)
-    plan = pipeline.plan(r)
-    model = plan.context.adapted_model()
-    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    (tmp / "run").mkdir()
-    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
-    return plan, model, before
+    return train_sft_keeping_before(_esft_recipe(tmp, train, **extra), tmp)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, train_sft_keeping_before, write_recipe
 
 from finetune import pipeline, recipe
 from finetune.cli import main
 from finetune.errors import UserError
 from finetune.model import adapters
-from finetune.stages import sft
 
 pytestmark = pytest.mark.compat
 
@@ -22,13 +21,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("expert-lora")
     data = base_recipe(tmp, learning_rate=1e-2, max_steps=4)
     data["adapter"].update(targets=["mla", "routed_experts"], expert_r=2, experts={1: [0, 3], 2: "all"})
-    r = recipe.load(write_recipe(tmp / "r.yaml", data))
-    plan = pipeline.plan(r)
-    model = plan.context.adapted_model()
-    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    (tmp / "run").mkdir()
-    sft.run("sft", r.stages["sft"], plan.inputs["sft"], plan.context, model=model)
-    return plan, model, before
+    return train_sft_keeping_before(recipe.load(write_recipe(tmp / "r.yaml", data)), tmp)
 
 
 def test_expert_lora_trains_and_nf4_base_stays(trained):
