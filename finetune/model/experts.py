@@ -400,11 +400,15 @@ class NF4Experts(nn.Module):
                     raise ValueError(f"full_{w}: saved {tuple(sd[w].shape)}, module {tuple(param.shape)}")
                 param.data = sd[w].to(param.device).clone()
 
+    @staticmethod
+    def _rows_of(slot: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """The sorted rows whose expert has a slot (trained copies or LoRA): a host sync, so once a forward."""
+        return (slot[sorted_ids] >= 0).nonzero().squeeze(1)
+
     def _full_rows(
-        self, name: str, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, base: torch.Tensor
+        self, name: str, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, base: torch.Tensor
     ) -> torch.Tensor:
-        """`base` with the rows of trained experts recomputed from their 16-bit copies."""
-        rows = (self.full_slot[sorted_ids] >= 0).nonzero().squeeze(1)
+        """`base` with the `rows` of trained experts recomputed from their 16-bit copies."""
         x, counts = x[rows], counts[self.full_experts]
         w = getattr(self, f"full_{name}").to(x.dtype)
         offsets = counts.cumsum(0).to(torch.int32)
@@ -493,14 +497,13 @@ class NF4Experts(nn.Module):
         self.lora_scale = self.lora_alpha / self.lora_r
 
     def _lora_delta(
-        self, name: str, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, base: torch.Tensor
+        self, name: str, x: torch.Tensor, rows: torch.Tensor | None, counts: torch.Tensor, base: torch.Tensor
     ) -> torch.Tensor:
-        """`base` plus `(x_e @ A_e.T) @ B_e.T * scale` on the rows of experts that have LoRA."""
+        """`base` plus `(x_e @ A_e.T) @ B_e.T * scale` on the rows of experts that have LoRA (`rows`; None:
+        every expert has LoRA, every row)."""
         a = getattr(self, f"lora_{name}_A").to(x.dtype)
         b = getattr(self, f"lora_{name}_B").to(x.dtype)
-        rows = None
-        if self.lora_experts.numel() < self.num_experts:
-            rows = (self.lora_slot[sorted_ids] >= 0).nonzero().squeeze(1)
+        if rows is not None:
             x, counts = x[rows], counts[self.lora_experts]
         offsets = counts.cumsum(0).to(torch.int32)
         grouped = self._grouped(x, (x.shape[-1], self.lora_r, b.shape[1]))
@@ -588,10 +591,13 @@ class NF4Experts(nn.Module):
         gate_up = self._base_product("gate_up", x, offsets, host, keep)
         lora = self.has_lora and self.lora_enabled
         full = self.has_full and self.lora_enabled
+        full_rows = self._rows_of(self.full_slot, sorted_ids) if full else None
+        some = lora and self.lora_experts.numel() < self.num_experts
+        lora_rows = self._rows_of(self.lora_slot, sorted_ids) if some else None
         if full:
-            gate_up = self._full_rows("gate_up", x, sorted_ids, counts, gate_up)
+            gate_up = self._full_rows("gate_up", x, full_rows, counts, gate_up)
         if lora:
-            gate_up = self._lora_delta("gate_up", x, sorted_ids, counts, gate_up)
+            gate_up = self._lora_delta("gate_up", x, lora_rows, counts, gate_up)
         if self.mode.fused:
             h = pieces.compiled("swiglu_fused")(gate_up)
         else:
@@ -599,9 +605,9 @@ class NF4Experts(nn.Module):
             h = self.act_fn(gate) * up
         y = self._base_product("down", h, offsets, host, keep)
         if full:
-            y = self._full_rows("down", h, sorted_ids, counts, y)
+            y = self._full_rows("down", h, full_rows, counts, y)
         if lora:
-            y = self._lora_delta("down", h, sorted_ids, counts, y)
+            y = self._lora_delta("down", h, lora_rows, counts, y)
 
         # Weight and sum in fp32 (`pieces.weighted_sum`); fused, the same with a gather-only backward.
         if self.mode.fused:
